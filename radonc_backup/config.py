@@ -1,0 +1,264 @@
+"""Sites, their R&V sources and backup targets, from one TOML file.
+
+The file is chosen by the ``config`` parameter of a flow, else ``$RADONC_BACKUP_CONFIG``, else
+``config/environments.toml`` in the checkout, so a clinic keeps its own file outside the code.
+Each top-level table is a site, except ``[defaults]`` whose keys are settings every site inherits.
+Only the requested site is validated: a mistake in one site never stops another from backing up.
+Secrets are never in the file: a key names an environment variable or a Prefect Secret block, and
+it is read only when that peer is used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, SecretMissing
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "config" / "environments.toml"
+CONFIG_ENV = "RADONC_BACKUP_CONFIG"
+STATE_DIR_ENV = "RADONC_BACKUP_STATE_DIR"
+
+Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
+_AE_CHARS = re.compile(r"^[\x20-\x5b\x5d-\x7e]+$")
+
+
+def _check_ae(value: str) -> str:
+    if not value.strip():
+        raise ValueError("AE title is empty")
+    if len(value) > 16:
+        raise ValueError(f"AE title {value!r} is {len(value)} characters; DICOM allows 16")
+    if not _AE_CHARS.match(value):
+        raise ValueError(f"AE title {value!r} has a backslash or a control character")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DicomPeer(_Strict):
+    aet: str
+    ip: str
+    port: Port
+
+    @field_validator("aet")
+    @classmethod
+    def _valid_aet(cls, value: str) -> str:
+        return _check_ae(value)
+
+    @property
+    def label(self) -> str:
+        return f"{self.aet}@{self.ip}:{self.port}"
+
+
+class AriaSource(DicomPeer):
+    """ARIA (or any Q/R SCP that can C-MOVE straight to the backup)."""
+
+    type: Literal["aria"]
+    description: str = ""
+    max_find_results: int = Field(default=0, ge=0)
+    """The peer's cap on C-FIND results (0: none known); a window that returns it is split."""
+
+
+class MimSource(DicomPeer):
+    """MIM: C-FIND + C-GET to us, relayed to the backup by C-STORE."""
+
+    type: Literal["mim"]
+    description: str = ""
+    max_find_results: int = Field(default=0, ge=0)
+
+
+class MosaiqSource(_Strict):
+    """Mosaiq's SQL Server database, reached through ODBC."""
+
+    type: Literal["mosaiq"]
+    description: str = ""
+    odbc: str
+    """ODBC connection string without the password."""
+    password_env: str | None = None
+    password_secret: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"ODBC {self.odbc.split(';')[0]}"
+
+
+Source = Annotated[Union[AriaSource, MimSource, MosaiqSource], Field(discriminator="type")]
+
+
+class OrthancTarget(DicomPeer):
+    type: Literal["orthanc"]
+    description: str = ""
+    rest_url: str
+    username: str = "radonc"
+    password_env: str | None = None
+    password_secret: str | None = None
+
+
+class DicomScpTarget(DicomPeer):
+    type: Literal["dicom_scp"]
+    description: str = ""
+
+
+BackupTarget = Annotated[Union[OrthancTarget, DicomScpTarget], Field(discriminator="type")]
+
+
+class Settings(_Strict):
+    window_overlap_minutes: int = Field(default=30, ge=0)
+    """How far each incremental window reaches back before the watermark (late-written records)."""
+    lookback_days: int = Field(default=1, ge=0)
+    """First run of a source, and nightly default: whole days looked back over."""
+    retries: int = Field(default=7, ge=1)
+    """Attempts for a retriable DICOM error (the legacy system's 7)."""
+    retry_backoff_seconds: float = Field(default=10.0, ge=0)
+    retry_jitter_factor: float = Field(default=0.5, ge=0)
+    batch_size: int = Field(default=100, ge=1)
+    """SOP Instance UIDs per C-MOVE batch (one task, one association)."""
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=300.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+    connection_timeout: float = Field(default=10.0, gt=0)
+    verify_timeout: float = Field(default=30.0, ge=0)
+    """How long to wait for moved objects to show up in the backup before calling them failed."""
+    state_dir: str = ".state"
+
+
+class Site(_Strict):
+    name: str
+    description: str = ""
+    timezone: str = "UTC"
+    default_source: str
+    default_backup: str
+    script_ae: str
+    sources: dict[str, Source]
+    backup_targets: dict[str, BackupTarget]
+    settings: Settings = Settings()
+    config_path: str = ""
+
+    @field_validator("script_ae")
+    @classmethod
+    def _valid_script_ae(cls, value: str) -> str:
+        return _check_ae(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown timezone {value!r}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_exist(self) -> "Site":
+        if self.default_source not in self.sources:
+            raise ValueError(f"default_source {self.default_source!r} is not one of the sources "
+                             f"{sorted(self.sources)}")
+        if self.default_backup not in self.backup_targets:
+            raise ValueError(f"default_backup {self.default_backup!r} is not one of the "
+                             f"backup_targets {sorted(self.backup_targets)}")
+        return self
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def source(self, alias: str | None = None) -> tuple[str, AriaSource | MimSource | MosaiqSource]:
+        alias = alias or self.default_source
+        if alias not in self.sources:
+            raise ConfigError(f"{self.config_path}: site {self.name}: no source {alias!r} "
+                              f"(sources: {sorted(self.sources)})")
+        return alias, self.sources[alias]
+
+    def backup(self, alias: str | None = None) -> tuple[str, OrthancTarget | DicomScpTarget]:
+        alias = alias or self.default_backup
+        if alias not in self.backup_targets:
+            raise ConfigError(f"{self.config_path}: site {self.name}: no backup target "
+                              f"{alias!r} (backup_targets: {sorted(self.backup_targets)})")
+        return alias, self.backup_targets[alias]
+
+    @property
+    def state_dir(self) -> Path:
+        override = os.environ.get(STATE_DIR_ENV)
+        path = Path(override or self.settings.state_dir)
+        return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def config_path(path: str | os.PathLike[str] | None = None) -> Path:
+    chosen = path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+    return Path(chosen).expanduser().resolve()
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (set {CONFIG_ENV} or pass --config)")
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def _describe(errors: list[Any]) -> str:
+    lines = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after",)))
+        where = f"key '{loc}'" if loc else "site table"
+        given = f" (given {err['input']!r})" if err["type"] != "missing" and loc else ""
+        lines.append(f"{where}: {err['msg']}{given}")
+    return "; ".join(lines)
+
+
+def site_names(path: str | os.PathLike[str] | None = None) -> list[str]:
+    return [k for k, v in _read(config_path(path)).items() if k != "defaults" and isinstance(v, dict)]
+
+
+def load_site(site: str, path: str | os.PathLike[str] | None = None) -> Site:
+    """Load and validate one site; raise ConfigError naming the file, the site and the key."""
+    file = config_path(path)
+    data = _read(file)
+    if site not in data or site == "defaults" or not isinstance(data[site], dict):
+        known = ", ".join(site_names(file)) or "none"
+        raise ConfigError(f"{file}: no site {site!r} (sites: {known})")
+    raw = dict(data[site])
+    defaults = data.get("defaults", {})
+    raw["settings"] = {**defaults, **raw.get("settings", {})}
+    try:
+        return Site(name=site, config_path=str(file), **raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{file}: site {site}: {_describe(exc.errors())}") from None
+    except TypeError as exc:
+        raise ConfigError(f"{file}: site {site}: {exc}") from None
+
+
+def resolve_secret(site: Site, owner: str, password_env: str | None,
+                   password_secret: str | None) -> str | None:
+    """The password for one peer, from the environment or a Prefect Secret block.
+
+    Returns None when the peer needs no password. Raises SecretMissing, naming site and peer, when
+    one is configured but cannot be read.
+    """
+    if password_env:
+        value = os.environ.get(password_env)
+        if value:
+            return value
+        if not password_secret:
+            raise SecretMissing(f"site {site.name}: {owner}: environment variable "
+                                f"{password_env} is not set")
+    if password_secret:
+        try:
+            from prefect.blocks.system import Secret
+
+            return str(Secret.load(password_secret).get())
+        except Exception as exc:  # Prefect raises ValueError or an HTTP error for a missing block
+            raise SecretMissing(f"site {site.name}: {owner}: Prefect Secret block "
+                                f"{password_secret!r} could not be read: {exc}") from None
+    return None

@@ -1,0 +1,226 @@
+"""The ledger: what has been found on each source and what is verified in each backup.
+
+One SQLite file under the site's state directory. A row moves found -> moved -> verified, or to
+failed (and back to moved on a retry). ``verified`` is set only by ``mark_verified``, which callers
+use only after a presence check in the backup, and a verified row is never downgraded by a later
+failure. Every write is one ``BEGIN IMMEDIATE`` transaction on a fresh connection, with WAL and a
+busy timeout, so two processes (a 10-minute run and a nightly run) can share the file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .instance import InstanceRef
+
+STATES = ("found", "moved", "verified", "failed")
+_CHUNK = 500
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    site TEXT NOT NULL,
+    source TEXT NOT NULL,
+    backup TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL DEFAULT '',
+    patient_id TEXT NOT NULL DEFAULT '',
+    study_uid TEXT NOT NULL DEFAULT '',
+    series_uid TEXT NOT NULL DEFAULT '',
+    treatment_date TEXT NOT NULL DEFAULT '',
+    treatment_time TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL CHECK (state IN ('found', 'moved', 'verified', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    first_seen TEXT NOT NULL,
+    updated TEXT NOT NULL,
+    verified_at TEXT,
+    PRIMARY KEY (site, source, backup, sop_instance_uid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS instances_state ON instances (site, source, backup, state);
+CREATE TABLE IF NOT EXISTS watermarks (
+    site TEXT NOT NULL,
+    source TEXT NOT NULL,
+    backup TEXT NOT NULL,
+    watermark_utc TEXT NOT NULL,
+    updated TEXT NOT NULL,
+    PRIMARY KEY (site, source, backup)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One path data takes: from a site's source to one of its backup targets."""
+
+    site: str
+    source: str
+    backup: str
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    ref: InstanceRef
+    state: str
+    attempts: int
+    last_error: str
+    updated: str
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _chunks(items: list[str], size: int = _CHUNK) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+class Ledger:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+
+    @classmethod
+    def for_state_dir(cls, state_dir: Path) -> "Ledger":
+        return cls(state_dir / "ledger.sqlite")
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            conn.execute("PRAGMA busy_timeout=60000")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            yield conn
+        finally:
+            conn.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def record_found(self, lane: Lane, refs: Iterable[InstanceRef]) -> int:
+        """Add instances seen on the source; returns how many were new to the ledger."""
+        now = _now()
+        rows = [(lane.site, lane.source, lane.backup, r.sop_instance_uid, r.sop_class_uid,
+                 r.patient_id, r.study_uid, r.series_uid, r.treatment_date, r.treatment_time,
+                 now, now) for r in refs]
+        with self._write() as conn:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO instances (site, source, backup, sop_instance_uid, "
+                "sop_class_uid, patient_id, study_uid, series_uid, treatment_date, "
+                "treatment_time, state, first_seen, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'found', ?, ?)", rows)
+            return conn.total_changes - before
+
+    def states(self, lane: Lane, uids: Iterable[str]) -> dict[str, str]:
+        """State of each UID the ledger knows (unknown UIDs are absent)."""
+        wanted = list(dict.fromkeys(uids))
+        out: dict[str, str] = {}
+        with self._connect() as conn:
+            for chunk in _chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                for uid, state in conn.execute(
+                        f"SELECT sop_instance_uid, state FROM instances WHERE site=? AND source=? "
+                        f"AND backup=? AND sop_instance_uid IN ({marks})",
+                        (lane.site, lane.source, lane.backup, *chunk)):
+                    out[uid] = state
+        return out
+
+    def unverified(self, lane: Lane, limit: int | None = None) -> list[InstanceRef]:
+        """Every row still to be backed up (found, moved or failed), oldest first."""
+        sql = ("SELECT sop_instance_uid, sop_class_uid, patient_id, study_uid, series_uid, "
+               "treatment_date, treatment_time FROM instances WHERE site=? AND source=? AND "
+               "backup=? AND state != 'verified' ORDER BY first_seen, sop_instance_uid")
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        with self._connect() as conn:
+            return [InstanceRef(*row) for row in
+                    conn.execute(sql, (lane.site, lane.source, lane.backup))]
+
+    def mark_moved(self, lane: Lane, uids: Iterable[str]) -> None:
+        """A move was requested: count the attempt. Not proof of anything."""
+        self._update(lane, list(uids),
+                     "state='moved', attempts=attempts+1, updated=?", (_now(),))
+
+    def mark_verified(self, lane: Lane, uids: Iterable[str]) -> None:
+        """Only after the instance was seen in the backup."""
+        now = _now()
+        self._update(lane, list(uids),
+                     "state='verified', last_error='', updated=?, verified_at=?", (now, now))
+
+    def mark_failed(self, lane: Lane, errors: dict[str, str]) -> None:
+        now = _now()
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE instances SET state='failed', last_error=?, updated=? WHERE site=? AND "
+                "source=? AND backup=? AND sop_instance_uid=? AND state != 'verified'",
+                [(err[:2000], now, lane.site, lane.source, lane.backup, uid)
+                 for uid, err in errors.items()])
+
+    def _update(self, lane: Lane, uids: list[str], assignments: str,
+                params: tuple[object, ...]) -> None:
+        with self._write() as conn:
+            for chunk in _chunks(uids):
+                marks = ",".join("?" * len(chunk))
+                conn.execute(
+                    f"UPDATE instances SET {assignments} WHERE site=? AND source=? AND backup=? "
+                    f"AND state != 'verified' AND sop_instance_uid IN ({marks})",
+                    (*params, lane.site, lane.source, lane.backup, *chunk))
+
+    def rows(self, lane: Lane, state: str | None = None) -> list[LedgerRow]:
+        sql = ("SELECT sop_instance_uid, sop_class_uid, patient_id, study_uid, series_uid, "
+               "treatment_date, treatment_time, state, attempts, last_error, updated "
+               "FROM instances WHERE site=? AND source=? AND backup=?")
+        params: tuple[object, ...] = (lane.site, lane.source, lane.backup)
+        if state:
+            sql += " AND state=?"
+            params += (state,)
+        with self._connect() as conn:
+            return [LedgerRow(InstanceRef(*r[:7]), r[7], r[8], r[9], r[10])
+                    for r in conn.execute(sql + " ORDER BY sop_instance_uid", params)]
+
+    def counts(self, lane: Lane) -> dict[str, int]:
+        with self._connect() as conn:
+            found = dict(conn.execute(
+                "SELECT state, COUNT(*) FROM instances WHERE site=? AND source=? AND backup=? "
+                "GROUP BY state", (lane.site, lane.source, lane.backup)).fetchall())
+        return {s: int(found.get(s, 0)) for s in STATES}
+
+    def watermark(self, lane: Lane) -> datetime | None:
+        with self._connect() as conn:
+            row = conn.execute("SELECT watermark_utc FROM watermarks WHERE site=? AND source=? "
+                               "AND backup=?", (lane.site, lane.source, lane.backup)).fetchone()
+        return datetime.fromisoformat(row[0]) if row else None
+
+    def advance_watermark(self, lane: Lane, to: datetime) -> datetime:
+        """Move the watermark forward to ``to`` (never back); returns the stored value."""
+        if to.tzinfo is None:
+            raise ValueError("watermark must be timezone-aware")
+        value = to.astimezone(timezone.utc).isoformat()
+        with self._write() as conn:
+            row = conn.execute("SELECT watermark_utc FROM watermarks WHERE site=? AND source=? "
+                               "AND backup=?", (lane.site, lane.source, lane.backup)).fetchone()
+            if row and datetime.fromisoformat(row[0]) >= to:
+                return datetime.fromisoformat(row[0])
+            conn.execute(
+                "INSERT INTO watermarks (site, source, backup, watermark_utc, updated) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (site, source, backup) DO UPDATE SET "
+                "watermark_utc=excluded.watermark_utc, updated=excluded.updated",
+                (lane.site, lane.source, lane.backup, value, _now()))
+        return to.astimezone(timezone.utc)
