@@ -47,6 +47,7 @@ class OrthancServer:
     def __post_init__(self) -> None:
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix=f"orthanc-{self.aet.lower()}-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.dicom_port = self.dicom_port or free_port()
         self.http_port = self.http_port or free_port()
 

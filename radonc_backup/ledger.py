@@ -146,7 +146,7 @@ class Ledger:
         """Every row still to be backed up (found, moved or failed), oldest first."""
         sql = ("SELECT sop_instance_uid, sop_class_uid, patient_id, study_uid, series_uid, "
                "treatment_date, treatment_time FROM instances WHERE site=? AND source=? AND "
-               "backup=? AND state != 'verified' ORDER BY first_seen, sop_instance_uid")
+               "backup=? AND state IN ('found', 'moved', 'failed') ORDER BY first_seen, sop_instance_uid")
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         with self._connect() as conn:

@@ -1,0 +1,120 @@
+"""The body both backup flows share: find, record, check the backup, move, verify, report.
+
+Called from inside a flow. Reads like the runbook: each step is a named task, and the ledger is
+written before anything moves so that no found record can be forgotten.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from radonc_backup.errors import BackupIncomplete
+from radonc_backup.lane import OpenLane
+from radonc_backup.rt_backup import BatchOutcome, batches, plan_work
+from radonc_backup.windows import DayQuery
+from tasks.backup import check_backup, find_rt_records, move_batch, with_site_retries
+
+SHOW_FAILED = 20
+
+
+@dataclass
+class BackupSummary:
+    site: str
+    source: str
+    backup: str
+    window: str
+    found: int = 0
+    new: int = 0
+    already_verified: int = 0
+    retried_from_earlier: int = 0
+    already_in_backup: int = 0
+    moved: int = 0
+    verified: int = 0
+    failed: int = 0
+    failed_uids: dict[str, str] = field(default_factory=dict)
+    watermark: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def artifact_key(*parts: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, str | None,
+               str | None], queries: list[DayQuery], window: str,
+               advance_to: datetime | None = None) -> BackupSummary:
+    logger = get_run_logger()
+    settings = lane.site.settings
+    summary = BackupSummary(lane.lane.site, lane.lane.source, lane.lane.backup, window)
+
+    found = with_site_retries(find_rt_records, settings)(*params, queries)
+    plan = plan_work(lane.ledger, lane.lane, found)
+    if advance_to is not None:
+        summary.watermark = lane.ledger.advance_watermark(lane.lane, advance_to).isoformat()
+    summary.found, summary.new, summary.already_verified = plan.found, plan.new, \
+        plan.already_verified
+    found_uids = {r.sop_instance_uid for r in found}
+    summary.retried_from_earlier = sum(1 for r in plan.todo if r.sop_instance_uid not in found_uids)
+
+    in_backup = set(with_site_retries(check_backup, settings)(*params, plan.todo)) \
+        if plan.todo else set()
+    summary.already_in_backup = len(in_backup)
+    todo = [r for r in plan.todo if r.sop_instance_uid not in in_backup]
+
+    for batch in batches(todo, settings.batch_size):
+        state = with_site_retries(move_batch, settings)(*params, batch, return_state=True)
+        if state.is_completed():
+            outcome: BatchOutcome = state.result()
+            summary.moved += outcome.moved
+            summary.verified += len(outcome.verified)
+        else:
+            logger.error("site %s: batch of %d ended %s: %s", summary.site, len(batch),
+                         state.name, state.message)
+
+    remaining = [r for r in lane.ledger.rows(lane.lane) if r.state != "verified"]
+    summary.failed = len(remaining)
+    summary.failed_uids = {r.ref.sop_instance_uid: r.last_error or r.state for r in remaining}
+    create_markdown_artifact(markdown=_report(flow_name, summary),
+                             key=artifact_key(flow_name, summary.site, summary.source),
+                             description=f"{flow_name} {summary.site}/{summary.source}")
+    logger.info("site %s: %s: found %d (%d new), %d already verified, %d already in backup, "
+                "%d moved, %d verified, %d not verified", summary.site, window, summary.found,
+                summary.new, summary.already_verified, summary.already_in_backup, summary.moved,
+                summary.verified, summary.failed)
+    if summary.failed:
+        shown = "; ".join(f"{uid} ({err})" for uid, err in
+                          list(summary.failed_uids.items())[:SHOW_FAILED])
+        more = f" and {summary.failed - SHOW_FAILED} more" if summary.failed > SHOW_FAILED else ""
+        raise BackupIncomplete(
+            f"site {summary.site}: {summary.failed} RT Record(s) from {summary.source} not "
+            f"verified in backup {summary.backup}: {shown}{more}")
+    return summary
+
+
+def _report(flow_name: str, s: BackupSummary) -> str:
+    lines = [
+        f"# {flow_name}: site {s.site}, {s.source} to {s.backup}",
+        "",
+        f"Window (site local time): {s.window}",
+        "",
+        "| found | new | already verified | retried from earlier runs | already in backup | "
+        "moved | verified | not verified |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {s.found} | {s.new} | {s.already_verified} | {s.retried_from_earlier} | "
+        f"{s.already_in_backup} | {s.moved} | {s.verified} | {s.failed} |",
+        "",
+        f"Watermark (UTC): {s.watermark or 'unchanged'}",
+    ]
+    if s.failed_uids:
+        lines += ["", "## Not verified in the backup", "", "| SOP Instance UID | last error |",
+                  "|---|---|"]
+        lines += [f"| {uid} | {err.replace('|', '/')} |"
+                  for uid, err in list(s.failed_uids.items())[:200]]
+    return "\n".join(lines)

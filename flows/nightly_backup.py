@@ -1,0 +1,35 @@
+"""Every night: sweep whole past days for RT Records, and retry everything not yet verified.
+
+Catches what the 10-minute runs cannot: records written hours after their session, records
+without a TreatmentTime, and any record that failed to move earlier. It does not move the
+watermark.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timezone
+
+from prefect import flow
+
+from flows.backup_run import run_backup
+from flows.cli import run_cli
+from radonc_backup.lane import open_lane
+from radonc_backup.windows import utc_now, wall, whole_days
+
+
+@flow(name="nightly-backup", log_prints=False)
+def nightly_backup(site: str, days: int = 1, source: str | None = None,
+                   backup: str | None = None, config: str | None = None,
+                   now: datetime | None = None) -> dict[str, object]:
+    """Back up the RT Records of the last ``days`` whole days and today so far."""
+    lane = open_lane(site, source, backup, config)
+    today = wall((now or utc_now()).astimezone(timezone.utc), lane.site.tz).date()
+    queries = whole_days(today, days)
+    window = f"{queries[0].day:%Y-%m-%d} to {queries[-1].day:%Y-%m-%d} (whole days)"
+    summary = run_backup("nightly-backup", lane, (site, source, backup, config), queries, window)
+    return summary.as_dict()
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(nightly_backup, __doc__ or ""))

@@ -1,0 +1,130 @@
+"""Asking the backup what it really holds.
+
+A C-MOVE or C-STORE status is not proof of arrival, so an instance is verified only when the
+backup itself lists it. Orthanc is asked over REST (``/tools/find`` with a list of SOP Instance
+UIDs, a few hundred per request); any other DICOM SCP by C-FIND at IMAGE level, one query per
+series with the UIDs as a list.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Protocol
+
+import httpx
+from pydicom.dataset import Dataset
+
+from .config import DicomScpTarget, OrthancTarget, Site, resolve_secret
+from .dicom_net import DicomClient, Peer, Timeouts
+from .errors import BackupTargetError, RetriableBackupTargetError
+from .instance import InstanceRef
+
+_FIND_CHUNK = 200
+
+
+class BackupTarget(Protocol):
+    alias: str
+    aet: str
+
+    def present(self, refs: Iterable[InstanceRef]) -> set[str]:
+        """SOP Instance UIDs among ``refs`` that the backup holds now."""
+        ...
+
+
+class OrthancBackup:
+    def __init__(self, site: Site, alias: str, target: OrthancTarget) -> None:
+        self.site = site.name
+        self.alias = alias
+        self.aet = target.aet
+        self.url = target.rest_url.rstrip("/")
+        password = resolve_secret(site, f"backup target {alias} ({target.aet})",
+                                  target.password_env, target.password_secret)
+        self._auth = (target.username, password) if password is not None else None
+        self._timeout = site.settings.network_timeout
+
+    def _client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, auth=self._auth, timeout=self._timeout)
+
+    def _post(self, client: httpx.Client, path: str, body: object) -> object:
+        where = f"site {self.site}: backup {self.alias} ({self.aet}, {self.url})"
+        try:
+            r = client.post(path, json=body)
+        except httpx.TransportError as exc:
+            raise RetriableBackupTargetError(f"{where}: not reachable: {exc}") from None
+        if r.status_code == 401:
+            raise BackupTargetError(f"{where}: REST authentication failed for user "
+                                    f"{self._auth[0] if self._auth else '(none)'}")
+        if r.status_code >= 500:
+            raise RetriableBackupTargetError(f"{where}: {path} answered {r.status_code}")
+        if r.status_code >= 400:
+            raise BackupTargetError(f"{where}: {path} answered {r.status_code}: {r.text[:200]}")
+        return r.json()
+
+    def present(self, refs: Iterable[InstanceRef]) -> set[str]:
+        uids = sorted({r.sop_instance_uid for r in refs})
+        found: set[str] = set()
+        with self._client() as client:
+            for i in range(0, len(uids), _FIND_CHUNK):
+                chunk = uids[i:i + _FIND_CHUNK]
+                answer = self._post(client, "/tools/find", {
+                    "Level": "Instance", "Expand": True,
+                    "Query": {"SOPInstanceUID": "\\".join(chunk)},
+                })
+                for item in answer:  # type: ignore[union-attr]
+                    uid = item.get("MainDicomTags", {}).get("SOPInstanceUID")
+                    if uid:
+                        found.add(uid)
+        return found & set(uids)
+
+
+class DicomScpBackup:
+    def __init__(self, site: Site, alias: str, target: DicomScpTarget) -> None:
+        self.alias = alias
+        self.aet = target.aet
+        s = site.settings
+        self.client = DicomClient(site.name, site.script_ae, Peer(target.aet, target.ip,
+                                                                  target.port),
+                                  Timeouts(s.acse_timeout, s.dimse_timeout, s.network_timeout,
+                                           s.connection_timeout))
+
+    def present(self, refs: Iterable[InstanceRef]) -> set[str]:
+        by_series: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+        for r in refs:
+            by_series[r.series_key].append(r.sop_instance_uid)
+        found: set[str] = set()
+        for (patient_id, study, series), uids in by_series.items():
+            for i in range(0, len(uids), _FIND_CHUNK):
+                q = Dataset()
+                q.QueryRetrieveLevel = "IMAGE"
+                q.PatientID = patient_id
+                q.StudyInstanceUID = study
+                q.SeriesInstanceUID = series
+                q.SOPInstanceUID = uids[i:i + _FIND_CHUNK]
+                found.update(str(m.SOPInstanceUID) for m in self.client.find(q)
+                             if "SOPInstanceUID" in m)
+        return found
+
+
+def open_backup(site: Site, alias: str | None = None) -> OrthancBackup | DicomScpBackup:
+    name, target = site.backup(alias)
+    if isinstance(target, OrthancTarget):
+        return OrthancBackup(site, name, target)
+    return DicomScpBackup(site, name, target)
+
+
+def wait_for(target: BackupTarget, refs: list[InstanceRef], timeout: float) -> set[str]:
+    """Presence of ``refs``, re-asking for the missing ones for up to ``timeout`` seconds.
+
+    Some PACS index received objects asynchronously; Orthanc does not, so normally the first
+    answer is final and refused objects cost one extra look at most.
+    """
+    found = target.present(refs)
+    deadline = time.monotonic() + timeout
+    delay = 0.25
+    while len(found) < len({r.sop_instance_uid for r in refs}) and time.monotonic() < deadline:
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay *= 2
+        found |= target.present([r for r in refs if r.sop_instance_uid not in found])
+    return found

@@ -1,0 +1,233 @@
+"""Backing up RT Records: find them on the R&V, move what the backup lacks, verify, record.
+
+Plain functions over the DICOM layer, the backup target and the ledger; the Prefect tasks and
+flows only wrap them. The rules that keep data from being lost:
+- a failed query raises; it is never taken for "nothing new";
+- a window whose answer reaches the peer's result cap is split and asked again;
+- a C-MOVE's own status is recorded but never trusted: only ``present()`` in the backup verifies;
+- what is found is written to the ledger before anything is moved, so every later run retries it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from pydicom.dataset import Dataset
+
+from .backup_target import BackupTarget, wait_for
+from .config import AriaSource, MimSource, Site
+from .dicom_net import RT_RECORD_CLASSES, DicomClient, Peer, Timeouts
+from .errors import ConfigError, DicomError, FatalDicomError
+from .instance import InstanceRef
+from .ledger import Lane, Ledger
+from .windows import DayQuery, parse_treatment_datetime
+
+
+def client_for(site: Site, peer: AriaSource | MimSource) -> DicomClient:
+    s = site.settings
+    return DicomClient(site.name, site.script_ae, Peer(peer.aet, peer.ip, peer.port),
+                       Timeouts(s.acse_timeout, s.dimse_timeout, s.network_timeout,
+                                s.connection_timeout))
+
+
+def dicom_source(site: Site, alias: str | None) -> tuple[str, AriaSource | MimSource]:
+    name, source = site.source(alias)
+    if not isinstance(source, (AriaSource, MimSource)):
+        raise ConfigError(f"{site.config_path}: site {site.name}: source {name!r} is of type "
+                          f"{source.type!r}; RT Record backup by DICOM needs an 'aria' or 'mim' "
+                          f"source")
+    return name, source
+
+
+def record_identifier(query: DayQuery) -> Dataset:
+    """IMAGE-level C-FIND for RT Records of one local date (and time range)."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "IMAGE"
+    ds.Modality = "RTRECORD"
+    ds.PatientID = ""
+    ds.StudyInstanceUID = ""
+    ds.SeriesInstanceUID = ""
+    ds.SOPInstanceUID = ""
+    ds.SOPClassUID = ""
+    ds.TreatmentDate = query.treatment_date
+    ds.TreatmentTime = query.treatment_time
+    return ds
+
+
+def _in_query(ref: InstanceRef, query: DayQuery) -> bool:
+    """Our own check of the peer's matching; a record we cannot place is kept, not dropped."""
+    when = parse_treatment_datetime(ref.treatment_date, ref.treatment_time)
+    if when is None:
+        return True
+    if when.date() != query.day:
+        return False
+    if query.whole_day or not ref.treatment_time.strip():
+        return True
+    return query.start <= when.time().replace(microsecond=0) <= query.end
+
+
+def find_records(client: DicomClient, queries: Iterable[DayQuery], cap: int = 0,
+                 on_split: Callable[[DayQuery], None] | None = None) -> list[InstanceRef]:
+    """Every RT Record the peer holds in the queries' windows, de-duplicated by SOP UID.
+
+    A query answered with ``cap`` or more matches may have been cut short by the peer, so it is
+    split in two and both halves are asked; a one-second window still at the cap is an error.
+    """
+    found: dict[str, InstanceRef] = {}
+    pending = list(queries)
+    while pending:
+        query = pending.pop(0)
+        matches = [InstanceRef.from_match(m) for m in client.find(record_identifier(query))
+                   if m.get("SOPInstanceUID")]
+        if cap and len(matches) >= cap:
+            halves = query.split()
+            if halves is None:
+                raise FatalDicomError(client.site, client.peer.label, "C-FIND",
+                                      f"{len(matches)} records in the one-second window {query} "
+                                      f"reach the peer's cap of {cap}: raise the cap")
+            if on_split:
+                on_split(query)
+            pending[:0] = list(halves)
+            continue
+        for ref in matches:
+            if ref.sop_class_uid and ref.sop_class_uid not in RT_RECORD_CLASSES:
+                continue
+            if _in_query(ref, query):
+                found.setdefault(ref.sop_instance_uid, ref)
+    return sorted(found.values(), key=lambda r: (r.treatment_date, r.treatment_time,
+                                                 r.sop_instance_uid))
+
+
+def batches(refs: Iterable[InstanceRef], size: int) -> list[list[InstanceRef]]:
+    """Batches of at most ``size``, series kept together so each C-MOVE lists many UIDs."""
+    ordered = sorted(refs, key=lambda r: (r.series_key, r.sop_instance_uid))
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+
+
+def move_identifiers(batch: Iterable[InstanceRef]) -> list[Dataset]:
+    """One IMAGE-level identifier per series, with the full hierarchy ARIA insists on."""
+    by_series: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+    for ref in batch:
+        by_series[ref.series_key].append(ref.sop_instance_uid)
+    identifiers = []
+    for (patient_id, study, series), uids in sorted(by_series.items()):
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "IMAGE"
+        if patient_id:
+            ds.PatientID = patient_id
+        if study:
+            ds.StudyInstanceUID = study
+        if series:
+            ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = uids if len(uids) > 1 else uids[0]
+        identifiers.append(ds)
+    return identifiers
+
+
+@dataclass
+class BatchOutcome:
+    requested: int = 0
+    moved: int = 0
+    verified: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    peer_claims: str = ""
+
+
+def verify_present(ledger: Ledger, lane: Lane, target: BackupTarget,
+                   refs: list[InstanceRef], timeout: float = 0.0) -> set[str]:
+    """Mark verified what the backup holds; returns those UIDs."""
+    if not refs:
+        return set()
+    present = wait_for(target, refs, timeout) if timeout else target.present(refs)
+    ledger.mark_verified(lane, present)
+    return present
+
+
+def transfer(site: Site, source: AriaSource | MimSource, target: BackupTarget,
+             batch: list[InstanceRef], store_client: DicomClient | None = None) -> str:
+    """Ask the source to deliver ``batch`` to the backup; returns what the peer claimed.
+
+    ARIA-type sources C-MOVE straight to the backup AE. MIM-type sources are fetched by C-GET and
+    relayed by C-STORE (``store_client`` talks to the backup's DICOM port).
+    """
+    client = client_for(site, source)
+    identifiers = move_identifiers(batch)
+    if isinstance(source, AriaSource):
+        results = client.move(identifiers, target.aet)
+        completed = sum(r.completed for r in results)
+        failed = sum(r.failed for r in results)
+        statuses = ",".join(sorted({f"0x{r.status:04X}" for r in results}))
+        return f"C-MOVE status {statuses}, {completed} completed, {failed} failed"
+    if store_client is None:
+        raise ConfigError(f"site {site.name}: MIM relay needs a DICOM backup target")
+    refused: list[str] = []
+    for identifier in identifiers:
+        received: list[Dataset] = []
+        client.get(identifier, received.append)
+        refused += [r.sop_instance_uid for r in store_client.store(received) if not r.ok]
+    return f"C-GET + C-STORE relay, {len(refused)} refused by the backup"
+
+
+def move_and_verify(site: Site, source: AriaSource | MimSource, target: BackupTarget,
+                    ledger: Ledger, lane: Lane, batch: list[InstanceRef],
+                    store_client: DicomClient | None = None) -> BatchOutcome:
+    """Move one batch and verify it; every UID ends the call verified or failed in the ledger.
+
+    On a DICOM error the batch is still checked in the backup (a move can deliver part of its
+    objects before it fails), the rest is marked failed, and the error is raised for the retry
+    policy to judge.
+    """
+    outcome = BatchOutcome(requested=len(batch))
+    states = ledger.states(lane, [r.sop_instance_uid for r in batch])
+    todo = [r for r in batch if states.get(r.sop_instance_uid) != "verified"]
+    if not todo:
+        return outcome
+    ledger.mark_moved(lane, [r.sop_instance_uid for r in todo])
+    outcome.moved = len(todo)
+    error: DicomError | None = None
+    try:
+        outcome.peer_claims = transfer(site, source, target, todo, store_client)
+    except DicomError as exc:
+        error = exc
+    try:
+        present = verify_present(ledger, lane, target, todo,
+                                 timeout=0.0 if error else site.settings.verify_timeout)
+    except Exception:
+        if error is not None:
+            present = set()
+        else:
+            raise
+    outcome.verified = sorted(present)
+    reason = (str(error) if error else
+              f"not found in backup {target.alias} ({target.aet}) after the move "
+              f"({outcome.peer_claims})")
+    outcome.failed = {r.sop_instance_uid: reason for r in todo if r.sop_instance_uid not in present}
+    ledger.mark_failed(lane, outcome.failed)
+    if error is not None:
+        raise error
+    return outcome
+
+
+@dataclass
+class Plan:
+    """What a run must do after finding: the lane's unverified rows, new and old."""
+
+    found: int
+    new: int
+    already_verified: int
+    todo: list[InstanceRef]
+
+
+def plan_work(ledger: Ledger, lane: Lane, found: list[InstanceRef]) -> Plan:
+    """Record what was found, then take every unverified row of the lane (earlier failures too)."""
+    new = ledger.record_found(lane, found)
+    states = ledger.states(lane, [r.sop_instance_uid for r in found])
+    already = sum(1 for s in states.values() if s == "verified")
+    return Plan(found=len(found), new=new, already_verified=already, todo=ledger.unverified(lane))
+
+
+def window_label(start: datetime, end: datetime) -> str:
+    return f"{start:%Y-%m-%d %H:%M:%S} to {end:%Y-%m-%d %H:%M:%S}"

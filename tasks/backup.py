@@ -1,0 +1,82 @@
+"""Prefect tasks for the RT Record backup: thin wrappers that add retries and names.
+
+Tasks take plain parameters (site, aliases, config path, UIDs) and reopen the lane themselves.
+They use no result cache: each run must ask the R&V and the backup afresh, and the ledger is
+what lets a rerun skip finished work.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import Task, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from radonc_backup.config import Settings
+from radonc_backup.errors import is_retriable
+from radonc_backup.instance import InstanceRef
+from radonc_backup.lane import open_lane
+from radonc_backup.rt_backup import BatchOutcome, client_for, find_records, move_and_verify, \
+    verify_present
+from radonc_backup.windows import DayQuery
+
+
+def retry_only_transient(task: Task[Any, Any], task_run: Any, state: Any) -> bool:
+    """Retry association failures, timeouts and a busy or down peer; never config or data errors."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            state.result(raise_on_failure=True)
+        except BaseException as raised:  # noqa: BLE001 - we only classify it
+            exc = raised
+    return exc is not None and is_retriable(exc)
+
+
+def with_site_retries(t: Task[Any, Any], settings: Settings) -> Task[Any, Any]:
+    """The task with the site's retry policy: N attempts, exponential backoff with jitter."""
+    return t.with_options(
+        retries=settings.retries - 1,
+        retry_delay_seconds=exponential_backoff(backoff_factor=settings.retry_backoff_seconds),
+        retry_jitter_factor=settings.retry_jitter_factor,
+        retry_condition_fn=retry_only_transient,
+    )
+
+
+@task(name="find-rt-records", cache_policy=NO_CACHE)
+def find_rt_records(site: str, source: str | None, backup: str | None, config: str | None,
+                    queries: list[DayQuery]) -> list[InstanceRef]:
+    """C-FIND the RT Records of each window on the R&V, splitting windows the peer capped."""
+    logger = get_run_logger()
+    lane = open_lane(site, source, backup, config)
+    refs = find_records(client_for(lane.site, lane.source), queries,
+                        cap=lane.source.max_find_results,
+                        on_split=lambda q: logger.info("window %s hit the peer's cap of %d: "
+                                                       "splitting", q,
+                                                       lane.source.max_find_results))
+    logger.info("site %s: %d RT Records on %s in %d window(s)", site, len(refs),
+                lane.source.aet, len(queries))
+    return refs
+
+
+@task(name="check-backup", cache_policy=NO_CACHE)
+def check_backup(site: str, source: str | None, backup: str | None, config: str | None,
+                 refs: list[InstanceRef]) -> list[str]:
+    """Mark verified whatever the backup already holds (from an earlier run or another path)."""
+    lane = open_lane(site, source, backup, config)
+    return sorted(verify_present(lane.ledger, lane.lane, lane.target, refs))
+
+
+@task(name="move-batch", cache_policy=NO_CACHE)
+def move_batch(site: str, source: str | None, backup: str | None, config: str | None,
+               batch: list[InstanceRef]) -> BatchOutcome:
+    """One association, one C-MOVE per series in the batch, then a presence check."""
+    logger = get_run_logger()
+    lane = open_lane(site, source, backup, config)
+    store = lane.store_client() if lane.source.type == "mim" else None
+    outcome = move_and_verify(lane.site, lane.source, lane.target, lane.ledger, lane.lane, batch,
+                              store)
+    logger.info("site %s: batch of %d: %d moved, %d verified, %d failed (%s)", site,
+                outcome.requested, outcome.moved, len(outcome.verified), len(outcome.failed),
+                outcome.peer_claims)
+    return outcome
