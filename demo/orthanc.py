@@ -161,8 +161,7 @@ class OrthancServer:
         with self.rest() as client:
             r = client.post(
                 "/tools/find",
-                json={"Level": "Instance", "Query": {}, "RequestedTags": ["SOPInstanceUID"],
-                      "Expand": True},
+                json={"Level": "Instance", "Query": {}, "Expand": True},
             )
             r.raise_for_status()
             return {i["MainDicomTags"]["SOPInstanceUID"] for i in r.json()}

@@ -207,10 +207,16 @@ def _read(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
 
 
+_TYPE_TAGS = {"aria", "mim", "mosaiq", "orthanc", "dicom_scp"}
+
+
 def _describe(errors: list[Any]) -> str:
     lines = []
     for err in errors:
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after",)))
+        parts = [str(p) for p in err["loc"]]
+        if len(parts) > 2 and parts[0] in ("sources", "backup_targets") and parts[2] in _TYPE_TAGS:
+            del parts[2]  # the discriminator pydantic inserts into the path
+        loc = ".".join(parts)
         where = f"key '{loc}'" if loc else "site table"
         given = f" (given {err['input']!r})" if err["type"] != "missing" and loc else ""
         lines.append(f"{where}: {err['msg']}{given}")

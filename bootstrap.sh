@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up everything RadOnc Backup needs on Debian (run as root), then run the demo or the tests.
+#   bash bootstrap.sh demo    # Orthanc pair + synthetic clinic + incremental backup via Prefect
+#   bash bootstrap.sh test    # the whole test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+
+APT_PACKAGES=(orthanc dcmtk dicom3tools unixodbc libsqliteodbc)
+PYTHON=${PYTHON:-python3}
+
+need_root() { if [[ $(id -u) -ne 0 ]]; then echo "sudo"; fi; }
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ! "$PYTHON" -c "import ensurepip, venv" 2>/dev/null; then missing+=(python3-venv); fi
+if ((${#missing[@]})); then
+  echo "Installing Debian packages: ${missing[*]}"
+  $(need_root) apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $(need_root) apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+"$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed")'
+if [[ ! -x .venv/bin/python ]]; then "$PYTHON" -m venv .venv; fi
+stamp=.venv/.requirements.sha256
+if ! sha256sum --status -c "$stamp" 2>/dev/null; then
+  echo "Installing Python packages from requirements.txt"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+  sha256sum requirements.txt > "$stamp"
+fi
+
+export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 TCP_NODELAY=1
+case "${1:-}" in
+  demo) shift; exec .venv/bin/python -m demo "$@" ;;
+  test) shift; exec .venv/bin/python -m pytest "$@" ;;
+  *) echo "usage: bash bootstrap.sh demo|test [args]" >&2; exit 2 ;;
+esac

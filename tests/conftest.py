@@ -1,0 +1,54 @@
+"""Fixtures: a Prefect test harness for the session, and real Orthanc pairs per test."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_PREFECT_TMP = tempfile.mkdtemp(prefix="radonc-prefect-")
+os.environ.setdefault("PREFECT_HOME", _PREFECT_TMP)
+os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(Path(_PREFECT_TMP) / "results")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from demo.site import DemoSite, start_demo_site  # noqa: E402
+from demo.synthetic import Course, to_bytes  # noqa: E402
+
+FAST_RETRIES = {"retries": 2, "retry_backoff_seconds": 0.2, "retry_jitter_factor": 0,
+                "verify_timeout": 0.5, "acse_timeout": 5, "dimse_timeout": 20,
+                "network_timeout": 10, "connection_timeout": 3}
+
+
+@pytest.fixture(scope="session")
+def prefect() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture
+def make_site(tmp_path: Path) -> Iterator[Callable[..., DemoSite]]:
+    """Start an R&V stand-in and a backup Orthanc; stopped after the test."""
+    started: list[DemoSite] = []
+
+    def factory(**kwargs: Any) -> DemoSite:
+        settings = {**FAST_RETRIES, **kwargs.pop("settings", {})}
+        site = start_demo_site(tmp_path / f"site{len(started)}", settings=settings, **kwargs)
+        started.append(site)
+        return site
+
+    yield factory
+    for site in started:
+        site.stop()
+
+
+def load(site: DemoSite, *courses: Course, records_only: bool = False) -> int:
+    objects = [ds for c in courses for ds in (c.records if records_only else c.all())]
+    return site.rv.upload([to_bytes(ds) for ds in objects])

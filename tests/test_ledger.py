@@ -1,0 +1,66 @@
+"""The ledger: states only move forward to verified, watermarks never go back, two writers."""
+
+from __future__ import annotations
+
+import multiprocessing
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from radonc_backup.instance import InstanceRef
+from radonc_backup.ledger import Lane, Ledger
+
+LANE = Lane("DEMO", "aria", "orthanc")
+
+
+def refs(n: int, prefix: str = "1.2.3") -> list[InstanceRef]:
+    return [InstanceRef(f"{prefix}.{i}", "1.2.840.10008.5.1.4.1.1.481.4", "P1", "1.9", "1.9.1")
+            for i in range(n)]
+
+
+def test_found_moved_verified_failed(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    assert ledger.record_found(LANE, refs(3)) == 3
+    assert ledger.record_found(LANE, refs(3)) == 0
+    ledger.mark_moved(LANE, ["1.2.3.0", "1.2.3.1"])
+    ledger.mark_verified(LANE, ["1.2.3.0"])
+    ledger.mark_failed(LANE, {"1.2.3.1": "not in backup", "1.2.3.0": "late failure"})
+    rows = {r.ref.sop_instance_uid: r for r in ledger.rows(LANE)}
+    assert rows["1.2.3.0"].state == "verified" and rows["1.2.3.0"].last_error == ""
+    assert rows["1.2.3.1"].state == "failed" and rows["1.2.3.1"].attempts == 1
+    assert rows["1.2.3.1"].last_error == "not in backup"
+    assert rows["1.2.3.2"].state == "found"
+    assert [r.sop_instance_uid for r in ledger.unverified(LANE)] == ["1.2.3.1", "1.2.3.2"]
+    assert ledger.counts(LANE) == {"found": 1, "moved": 0, "verified": 1, "failed": 1}
+    other = Lane("DEMO", "aria", "archive")
+    assert ledger.states(other, ["1.2.3.0"]) == {}
+
+
+def test_watermark_only_moves_forward(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    assert ledger.watermark(LANE) is None
+    t = datetime(2026, 11, 23, 12, tzinfo=timezone.utc)
+    ledger.advance_watermark(LANE, t)
+    ledger.advance_watermark(LANE, t - timedelta(hours=1))
+    assert ledger.watermark(LANE) == t
+
+
+def _writer(path: str, prefix: str) -> None:
+    ledger = Ledger(path)
+    for i in range(50):
+        batch = refs(20, f"{prefix}.{i}")
+        ledger.record_found(LANE, batch)
+        ledger.mark_moved(LANE, [r.sop_instance_uid for r in batch])
+        ledger.mark_verified(LANE, [r.sop_instance_uid for r in batch])
+
+
+def test_two_processes_share_the_ledger(tmp_path: Path) -> None:
+    path = str(tmp_path / "l.sqlite")
+    Ledger(path)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(path, p)) for p in ("7.1", "7.2")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert Ledger(path).counts(LANE)["verified"] == 2 * 50 * 20
