@@ -130,8 +130,14 @@ class OrthancServer:
             self.process.kill()
             self.process.wait()
 
+    def kill(self) -> None:
+        """Stop at once (for teardown, when the storage is thrown away anyway)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
     def remove(self) -> None:
-        self.stop()
+        self.kill()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -42,7 +42,7 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
-from .errors import DicomError, FatalDicomError, RetriableDicomError
+from .errors import DicomError, FatalDicomError, FindTruncated, RetriableDicomError
 
 RT_RECORD_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.481.4": "RT Beams Treatment Record",
@@ -261,6 +261,10 @@ class DicomClient:
                     continue
                 if status == 0x0000:
                     return
+                if status == 0xFE00:
+                    # Orthanc ends a capped answer this way (LimitFindInstances/Results).
+                    raise FindTruncated(self.site, self.peer.label, "C-FIND",
+                                        "answer cut short by the peer (status 0xFE00)")
                 self._raise_for_status("C-FIND", status, status_ds)
             raise self._error(True, "C-FIND", "association ended before a final status")
 
@@ -301,6 +305,11 @@ class DicomClient:
             if status >> 8 == 0xA9:
                 raise self._error(False, "C-MOVE", f"identifier rejected (0x{status:04X})",
                                   about or None)
+            if status >> 12 == 0xC and last.completed + last.failed + last.warning == 0:
+                raise self._error(False, "C-MOVE", f"peer refused the move (0x{status:04X}) "
+                                                   f"before sending anything: is {destination} "
+                                                   "registered there as a move destination?",
+                                  about or None)
             return last
         if last is None:
             raise self._error(True, "C-MOVE", "no response", about or None)
@@ -311,7 +320,9 @@ class DicomClient:
 
         def handle_store(event: evt.Event) -> int:
             try:
-                on_instance(event.dataset)
+                ds = event.dataset
+                ds.file_meta = event.file_meta
+                on_instance(ds)
             except Exception:
                 return 0xA700
             return 0x0000
@@ -368,6 +379,6 @@ class DicomClient:
     def _raise_for_status(self, operation: str, status: int, status_ds: Dataset) -> None:
         comment = str(status_ds.get("ErrorComment", "") or "")
         detail = f"status 0x{status:04X}{': ' + comment if comment else ''}"
-        if status >> 8 == 0xA7 or status == 0xFE00:
-            raise self._error(True, operation, f"peer out of resources or cancelled ({detail})")
+        if status >> 8 == 0xA7:
+            raise self._error(True, operation, f"peer out of resources ({detail})")
         raise self._error(False, operation, f"request refused ({detail})")

@@ -42,6 +42,10 @@ class FatalDicomError(DicomError):
     """Permanent: the peer rejects our AE, the identifier, or the destination. Fix the setup."""
 
 
+class FindTruncated(DicomError):
+    """The peer stopped its C-FIND answer at its result limit: the window must be split."""
+
+
 class BackupTargetError(BackupError):
     """The backup PACS could not be asked what it holds."""
 

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from .backup_target import BackupTarget, wait_for
 from .config import AriaSource, MimSource, Site
 from .dicom_net import RT_RECORD_CLASSES, DicomClient, Peer, Timeouts
-from .errors import ConfigError, DicomError, FatalDicomError
+from .errors import ConfigError, DicomError, FatalDicomError, FindTruncated
 from .instance import InstanceRef
 from .ledger import Lane, Ledger
 from .windows import DayQuery, parse_treatment_datetime
@@ -73,21 +73,29 @@ def find_records(client: DicomClient, queries: Iterable[DayQuery], cap: int = 0,
                  on_split: Callable[[DayQuery], None] | None = None) -> list[InstanceRef]:
     """Every RT Record the peer holds in the queries' windows, de-duplicated by SOP UID.
 
-    A query answered with ``cap`` or more matches may have been cut short by the peer, so it is
-    split in two and both halves are asked; a one-second window still at the cap is an error.
+    A query that the peer cut short (a Cancel status, or ``cap`` or more matches from a peer that
+    truncates silently) is split in two and both halves are asked; a one-second window still cut
+    short is an error.
     """
     found: dict[str, InstanceRef] = {}
     pending = list(queries)
     while pending:
         query = pending.pop(0)
-        matches = [InstanceRef.from_match(m) for m in client.find(record_identifier(query))
-                   if m.get("SOPInstanceUID")]
-        if cap and len(matches) >= cap:
+        matches: list[InstanceRef] = []
+        truncated = False
+        try:
+            for m in client.find(record_identifier(query)):
+                if m.get("SOPInstanceUID"):
+                    matches.append(InstanceRef.from_match(m))
+        except FindTruncated:
+            truncated = True
+        if truncated or (cap and len(matches) >= cap):
             halves = query.split()
             if halves is None:
                 raise FatalDicomError(client.site, client.peer.label, "C-FIND",
-                                      f"{len(matches)} records in the one-second window {query} "
-                                      f"reach the peer's cap of {cap}: raise the cap")
+                                      f"the peer still cuts its answer short for the one-second "
+                                      f"window {query} ({len(matches)} matches): raise its "
+                                      f"C-FIND result limit")
             if on_split:
                 on_split(query)
             pending[:0] = list(halves)
