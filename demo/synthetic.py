@@ -440,6 +440,7 @@ class Course:
     """Everything an R&V holds for one plan of one patient."""
 
     patient: Patient
+    study: Study
     images: Series
     rtstruct: Dataset
     plan: Dataset
@@ -451,6 +452,13 @@ class Course:
 
     def all(self) -> list[Dataset]:
         return [*self.context(), *self.records]
+
+    def add_record(self, when: datetime, fraction: int | None = None) -> Dataset:
+        """Deliver one more fraction at ``when`` (local wall-clock time)."""
+        record = make_treatment_record(self.study, self.plan, fraction or len(self.records) + 1,
+                                       when)
+        self.records.append(record)
+        return record
 
 
 def make_course(patient: Patient, first_fraction: datetime, delivered: int, fractions: int = 28,
@@ -465,7 +473,7 @@ def make_course(patient: Patient, first_fraction: datetime, delivered: int, frac
     dose = make_rtdose(study, plan, images)
     records = [make_treatment_record(study, plan, n + 1, first_fraction + n * every)
                for n in range(delivered)]
-    return Course(patient, images, rtstruct, plan, dose, records)
+    return Course(patient, study, images, rtstruct, plan, dose, records)
 
 
 def to_bytes(ds: Dataset) -> bytes:
