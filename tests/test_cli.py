@@ -1,0 +1,53 @@
+"""Flows run from the shell with their parameters, and the exit code tells the outcome."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from demo.site import DemoSite
+from demo.synthetic import Patient, make_course, to_bytes
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_help_lists_the_flow_parameters() -> None:
+    for module in ("flows.incremental_backup", "flows.nightly_backup"):
+        result = cli(module, "--help")
+        assert result.returncode == 0
+        assert "--site" in result.stdout and "--config" in result.stdout
+    assert "--days" in cli("flows.nightly_backup", "--help").stdout
+
+
+def test_cli_run_backs_up_and_a_failed_run_exits_non_zero(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    site = make_site()
+    now = datetime.now(ZoneInfo("America/New_York")).replace(tzinfo=None)  # the DEMO site's clock
+    c = make_course(Patient("CLI001", "Cli^Test"), now - timedelta(days=1), delivered=0, slices=2)
+    c.add_record(now - timedelta(days=1))
+    c.add_record(now - timedelta(hours=2))
+    site.rv.upload([to_bytes(r) for r in c.records])
+    env = {"PREFECT_HOME": str(tmp_path / "prefect")}
+
+    ok = cli("flows.incremental_backup", "--site", "DEMO", "--config", str(site.config_path),
+             env=env)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert '"verified": 2' in ok.stdout
+    assert site.backup.sop_instance_uids() == {r.SOPInstanceUID for r in c.records}
+
+    bad = Path(site.config_path)
+    bad.write_text(bad.read_text().replace('script_ae = "RADONC_BACKUP"',
+                                           'script_ae = "UNKNOWN_SCU"'))
+    failed = cli("flows.nightly_backup", "--site", "DEMO", "--config", str(bad), env=env)
+    assert failed.returncode == 1
+    assert "FAILED: site DEMO" in failed.stderr and "UNKNOWN_SCU" in failed.stderr
