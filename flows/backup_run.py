@@ -78,7 +78,7 @@ def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, st
             logger.error("site %s: batch of %d ended %s: %s", summary.site, len(batch),
                          state.name, state.message)
 
-    remaining = [r for r in lane.ledger.rows(lane.lane) if r.state != "verified"]
+    remaining = lane.ledger.rows(lane.lane, "found", "moved", "failed")
     summary.failed = len(remaining)
     summary.failed_uids = {r.ref.sop_instance_uid: r.last_error or r.state for r in remaining}
     create_markdown_artifact(markdown=_report(flow_name, summary),

@@ -66,6 +66,9 @@ class AriaSource(DicomPeer):
     description: str = ""
     max_find_results: int = Field(default=0, ge=0)
     """The peer's cap on C-FIND results (0: none known); a window that returns it is split."""
+    relational_move: bool = False
+    """The peer accepts one IMAGE-level C-MOVE listing UIDs of many series (relational retrieve).
+    ARIA does not: leave false and each series is moved with its full hierarchy."""
 
 
 class MimSource(DicomPeer):
@@ -74,6 +77,7 @@ class MimSource(DicomPeer):
     type: Literal["mim"]
     description: str = ""
     max_find_results: int = Field(default=0, ge=0)
+    relational_move: bool = False
 
 
 class MosaiqSource(_Strict):
@@ -121,7 +125,9 @@ class Settings(_Strict):
     retry_backoff_seconds: float = Field(default=10.0, ge=0)
     retry_jitter_factor: float = Field(default=0.5, ge=0)
     batch_size: int = Field(default=100, ge=1)
-    """SOP Instance UIDs per C-MOVE batch (one task, one association)."""
+    """SOP Instance UIDs per move batch (one task)."""
+    move_associations: int = Field(default=2, ge=1, le=8)
+    """Associations a batch's per-series C-MOVEs are spread over (load on the R&V: keep small)."""
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=300.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)

@@ -183,14 +183,15 @@ class Ledger:
                     f"AND state != 'verified' AND sop_instance_uid IN ({marks})",
                     (*params, lane.site, lane.source, lane.backup, *chunk))
 
-    def rows(self, lane: Lane, state: str | None = None) -> list[LedgerRow]:
+    def rows(self, lane: Lane, *states: str) -> list[LedgerRow]:
+        """Rows of the lane, only those in ``states`` if any are given (uses the state index)."""
         sql = ("SELECT sop_instance_uid, sop_class_uid, patient_id, study_uid, series_uid, "
                "treatment_date, treatment_time, state, attempts, last_error, updated "
                "FROM instances WHERE site=? AND source=? AND backup=?")
         params: tuple[object, ...] = (lane.site, lane.source, lane.backup)
-        if state:
-            sql += " AND state=?"
-            params += (state,)
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            params += states
         with self._connect() as conn:
             return [LedgerRow(InstanceRef(*r[:7]), r[7], r[8], r[9], r[10])
                     for r in conn.execute(sql + " ORDER BY sop_instance_uid", params)]

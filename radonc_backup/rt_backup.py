@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -19,7 +20,7 @@ from pydicom.dataset import Dataset
 
 from .backup_target import BackupTarget, wait_for
 from .config import AriaSource, MimSource, Site
-from .dicom_net import RT_RECORD_CLASSES, DicomClient, Peer, Timeouts
+from .dicom_net import RT_RECORD_CLASSES, DicomClient, MoveResult, Peer, Timeouts
 from .errors import ConfigError, DicomError, FatalDicomError, FindTruncated
 from .instance import InstanceRef
 from .ledger import Lane, Ledger
@@ -115,8 +116,18 @@ def batches(refs: Iterable[InstanceRef], size: int) -> list[list[InstanceRef]]:
     return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
-def move_identifiers(batch: Iterable[InstanceRef]) -> list[Dataset]:
-    """One IMAGE-level identifier per series, with the full hierarchy ARIA insists on."""
+def move_identifiers(batch: Iterable[InstanceRef], relational: bool = False) -> list[Dataset]:
+    """One IMAGE-level identifier per series, with the full hierarchy ARIA insists on.
+
+    ``relational``: a single identifier listing every UID, for peers that support relational
+    retrieve (one C-MOVE for a whole batch instead of one per series).
+    """
+    if relational:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "IMAGE"
+        uids = sorted({ref.sop_instance_uid for ref in batch})
+        ds.SOPInstanceUID = uids if len(uids) > 1 else uids[0]
+        return [ds]
     by_series: dict[tuple[str, str, str], list[str]] = defaultdict(list)
     for ref in batch:
         by_series[ref.series_key].append(ref.sop_instance_uid)
@@ -162,9 +173,10 @@ def transfer(site: Site, source: AriaSource | MimSource, target: BackupTarget,
     relayed by C-STORE (``store_client`` talks to the backup's DICOM port).
     """
     client = client_for(site, source)
-    identifiers = move_identifiers(batch)
+    identifiers = move_identifiers(batch, source.relational_move)
     if isinstance(source, AriaSource):
-        results = client.move(identifiers, target.aet)
+        results = _parallel_moves(client, identifiers, target.aet,
+                                  site.settings.move_associations)
         completed = sum(r.completed for r in results)
         failed = sum(r.failed for r in results)
         statuses = ",".join(sorted({f"0x{r.status:04X}" for r in results}))
@@ -177,6 +189,30 @@ def transfer(site: Site, source: AriaSource | MimSource, target: BackupTarget,
         client.get(identifier, received.append)
         refused += [r.sop_instance_uid for r in store_client.store(received) if not r.ok]
     return f"C-GET + C-STORE relay, {len(refused)} refused by the backup"
+
+
+def _parallel_moves(client: DicomClient, identifiers: list[Dataset], destination: str,
+                    associations: int) -> list[MoveResult]:
+    """Spread C-MOVEs over a few associations: each costs the peer a sub-association of its own.
+
+    All moves run to the end; the first DICOM error is raised afterwards, so one bad series does
+    not leave the others unattempted.
+    """
+    if associations <= 1 or len(identifiers) <= 1:
+        return client.move(identifiers, destination)
+    shares = [identifiers[i::associations] for i in range(associations)]
+    results: list[MoveResult] = []
+    errors: list[DicomError] = []
+    with ThreadPoolExecutor(max_workers=associations) as pool:
+        futures = [pool.submit(client.move, share, destination) for share in shares if share]
+        for future in futures:
+            try:
+                results += future.result()
+            except DicomError as exc:
+                errors.append(exc)
+    if errors:
+        raise errors[0]
+    return results
 
 
 def move_and_verify(site: Site, source: AriaSource | MimSource, target: BackupTarget,

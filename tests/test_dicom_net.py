@@ -148,3 +148,21 @@ def test_unknown_move_destination_is_fatal(make_site: Callable[..., DemoSite]) -
                                           COURSE.plan.SeriesInstanceUID)])
     with pytest.raises(FatalDicomError, match="NOWHERE"):
         rv_client(site).move(ident, "NOWHERE")
+
+
+def test_relational_move_sends_one_request_for_many_series(
+        make_site: Callable[..., DemoSite]) -> None:
+    courses = [make_course(Patient(f"REL{i}", "Rel^Test"), datetime(2026, 11, 16, 9, i),
+                           delivered=1, slices=1) for i in range(3)]
+    site = make_site()
+    for c in courses:
+        load(site, c, records_only=True)
+    refs = [InstanceRef(c.records[0].SOPInstanceUID, "", c.patient.patient_id,
+                        c.records[0].StudyInstanceUID, c.records[0].SeriesInstanceUID)
+            for c in courses]
+    assert len(move_identifiers(refs)) == 3
+    identifiers = move_identifiers(refs, relational=True)
+    assert len(identifiers) == 1
+    results = rv_client(site).move(identifiers, site.backup.aet)
+    assert results[0].completed == 3
+    assert site.backup.sop_instance_uids() == {r.sop_instance_uid for r in refs}
