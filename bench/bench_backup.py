@@ -72,7 +72,7 @@ def make_records(n: int) -> list[InstanceRef]:
     return refs
 
 
-def timed(fn: object, repeat: int = 3) -> float:
+def timed(fn: object, repeat: int = 5) -> float:
     """Best of ``repeat`` wall-clock seconds (the backup is cleared before each)."""
     return min(fn() for _ in range(repeat))  # type: ignore[operator]
 
@@ -220,7 +220,7 @@ def write_report(path: Path, results: dict[str, float], n: int, rows: int, noop:
         "Measured by `python -m bench.bench_backup` "
         f"on {datetime.now(timezone.utc):%Y-%m-%d} ({platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, Orthanc pair on loopback, TCP_NODELAY on both ends).",
-        "Ratios are against baselines measured in the same run; times are the best of 3.",
+        "Ratios are against baselines measured in the same run; times are the best of 5.",
         "",
         f"## RT Record backup: {n} new records, one per patient (one series each)",
         "",
