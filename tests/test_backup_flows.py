@@ -235,3 +235,20 @@ def test_refused_objects_are_failed_reported_and_retried_later(
     assert state.is_completed(), state.message
     assert state.result()["retried_from_earlier"] == 2
     assert site.backup.sop_instance_uids() == uids(*ok.records, *refused.records)
+
+
+def test_mim_source_is_fetched_by_c_get_and_relayed(make_site: Callable[..., DemoSite]) -> None:
+    site = make_site()
+    cfg = Path(site.config_path)
+    text = cfg.read_text()
+    rv_port = site.rv.dicom_port
+    cfg.write_text(text + f'\n[DEMO.sources.mim]\ntype = "mim"\naet = "{site.rv.aet}"\n'
+                          f'ip = "127.0.0.1"\nport = {rv_port}\n')
+    c = course("E2E500", at(-1, 9), delivered=2)
+    push(site, *c.records)
+    state = run(incremental_backup, site, at(0, 16), source="mim")
+    assert state.is_completed(), state.message
+    assert state.result()["verified"] == 2
+    assert site.backup.sop_instance_uids() == uids(*c.records)
+    mim_lane = Lane("DEMO", "mim", "orthanc")
+    assert {r.state for r in ledger(site).rows(mim_lane)} == {"verified"}
