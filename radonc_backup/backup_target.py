@@ -17,7 +17,6 @@ import httpx
 from pydicom.dataset import Dataset
 
 from .config import DicomScpTarget, OrthancTarget, Site, resolve_secret
-from .dicom_net import DicomClient, Peer, Timeouts
 from .errors import BackupTargetError, RetriableBackupTargetError
 from .instance import InstanceRef
 
@@ -83,11 +82,7 @@ class DicomScpBackup:
     def __init__(self, site: Site, alias: str, target: DicomScpTarget) -> None:
         self.alias = alias
         self.aet = target.aet
-        s = site.settings
-        self.client = DicomClient(site.name, site.script_ae, Peer(target.aet, target.ip,
-                                                                  target.port),
-                                  Timeouts(s.acse_timeout, s.dimse_timeout, s.network_timeout,
-                                           s.connection_timeout))
+        self.client = site.client(target)
 
     def present(self, refs: Iterable[InstanceRef]) -> set[str]:
         by_series: dict[tuple[str, str, str], list[str]] = defaultdict(list)

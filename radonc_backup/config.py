@@ -14,12 +14,15 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, SecretMissing
+
+if TYPE_CHECKING:
+    from .dicom_net import DicomClient
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "config" / "environments.toml"
@@ -190,6 +193,15 @@ class Site(_Strict):
             raise ConfigError(f"{self.config_path}: site {self.name}: no backup target "
                               f"{alias!r} (backup_targets: {sorted(self.backup_targets)})")
         return alias, self.backup_targets[alias]
+
+    def client(self, peer: DicomPeer, query_model: str = "study") -> "DicomClient":
+        """A DICOM client to one of this site's peers, as our script AE, with its timeouts."""
+        from .dicom_net import DicomClient, Peer, Timeouts
+
+        s = self.settings
+        return DicomClient(self.name, self.script_ae, Peer(peer.aet, peer.ip, peer.port),
+                           Timeouts(s.acse_timeout, s.dimse_timeout, s.network_timeout,
+                                    s.connection_timeout), query_model)
 
     @property
     def state_dir(self) -> Path:

@@ -171,6 +171,15 @@ def _uid_list(value: object) -> list[str]:
     return [str(v) for v in value]  # type: ignore[attr-defined]
 
 
+def _sub_operations(status: int, status_ds: Dataset) -> MoveResult:
+    return MoveResult(
+        status=status,
+        completed=int(status_ds.get("NumberOfCompletedSuboperations", 0) or 0),
+        failed=int(status_ds.get("NumberOfFailedSuboperations", 0) or 0),
+        warning=int(status_ds.get("NumberOfWarningSuboperations", 0) or 0),
+    )
+
+
 def _status(value: Dataset) -> int | None:
     return int(value.Status) if value is not None and "Status" in value else None
 
@@ -286,12 +295,7 @@ class DicomClient:
             if status is None:
                 raise self._error(True, "C-MOVE", "no response (timeout or association aborted)",
                                   about or None)
-            last = MoveResult(
-                status=status,
-                completed=int(status_ds.get("NumberOfCompletedSuboperations", 0) or 0),
-                failed=int(status_ds.get("NumberOfFailedSuboperations", 0) or 0),
-                warning=int(status_ds.get("NumberOfWarningSuboperations", 0) or 0),
-            )
+            last = _sub_operations(status, status_ds)
             if status in (0xFF00, 0xFF01):
                 continue
             if ident is not None and "FailedSOPInstanceUIDList" in ident:
@@ -339,12 +343,7 @@ class DicomClient:
                 if status is None:
                     raise self._error(True, "C-GET", "no response (timeout or association "
                                                      "aborted)")
-                last = MoveResult(
-                    status=status,
-                    completed=int(status_ds.get("NumberOfCompletedSuboperations", 0) or 0),
-                    failed=int(status_ds.get("NumberOfFailedSuboperations", 0) or 0),
-                    warning=int(status_ds.get("NumberOfWarningSuboperations", 0) or 0),
-                )
+                last = _sub_operations(status, status_ds)
                 if status >> 8 == 0xA7:
                     raise self._error(True, "C-GET", f"peer out of resources (0x{status:04X})")
                 if status >> 8 == 0xA9:

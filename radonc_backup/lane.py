@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .backup_target import DicomScpBackup, OrthancBackup, open_backup
 from .config import AriaSource, MimSource, Site, load_site
-from .dicom_net import DicomClient, Peer, Timeouts
+from .dicom_net import DicomClient
 from .ledger import Lane, Ledger
 from .rt_backup import dicom_source
 
@@ -26,11 +26,7 @@ class OpenLane:
 
     def store_client(self) -> DicomClient:
         """A C-STORE client to the backup's DICOM port (used to relay C-GET results)."""
-        _, t = self.site.backup(self.lane.backup)
-        s = self.site.settings
-        return DicomClient(self.site.name, self.site.script_ae, Peer(t.aet, t.ip, t.port),
-                           Timeouts(s.acse_timeout, s.dimse_timeout, s.network_timeout,
-                                    s.connection_timeout))
+        return self.site.client(self.site.backup(self.lane.backup)[1])
 
 
 def open_lane(site: str, source: str | None = None, backup: str | None = None,

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 
 from .backup_target import BackupTarget, wait_for
 from .config import AriaSource, MimSource, Site
-from .dicom_net import RT_RECORD_CLASSES, DicomClient, MoveResult, Peer, Timeouts
+from .dicom_net import RT_RECORD_CLASSES, DicomClient, MoveResult
 from .errors import ConfigError, DicomError, FatalDicomError, FindTruncated
 from .instance import InstanceRef
 from .ledger import Lane, Ledger
@@ -28,10 +28,7 @@ from .windows import DayQuery, parse_treatment_datetime
 
 
 def client_for(site: Site, peer: AriaSource | MimSource) -> DicomClient:
-    s = site.settings
-    return DicomClient(site.name, site.script_ae, Peer(peer.aet, peer.ip, peer.port),
-                       Timeouts(s.acse_timeout, s.dimse_timeout, s.network_timeout,
-                                s.connection_timeout))
+    return site.client(peer)
 
 
 def dicom_source(site: Site, alias: str | None) -> tuple[str, AriaSource | MimSource]:

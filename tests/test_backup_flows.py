@@ -252,3 +252,34 @@ def test_mim_source_is_fetched_by_c_get_and_relayed(make_site: Callable[..., Dem
     assert site.backup.sop_instance_uids() == uids(*c.records)
     mim_lane = Lane("DEMO", "mim", "orthanc")
     assert {r.state for r in ledger(site).rows(mim_lane)} == {"verified"}
+
+
+def test_dicom_scp_target_is_verified_by_c_find(make_site: Callable[..., DemoSite]) -> None:
+    site = make_site()
+    cfg = Path(site.config_path)
+    cfg.write_text(cfg.read_text() + f'\n[DEMO.backup_targets.scp]\ntype = "dicom_scp"\n'
+                                     f'aet = "{site.backup.aet}"\nip = "127.0.0.1"\n'
+                                     f'port = {site.backup.dicom_port}\n')
+    c = course("E2E600", at(-1, 9), delivered=2)
+    push(site, *c.records)
+    state = run(incremental_backup, site, at(0, 16), backup="scp")
+    assert state.is_completed(), state.message
+    assert state.result()["verified"] == 2
+    scp_lane = Lane("DEMO", "aria", "scp")
+    assert {r.ref.sop_instance_uid for r in ledger(site).rows(scp_lane, "verified")} == \
+        uids(*c.records)
+
+
+def test_backup_password_from_a_prefect_secret_block(make_site: Callable[..., DemoSite]) -> None:
+    from prefect.blocks.system import Secret
+
+    site = make_site()
+    Secret(value=site.backup.password).save("demo-backup-password", overwrite=True)
+    cfg = Path(site.config_path)
+    cfg.write_text(cfg.read_text().replace('password_env = "RADONC_DEMO_BACKUP_PASSWORD"',
+                                           'password_secret = "demo-backup-password"'))
+    c = course("E2E700", at(-1, 9), delivered=1)
+    push(site, *c.records)
+    state = run(incremental_backup, site, at(0, 16))
+    assert state.is_completed(), state.message
+    assert site.backup.sop_instance_uids() == uids(*c.records)
