@@ -141,7 +141,9 @@ def make_image_series(study: Study, key: str = "ct", slices: int = 20, rows: int
     return series
 
 
-def make_rtstruct(study: Study, images: Series, key: str = "ss1") -> Dataset:
+def make_rtstruct(study: Study, images: Series, key: str = "ss1",
+                  also: list[Series] | None = None) -> Dataset:
+    """A structure set on ``images``; ``also`` lists further referenced series (e.g. an MR)."""
     ds = _base(study, RT_STRUCT, uid(study.uid, key), "RTSTRUCT",
                uid(study.uid, key, "series"), 4)
     ds.OperatorsName = ""
@@ -151,23 +153,8 @@ def make_rtstruct(study: Study, images: Series, key: str = "ss1") -> Dataset:
     ds.StructureSetLabel = key.upper()[:16]
     ds.StructureSetDate = study.study_date
     ds.StructureSetTime = "090000"
-    contour_images = Sequence()
-    for img in images.instances:
-        item = Dataset()
-        item.ReferencedSOPClassUID = img.SOPClassUID
-        item.ReferencedSOPInstanceUID = img.SOPInstanceUID
-        contour_images.append(item)
-    rt_series = Dataset()
-    rt_series.SeriesInstanceUID = images.series_uid
-    rt_series.ContourImageSequence = contour_images
-    rt_study = Dataset()
-    rt_study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
-    rt_study.ReferencedSOPInstanceUID = study.uid
-    rt_study.RTReferencedSeriesSequence = Sequence([rt_series])
-    ref_for = Dataset()
-    ref_for.FrameOfReferenceUID = images.frame_of_reference_uid
-    ref_for.RTReferencedStudySequence = Sequence([rt_study])
-    ds.ReferencedFrameOfReferenceSequence = Sequence([ref_for])
+    ds.ReferencedFrameOfReferenceSequence = Sequence(
+        [_referenced_frame(study, s) for s in [images, *(also or [])]])
 
     roi = Dataset()
     roi.ROINumber = 1
@@ -201,6 +188,26 @@ def make_rtstruct(study: Study, images: Series, key: str = "ss1") -> Dataset:
     obs.ROIInterpreter = ""
     ds.RTROIObservationsSequence = Sequence([obs])
     return ds
+
+
+def _referenced_frame(study: Study, series: Series) -> Dataset:
+    contour_images = Sequence()
+    for img in series.instances:
+        item = Dataset()
+        item.ReferencedSOPClassUID = img.SOPClassUID
+        item.ReferencedSOPInstanceUID = img.SOPInstanceUID
+        contour_images.append(item)
+    rt_series = Dataset()
+    rt_series.SeriesInstanceUID = series.series_uid
+    rt_series.ContourImageSequence = contour_images
+    rt_study = Dataset()
+    rt_study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+    rt_study.ReferencedSOPInstanceUID = study.uid
+    rt_study.RTReferencedSeriesSequence = Sequence([rt_series])
+    ref_for = Dataset()
+    ref_for.FrameOfReferenceUID = series.frame_of_reference_uid
+    ref_for.RTReferencedStudySequence = Sequence([rt_study])
+    return ref_for
 
 
 def make_rtplan(study: Study, rtstruct: Dataset, frame_of_reference_uid: str, key: str = "plan1",

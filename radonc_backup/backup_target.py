@@ -8,12 +8,14 @@ series with the UIDs as a list.
 
 from __future__ import annotations
 
+import io
 import time
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Protocol
 
 import httpx
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from .config import DicomScpTarget, OrthancTarget, Site, resolve_secret
@@ -29,6 +31,14 @@ class BackupTarget(Protocol):
 
     def present(self, refs: Iterable[InstanceRef]) -> set[str]:
         """SOP Instance UIDs among ``refs`` that the backup holds now."""
+        ...
+
+    def series_instances(self, patient_id: str, study_uid: str, series_uid: str) -> set[str]:
+        """SOP Instance UIDs the backup holds in one series."""
+        ...
+
+    def read(self, sop_instance_uid: str) -> Dataset | None:
+        """The backup's copy of an instance (without pixel data), or None if absent."""
         ...
 
 
@@ -78,6 +88,35 @@ class OrthancBackup:
         return found & set(uids)
 
 
+    def series_instances(self, patient_id: str, study_uid: str, series_uid: str) -> set[str]:
+        with self._client() as client:
+            answer = self._post(client, "/tools/find", {
+                "Level": "Instance", "Expand": True,
+                "Query": {"SeriesInstanceUID": series_uid}})
+        return {i["MainDicomTags"]["SOPInstanceUID"] for i in answer  # type: ignore[union-attr]
+                if i.get("MainDicomTags", {}).get("SOPInstanceUID")}
+
+    def read(self, sop_instance_uid: str) -> Dataset | None:
+        where = f"site {self.site}: backup {self.alias} ({self.aet}, {self.url})"
+        with self._client() as client:
+            ids = self._post(client, "/tools/find", {"Level": "Instance",
+                                                     "Query": {"SOPInstanceUID": sop_instance_uid}})
+            if not ids:
+                return None
+            try:
+                r = client.get(f"/instances/{ids[0]}/file")  # type: ignore[index]
+            except httpx.TransportError as exc:
+                raise RetriableBackupTargetError(f"{where}: not reachable: {exc}") from None
+            if r.status_code != 200:
+                raise BackupTargetError(f"{where}: reading {sop_instance_uid} answered "
+                                        f"{r.status_code}")
+        try:
+            return dcmread(io.BytesIO(r.content), stop_before_pixels=True)
+        except Exception as exc:
+            raise BackupTargetError(f"{where}: {sop_instance_uid} in the backup is not readable "
+                                    f"DICOM: {exc}") from None
+
+
 class DicomScpBackup:
     def __init__(self, site: Site, alias: str, target: DicomScpTarget) -> None:
         self.alias = alias
@@ -100,6 +139,20 @@ class DicomScpBackup:
                 found.update(str(m.SOPInstanceUID) for m in self.client.find(q)
                              if "SOPInstanceUID" in m)
         return found
+
+
+    def series_instances(self, patient_id: str, study_uid: str, series_uid: str) -> set[str]:
+        q = Dataset()
+        q.QueryRetrieveLevel = "IMAGE"
+        q.PatientID = patient_id
+        q.StudyInstanceUID = study_uid
+        q.SeriesInstanceUID = series_uid
+        q.SOPInstanceUID = ""
+        return {str(m.SOPInstanceUID) for m in self.client.find(q) if "SOPInstanceUID" in m}
+
+    def read(self, sop_instance_uid: str) -> Dataset | None:
+        raise BackupTargetError(f"backup {self.alias} ({self.aet}) is a plain DICOM SCP: reading "
+                                "references from the backup needs an 'orthanc' target")
 
 
 def open_backup(site: Site, alias: str | None = None) -> OrthancBackup | DicomScpBackup:

@@ -138,6 +138,8 @@ class Settings(_Strict):
     verify_timeout: float = Field(default=30.0, ge=0)
     """How long to wait for moved objects to show up in the backup before calling them failed."""
     state_dir: str = ".state"
+    skip_machines: list[str] = Field(default_factory=list)
+    """Plans delivered on these machines get no plan-context backfill (counted as skipped)."""
 
 
 class Site(_Strict):

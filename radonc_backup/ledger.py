@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS instances (
     first_seen TEXT NOT NULL,
     updated TEXT NOT NULL,
     verified_at TEXT,
+    kind TEXT NOT NULL DEFAULT 'record',
     PRIMARY KEY (site, source, backup, sop_instance_uid)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS instances_state ON instances (site, source, backup, state);
@@ -50,6 +51,28 @@ CREATE TABLE IF NOT EXISTS watermarks (
     updated TEXT NOT NULL,
     PRIMARY KEY (site, source, backup)
 );
+CREATE TABLE IF NOT EXISTS record_plans (
+    site TEXT NOT NULL,
+    source TEXT NOT NULL,
+    backup TEXT NOT NULL,
+    record_uid TEXT NOT NULL,
+    plan_uid TEXT NOT NULL,
+    patient_id TEXT NOT NULL DEFAULT '',
+    machine TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (site, source, backup, record_uid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS plan_contexts (
+    site TEXT NOT NULL,
+    source TEXT NOT NULL,
+    backup TEXT NOT NULL,
+    plan_uid TEXT NOT NULL,
+    patient_id TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL CHECK (state IN ('complete', 'incomplete', 'skipped')),
+    detail TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    updated TEXT NOT NULL,
+    PRIMARY KEY (site, source, backup, plan_uid)
+) WITHOUT ROWID;
 """
 
 
@@ -80,6 +103,15 @@ def _chunks(items: list[str], size: int = _CHUNK) -> Iterator[list[str]]:
         yield items[i:i + size]
 
 
+@dataclass(frozen=True)
+class PlanLink:
+    """An RT Record's plan, as read from the record's copy in the backup."""
+
+    plan_uid: str
+    patient_id: str
+    machine: str
+
+
 class Ledger:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -87,6 +119,10 @@ class Ledger:
         with self._connect() as conn:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(instances)")}
+            if "kind" not in columns:  # ledgers written before plan-context backfill existed
+                conn.execute("ALTER TABLE instances ADD COLUMN kind TEXT NOT NULL "
+                             "DEFAULT 'record'")
 
     @classmethod
     def for_state_dir(cls, state_dir: Path) -> "Ledger":
@@ -113,19 +149,23 @@ class Ledger:
                 raise
             conn.execute("COMMIT")
 
-    def record_found(self, lane: Lane, refs: Iterable[InstanceRef]) -> int:
-        """Add instances seen on the source; returns how many were new to the ledger."""
+    def record_found(self, lane: Lane, refs: Iterable[InstanceRef], kind: str = "record") -> int:
+        """Add instances seen on the source; returns how many were new to the ledger.
+
+        ``kind`` is 'record' for RT Records and 'context' for plan-context objects; the record
+        flows only ever retry records.
+        """
         now = _now()
         rows = [(lane.site, lane.source, lane.backup, r.sop_instance_uid, r.sop_class_uid,
                  r.patient_id, r.study_uid, r.series_uid, r.treatment_date, r.treatment_time,
-                 now, now) for r in refs]
+                 now, now, kind) for r in refs]
         with self._write() as conn:
             before = conn.total_changes
             conn.executemany(
                 "INSERT OR IGNORE INTO instances (site, source, backup, sop_instance_uid, "
                 "sop_class_uid, patient_id, study_uid, series_uid, treatment_date, "
-                "treatment_time, state, first_seen, updated) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'found', ?, ?)", rows)
+                "treatment_time, state, first_seen, updated, kind) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'found', ?, ?, ?)", rows)
             return conn.total_changes - before
 
     def states(self, lane: Lane, uids: Iterable[str]) -> dict[str, str]:
@@ -142,16 +182,15 @@ class Ledger:
                     out[uid] = state
         return out
 
-    def unverified(self, lane: Lane, limit: int | None = None) -> list[InstanceRef]:
-        """Every row still to be backed up (found, moved or failed), oldest first."""
+    def unverified(self, lane: Lane, kind: str = "record") -> list[InstanceRef]:
+        """Every row of ``kind`` still to be backed up (found, moved or failed), oldest first."""
         sql = ("SELECT sop_instance_uid, sop_class_uid, patient_id, study_uid, series_uid, "
                "treatment_date, treatment_time FROM instances WHERE site=? AND source=? AND "
-               "backup=? AND state IN ('found', 'moved', 'failed') ORDER BY first_seen, sop_instance_uid")
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+               "backup=? AND state IN ('found', 'moved', 'failed') AND kind=? "
+               "ORDER BY first_seen, sop_instance_uid")
         with self._connect() as conn:
             return [InstanceRef(*row) for row in
-                    conn.execute(sql, (lane.site, lane.source, lane.backup))]
+                    conn.execute(sql, (lane.site, lane.source, lane.backup, kind))]
 
     def mark_moved(self, lane: Lane, uids: Iterable[str]) -> None:
         """A move was requested: count the attempt. Not proof of anything."""
@@ -183,12 +222,12 @@ class Ledger:
                     f"AND state != 'verified' AND sop_instance_uid IN ({marks})",
                     (*params, lane.site, lane.source, lane.backup, *chunk))
 
-    def rows(self, lane: Lane, *states: str) -> list[LedgerRow]:
+    def rows(self, lane: Lane, *states: str, kind: str = "record") -> list[LedgerRow]:
         """Rows of the lane, only those in ``states`` if any are given (uses the state index)."""
         sql = ("SELECT sop_instance_uid, sop_class_uid, patient_id, study_uid, series_uid, "
                "treatment_date, treatment_time, state, attempts, last_error, updated "
-               "FROM instances WHERE site=? AND source=? AND backup=?")
-        params: tuple[object, ...] = (lane.site, lane.source, lane.backup)
+               "FROM instances WHERE site=? AND source=? AND backup=? AND kind=?")
+        params: tuple[object, ...] = (lane.site, lane.source, lane.backup, kind)
         if states:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             params += states
@@ -196,11 +235,12 @@ class Ledger:
             return [LedgerRow(InstanceRef(*r[:7]), r[7], r[8], r[9], r[10])
                     for r in conn.execute(sql + " ORDER BY sop_instance_uid", params)]
 
-    def counts(self, lane: Lane) -> dict[str, int]:
+    def counts(self, lane: Lane, kind: str = "record") -> dict[str, int]:
         with self._connect() as conn:
             found = dict(conn.execute(
                 "SELECT state, COUNT(*) FROM instances WHERE site=? AND source=? AND backup=? "
-                "GROUP BY state", (lane.site, lane.source, lane.backup)).fetchall())
+                "AND kind=? GROUP BY state", (lane.site, lane.source, lane.backup, kind))
+                .fetchall())
         return {s: int(found.get(s, 0)) for s in STATES}
 
     def watermark(self, lane: Lane) -> datetime | None:
@@ -225,3 +265,69 @@ class Ledger:
                 "watermark_utc=excluded.watermark_utc, updated=excluded.updated",
                 (lane.site, lane.source, lane.backup, value, _now()))
         return to.astimezone(timezone.utc)
+
+    def verified_by_class(self, lane: Lane, kind: str = "context") -> dict[str, int]:
+        """Cumulative verified instances of ``kind`` per SOP Class UID."""
+        with self._connect() as conn:
+            return dict(conn.execute(
+                "SELECT sop_class_uid, COUNT(*) FROM instances WHERE site=? AND source=? AND "
+                "backup=? AND kind=? AND state='verified' GROUP BY sop_class_uid",
+                (lane.site, lane.source, lane.backup, kind)).fetchall())
+
+    def verified_records_without_plan(self, lane: Lane) -> list[InstanceRef]:
+        """Verified RT Records whose plan has not been read yet."""
+        sql = ("SELECT i.sop_instance_uid, i.sop_class_uid, i.patient_id, i.study_uid, "
+               "i.series_uid, i.treatment_date, i.treatment_time FROM instances i "
+               "LEFT JOIN record_plans p ON p.site=i.site AND p.source=i.source AND "
+               "p.backup=i.backup AND p.record_uid=i.sop_instance_uid "
+               "WHERE i.site=? AND i.source=? AND i.backup=? AND i.kind='record' AND "
+               "i.state='verified' AND p.record_uid IS NULL")
+        with self._connect() as conn:
+            return [InstanceRef(*r) for r in conn.execute(sql, (lane.site, lane.source,
+                                                                 lane.backup))]
+
+    def link_plans(self, lane: Lane, links: dict[str, PlanLink]) -> None:
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO record_plans (site, source, backup, record_uid, plan_uid, "
+                "patient_id, machine) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(lane.site, lane.source, lane.backup, uid, link.plan_uid, link.patient_id,
+                  link.machine) for uid, link in links.items()])
+
+    def plans(self, lane: Lane, record_uids: Iterable[str] | None = None,
+              pending_only: bool = True) -> list[PlanLink]:
+        """Plans referenced by backed-up records (of ``record_uids`` if given), one per plan.
+
+        ``pending_only``: leave out plans whose context is complete or skipped.
+        """
+        sql = ("SELECT p.plan_uid, MIN(p.patient_id), MIN(p.machine), "
+               "GROUP_CONCAT(p.record_uid, '\\') FROM record_plans p "
+               "LEFT JOIN plan_contexts c ON c.site=p.site AND c.source=p.source AND "
+               "c.backup=p.backup AND c.plan_uid=p.plan_uid "
+               "WHERE p.site=? AND p.source=? AND p.backup=?")
+        if pending_only:
+            sql += " AND (c.state IS NULL OR c.state='incomplete')"
+        sql += " GROUP BY p.plan_uid ORDER BY MIN(p.patient_id), p.plan_uid"
+        wanted = set(record_uids) if record_uids is not None else None
+        with self._connect() as conn:
+            rows = conn.execute(sql, (lane.site, lane.source, lane.backup)).fetchall()
+        return [PlanLink(plan, pid, machine) for plan, pid, machine, records in rows
+                if wanted is None or wanted & set(records.split("\\"))]
+
+    def set_context(self, lane: Lane, plan_uid: str, patient_id: str, state: str,
+                    detail: str = "") -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO plan_contexts (site, source, backup, plan_uid, patient_id, state, "
+                "detail, attempts, updated) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?) "
+                "ON CONFLICT (site, source, backup, plan_uid) DO UPDATE SET state=excluded.state, "
+                "detail=excluded.detail, attempts=attempts+1, updated=excluded.updated",
+                (lane.site, lane.source, lane.backup, plan_uid, patient_id, state, detail[:4000],
+                 _now()))
+
+    def contexts(self, lane: Lane) -> dict[str, tuple[str, str]]:
+        """Plan UID -> (state, detail) for every plan whose context has been walked."""
+        with self._connect() as conn:
+            return {plan: (state, detail) for plan, state, detail in conn.execute(
+                "SELECT plan_uid, state, detail FROM plan_contexts WHERE site=? AND source=? AND "
+                "backup=?", (lane.site, lane.source, lane.backup))}

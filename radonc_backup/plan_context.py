@@ -1,0 +1,296 @@
+"""Plan context: everything a backed-up RT Record needs to restart treatment from the backup.
+
+The chain (see docs/plan-context.md): RT Record -> ReferencedRTPlanSequence -> RT Plan ->
+ReferencedStructureSetSequence -> RT Structure Set -> ReferencedFrameOfReferenceSequence /
+RTReferencedStudySequence / RTReferencedSeriesSequence -> every image series, plus the RT Dose
+objects that reference the plan. References are read from the copies already in the backup; the
+R&V is asked only for what the backup lacks. A whole series moves in one SERIES-level C-MOVE
+when the backup has none of it, only the missing images when it has some. A series counts as
+complete when the backup holds every image the R&V lists and the R&V lists as many as it
+announces (NumberOfSeriesRelatedInstances); a C-MOVE status counts for nothing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from .backup_target import BackupTarget, wait_for
+from .config import AriaSource, MimSource, Site
+from .dicom_net import DicomClient
+from .errors import DicomError
+from .instance import InstanceRef
+from .ledger import Lane, Ledger, PlanLink
+from .rt_backup import transfer
+
+OBJECT_TYPES = {
+    "1.2.840.10008.5.1.4.1.1.481.5": "RTPLAN",
+    "1.2.840.10008.5.1.4.1.1.481.8": "RTPLAN",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RTSTRUCT",
+    "1.2.840.10008.5.1.4.1.1.481.2": "RTDOSE",
+    "1.2.840.10008.5.1.4.1.1.2": "CT",
+    "1.2.840.10008.5.1.4.1.1.2.1": "CT",
+    "1.2.840.10008.5.1.4.1.1.4": "MR",
+    "1.2.840.10008.5.1.4.1.1.4.1": "MR",
+    "1.2.840.10008.5.1.4.1.1.128": "PT",
+    "1.2.840.10008.5.1.4.1.1.130": "PT",
+}
+TYPES = ("RTPLAN", "RTSTRUCT", "CT", "MR", "PT", "RTDOSE", "OTHER")
+
+
+def object_type(sop_class_uid: str) -> str:
+    return OBJECT_TYPES.get(sop_class_uid, "OTHER")
+
+
+def plan_link(record: Dataset) -> PlanLink:
+    """The plan an RT Record delivers, and the machine it was delivered on."""
+    plans = record.get("ReferencedRTPlanSequence") or []
+    plan_uid = str(plans[0].get("ReferencedSOPInstanceUID", "")) if plans else ""
+    machines = record.get("TreatmentMachineSequence") or []
+    machine = str(machines[0].get("TreatmentMachineName", "")) if machines else ""
+    return PlanLink(plan_uid, str(record.get("PatientID", "")), machine)
+
+
+def referenced_series(rtstruct: Dataset) -> list[tuple[str, str]]:
+    """(Study UID, Series UID) of every image series a structure set references."""
+    found: list[tuple[str, str]] = []
+    for frame in rtstruct.get("ReferencedFrameOfReferenceSequence") or []:
+        for study in frame.get("RTReferencedStudySequence") or []:
+            study_uid = str(study.get("ReferencedSOPInstanceUID", ""))
+            for series in study.get("RTReferencedSeriesSequence") or []:
+                key = (study_uid, str(series.get("SeriesInstanceUID", "")))
+                if key[1] and key not in found:
+                    found.append(key)
+    return found
+
+
+def _referenced(ds: Dataset, sequence: str) -> list[str]:
+    return [str(item.ReferencedSOPInstanceUID) for item in ds.get(sequence) or []
+            if item.get("ReferencedSOPInstanceUID")]
+
+
+@dataclass
+class ContextOutcome:
+    plan_uid: str
+    patient_id: str
+    state: str = "complete"
+    unresolved: list[str] = field(default_factory=list)
+    moved: Counter[str] = field(default_factory=Counter)
+    verified: Counter[str] = field(default_factory=Counter)
+
+    def problem(self, text: str) -> None:
+        self.state = "incomplete"
+        self.unresolved.append(text)
+
+
+class ContextWalker:
+    """Walks one plan's chain for one lane, moving and verifying what the backup lacks."""
+
+    def __init__(self, site: Site, source: AriaSource | MimSource, target: BackupTarget,
+                 ledger: Ledger, lane: Lane, store_client: DicomClient | None = None) -> None:
+        self.site, self.source, self.target = site, source, target
+        self.ledger, self.lane, self.store_client = ledger, lane, store_client
+        self.client = site.client(source)
+        self.where = f"{lane.source} ({source.aet})"
+
+    def walk(self, link: PlanLink) -> ContextOutcome:
+        out = ContextOutcome(link.plan_uid, link.patient_id)
+        skip = {m.lower() for m in self.site.settings.skip_machines}
+        if link.machine and link.machine.lower() in skip:
+            out.state = "skipped"
+            out.unresolved.append(f"machine {link.machine} is in skip_machines")
+            return out
+        if not link.plan_uid:
+            out.problem("RT Record has no ReferencedRTPlanSequence")
+            return out
+        try:
+            plan = self._ensure_object(link.plan_uid, link.patient_id, "RTPLAN", out)
+            if plan is None:
+                return out
+            for struct_uid in _referenced(plan, "ReferencedStructureSetSequence"):
+                rtstruct = self._ensure_object(struct_uid, link.patient_id, "RTSTRUCT", out)
+                if rtstruct is None:
+                    continue
+                series = referenced_series(rtstruct)
+                if not series:
+                    out.problem(f"RTSTRUCT {struct_uid} references no image series")
+                for study_uid, series_uid in series:
+                    self._ensure_series(link.patient_id, study_uid, series_uid, out)
+            if not _referenced(plan, "ReferencedStructureSetSequence"):
+                out.problem(f"RTPLAN {link.plan_uid} references no structure set")
+            self._ensure_doses(link.patient_id, link.plan_uid, out)
+        except DicomError as exc:
+            out.problem(str(exc))
+        return out
+
+    def _ensure_object(self, uid: str, patient_id: str, kind: str,
+                       out: ContextOutcome) -> Dataset | None:
+        """The backup's copy of one object, moved there first if it is missing."""
+        copy = self.target.read(uid)
+        if copy is not None:
+            self._note_present([InstanceRef(uid, str(copy.get("SOPClassUID", "")), patient_id,
+                                            str(copy.get("StudyInstanceUID", "")),
+                                            str(copy.get("SeriesInstanceUID", "")))])
+            return copy
+        ref = self._find_instance(uid, patient_id)
+        if ref is None:
+            out.problem(f"{kind} {uid} not found on {self.where}")
+            return None
+        if not self._move([ref], out):
+            out.problem(f"{kind} {uid} not verified in backup {self.lane.backup} after the move")
+            return None
+        return self.target.read(uid)
+
+    def _ensure_series(self, patient_id: str, study_uid: str, series_uid: str,
+                       out: ContextOutcome) -> None:
+        announced, refs = self._find_series(patient_id, study_uid, series_uid)
+        if not refs:
+            out.problem(f"series {series_uid} (study {study_uid}) not found on {self.where}")
+            return
+        have = self.target.series_instances(patient_id, study_uid, series_uid)
+        self._note_present([r for r in refs if r.sop_instance_uid in have])
+        missing = [r for r in refs if r.sop_instance_uid not in have]
+        if missing:
+            whole = None if have else (patient_id, study_uid, series_uid)
+            verified = self._move(missing, out, whole_series=whole)
+            lost = [r.sop_instance_uid for r in missing if r.sop_instance_uid not in verified]
+            if lost:
+                out.problem(f"series {series_uid}: {len(lost)} of {len(refs)} images not verified "
+                            f"in backup {self.lane.backup}: {', '.join(lost[:5])}"
+                            + (" ..." if len(lost) > 5 else ""))
+        if announced is not None and announced > len(refs):
+            out.problem(f"series {series_uid}: {self.where} announces {announced} images but "
+                        f"lists {len(refs)}")
+
+    def _ensure_doses(self, patient_id: str, plan_uid: str, out: ContextOutcome) -> None:
+        q = Dataset()
+        q.QueryRetrieveLevel = "IMAGE"
+        q.PatientID = patient_id
+        q.Modality = "RTDOSE"
+        q.StudyInstanceUID = ""
+        q.SeriesInstanceUID = ""
+        q.SOPInstanceUID = ""
+        q.SOPClassUID = ""
+        item = Dataset()
+        item.ReferencedSOPInstanceUID = ""
+        q.ReferencedRTPlanSequence = Sequence([item])
+        doses = []
+        for match in self.client.find(q):
+            refs = _referenced(match, "ReferencedRTPlanSequence")
+            # A peer that does not return the sequence gets the dose moved and read afterwards.
+            if not refs or plan_uid in refs:
+                doses.append((InstanceRef.from_match(match), bool(refs)))
+        if not doses:
+            return
+        present = self.target.present([d for d, _ in doses])
+        self._note_present([d for d, _ in doses if d.sop_instance_uid in present])
+        missing = [d for d, _ in doses if d.sop_instance_uid not in present]
+        if missing:
+            verified = self._move(missing, out)
+            for d in missing:
+                if d.sop_instance_uid not in verified:
+                    out.problem(f"RTDOSE {d.sop_instance_uid} not verified in backup "
+                                f"{self.lane.backup}")
+
+    def _find_instance(self, uid: str, patient_id: str) -> InstanceRef | None:
+        q = Dataset()
+        q.QueryRetrieveLevel = "IMAGE"
+        q.PatientID = patient_id
+        q.StudyInstanceUID = ""
+        q.SeriesInstanceUID = ""
+        q.SOPInstanceUID = uid
+        q.SOPClassUID = ""
+        for match in self.client.find(q):
+            if str(match.get("SOPInstanceUID", "")) == uid:
+                return InstanceRef.from_match(match)
+        return None
+
+    def _find_series(self, patient_id: str, study_uid: str, series_uid: str,
+                     ) -> tuple[int | None, list[InstanceRef]]:
+        q = Dataset()
+        q.QueryRetrieveLevel = "SERIES"
+        q.PatientID = patient_id
+        q.StudyInstanceUID = study_uid
+        q.SeriesInstanceUID = series_uid
+        q.NumberOfSeriesRelatedInstances = ""
+        announced = None
+        for match in self.client.find(q):
+            value = match.get("NumberOfSeriesRelatedInstances")
+            if value not in (None, ""):
+                announced = int(value)
+        q = Dataset()
+        q.QueryRetrieveLevel = "IMAGE"
+        q.PatientID = patient_id
+        q.StudyInstanceUID = study_uid
+        q.SeriesInstanceUID = series_uid
+        q.SOPInstanceUID = ""
+        q.SOPClassUID = ""
+        refs = [InstanceRef.from_match(m) for m in self.client.find(q) if m.get("SOPInstanceUID")]
+        return announced, refs
+
+    def _note_present(self, refs: list[InstanceRef]) -> None:
+        """Objects already in the backup: in the ledger as verified, for the running totals."""
+        if refs:
+            self.ledger.record_found(self.lane, refs, kind="context")
+            self.ledger.mark_verified(self.lane, [r.sop_instance_uid for r in refs])
+
+    def _move(self, refs: list[InstanceRef], out: ContextOutcome,
+              whole_series: tuple[str, str, str] | None = None) -> set[str]:
+        """Move ``refs`` to the backup, verify them there, record both in the ledger."""
+        self.ledger.record_found(self.lane, refs, kind="context")
+        uids = [r.sop_instance_uid for r in refs]
+        self.ledger.mark_moved(self.lane, uids)
+        out.moved.update(object_type(r.sop_class_uid) for r in refs)
+        claims = ""
+        try:
+            if whole_series is not None and isinstance(self.source, AriaSource):
+                claims = self._move_series(*whole_series)
+            else:
+                size = self.site.settings.batch_size
+                for i in range(0, len(refs), size):
+                    claims = transfer(self.site, self.source, self.target, refs[i:i + size],
+                                      self.store_client)
+        except DicomError as exc:
+            claims = str(exc)
+        present = wait_for(self.target, refs, self.site.settings.verify_timeout)
+        self.ledger.mark_verified(self.lane, present)
+        self.ledger.mark_failed(self.lane, {
+            u: f"not found in backup {self.lane.backup} after the move ({claims})"
+            for u in uids if u not in present})
+        out.verified.update(object_type(r.sop_class_uid) for r in refs
+                            if r.sop_instance_uid in present)
+        return present
+
+    def _move_series(self, patient_id: str, study_uid: str, series_uid: str) -> str:
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "SERIES"
+        ident.PatientID = patient_id
+        ident.StudyInstanceUID = study_uid
+        ident.SeriesInstanceUID = series_uid
+        result = self.client.move([ident], self.target.aet)[0]
+        return (f"C-MOVE status 0x{result.status:04X}, {result.completed} completed, "
+                f"{result.failed} failed")
+
+
+def link_records(ledger: Ledger, lane: Lane, target: BackupTarget,
+                 records: Iterable[InstanceRef]) -> dict[str, PlanLink]:
+    """Read each record's plan reference from its copy in the backup and remember it."""
+    links = {}
+    for ref in records:
+        copy = target.read(ref.sop_instance_uid)
+        if copy is not None:
+            links[ref.sop_instance_uid] = plan_link(copy)
+    ledger.link_plans(lane, links)
+    return links
+
+
+def totals(ledger: Ledger, lane: Lane) -> dict[str, int]:
+    """Cumulative verified context objects per type."""
+    out = {t: 0 for t in TYPES}
+    for sop_class, count in ledger.verified_by_class(lane).items():
+        out[object_type(sop_class)] += count
+    return out
