@@ -38,9 +38,13 @@ class BackupSummary:
     failed: int = 0
     failed_uids: dict[str, str] = field(default_factory=dict)
     watermark: str = ""
+    plan_context: str = ""
+    verified_uids: list[str] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("verified_uids")
+        return out
 
 
 def artifact_key(*parts: str) -> str:
@@ -66,6 +70,7 @@ def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, st
     in_backup = set(with_site_retries(check_backup, settings)(*params, plan.todo)) \
         if plan.todo else set()
     summary.already_in_backup = len(in_backup)
+    summary.verified_uids += sorted(in_backup)
     todo = [r for r in plan.todo if r.sop_instance_uid not in in_backup]
 
     for batch in batches(todo, settings.batch_size):
@@ -74,6 +79,7 @@ def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, st
             outcome: BatchOutcome = state.result()
             summary.moved += outcome.moved
             summary.verified += len(outcome.verified)
+            summary.verified_uids += outcome.verified
         else:
             logger.error("site %s: batch of %d ended %s: %s", summary.site, len(batch),
                          state.name, state.message)
@@ -88,6 +94,11 @@ def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, st
                 "%d moved, %d verified, %d not verified", summary.site, window, summary.found,
                 summary.new, summary.already_verified, summary.already_in_backup, summary.moved,
                 summary.verified, summary.failed)
+    return summary
+
+
+def raise_if_incomplete(summary: BackupSummary) -> None:
+    """End the run Failed, naming the records, when any of its lane is not verified."""
     if summary.failed:
         shown = "; ".join(f"{uid} ({err})" for uid, err in
                           list(summary.failed_uids.items())[:SHOW_FAILED])
@@ -95,7 +106,27 @@ def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, st
         raise BackupIncomplete(
             f"site {summary.site}: {summary.failed} RT Record(s) from {summary.source} not "
             f"verified in backup {summary.backup}: {shown}{more}")
-    return summary
+
+
+def backfill_context(summary: BackupSummary, params: tuple[str, str | None, str | None,
+                     str | None], record_uids: list[str] | None) -> None:
+    """Run the plan-context backfill as a subflow; its own failure is reported, not raised.
+
+    An incomplete plan context must not hide whether the records themselves are backed up, so
+    the record flow's state stays its own and the subflow's state is noted in the summary.
+    """
+    from flows.plan_context_backfill import plan_context_backfill
+
+    if record_uids is not None and not record_uids:
+        summary.plan_context = "nothing new"
+        return
+    site, source, backup, config = params
+    state = plan_context_backfill(site=site, source=source, backup=backup, config=config,
+                                  record_uids=record_uids, return_state=True)
+    summary.plan_context = state.name if state.is_completed() else \
+        f"{state.name}: {state.message}"
+    if not state.is_completed():
+        get_run_logger().warning("site %s: plan-context backfill %s", site, summary.plan_context)
 
 
 def _report(flow_name: str, s: BackupSummary) -> str:

@@ -37,6 +37,10 @@ def build_parser(flow_obj: Any, description: str) -> argparse.ArgumentParser:
                                 action=argparse.BooleanOptionalAction, default=param.default)
             continue
         required = param.default is inspect.Parameter.empty
+        if typing.get_origin(base) is list:
+            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, nargs="+",
+                                default=param.default, help="one or more values")
+            continue
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, required=required,
                             type=_CONVERTERS.get(base, str),
                             default=None if required else param.default,

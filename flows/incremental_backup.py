@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 from prefect import flow
 
-from flows.backup_run import run_backup
+from flows.backup_run import backfill_context, raise_if_incomplete, run_backup
 from flows.cli import run_cli
 from radonc_backup.lane import open_lane
 from radonc_backup.rt_backup import window_label
@@ -31,9 +31,11 @@ def incremental_start(watermark: datetime | None, now: datetime, overlap_minutes
 
 @flow(name="incremental-backup", log_prints=False)
 def incremental_backup(site: str, source: str | None = None, backup: str | None = None,
-                       config: str | None = None, now: datetime | None = None) -> dict[str, object]:
+                       config: str | None = None, now: datetime | None = None,
+                       backfill: bool = True) -> dict[str, object]:
     """Back up new RT Records from a site's R&V (default source) to its backup.
 
+    ``backfill``: then bring the plan context of the records just verified into the backup.
     ``now`` is for replaying a past window; leave it empty in production.
     """
     lane = open_lane(site, source, backup, config)
@@ -45,6 +47,9 @@ def incremental_backup(site: str, source: str | None = None, backup: str | None 
     summary = run_backup("incremental-backup", lane, (site, source, backup, config),
                          day_queries(local_start, local_end),
                          window_label(local_start, local_end), advance_to=end)
+    if backfill:
+        backfill_context(summary, (site, source, backup, config), summary.verified_uids)
+    raise_if_incomplete(summary)
     return summary.as_dict()
 
 

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 from prefect import flow
 
-from flows.backup_run import run_backup
+from flows.backup_run import backfill_context, raise_if_incomplete, run_backup
 from flows.cli import run_cli
 from radonc_backup.lane import open_lane
 from radonc_backup.windows import utc_now, wall, whole_days
@@ -21,13 +21,19 @@ from radonc_backup.windows import utc_now, wall, whole_days
 @flow(name="nightly-backup", log_prints=False)
 def nightly_backup(site: str, days: int = 1, source: str | None = None,
                    backup: str | None = None, config: str | None = None,
-                   now: datetime | None = None) -> dict[str, object]:
-    """Back up the RT Records of the last ``days`` whole days and today so far."""
+                   now: datetime | None = None, backfill: bool = True) -> dict[str, object]:
+    """Back up the RT Records of the last ``days`` whole days and today so far.
+
+    ``backfill``: then sweep every plan context that is not complete yet.
+    """
     lane = open_lane(site, source, backup, config)
     today = wall((now or utc_now()).astimezone(timezone.utc), lane.site.tz).date()
     queries = whole_days(today, days)
     window = f"{queries[0].day:%Y-%m-%d} to {queries[-1].day:%Y-%m-%d} (whole days)"
     summary = run_backup("nightly-backup", lane, (site, source, backup, config), queries, window)
+    if backfill:
+        backfill_context(summary, (site, source, backup, config), None)
+    raise_if_incomplete(summary)
     return summary.as_dict()
 
 

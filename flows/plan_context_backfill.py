@@ -1,0 +1,132 @@
+"""Plan-context backfill: every backed-up RT Record gets its plan, structure set, images and dose.
+
+By default it takes the plans of verified records whose context is not complete yet. On demand it
+takes the records the backup holds for some patients (``patient_ids`` or a CSV of MRNs in
+``mrn_csv``, first column, header optional) and/or treatment dates, and walks their plans again
+even if complete. An incomplete context (plan or CT missing on the R&V, a series shorter than
+announced) is reported with its UIDs, never blocks the other plans, and is retried by later runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections import Counter
+from datetime import date
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from flows.backup_run import artifact_key
+from flows.cli import run_cli
+from radonc_backup.errors import BackupIncomplete, ConfigError
+from radonc_backup.lane import open_lane
+from radonc_backup.plan_context import TYPES, ContextOutcome, totals
+from tasks.backup import with_site_retries
+from tasks.plan_context import link_new_records, select_records, walk_plan
+
+
+def read_mrns(path: str) -> list[str]:
+    """Patient IDs from the first column of a CSV (a header row such as 'MRN' is skipped)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = [row[0].strip() for row in csv.reader(fh) if row and row[0].strip()]
+    except OSError as exc:
+        raise ConfigError(f"MRN list {path}: {exc.strerror}") from None
+    if rows and rows[0].lower() in {"mrn", "patientid", "patient_id", "patient id", "id"}:
+        rows = rows[1:]
+    return rows
+
+
+@flow(name="plan-context-backfill", log_prints=False)
+def plan_context_backfill(site: str, source: str | None = None, backup: str | None = None,
+                          config: str | None = None, patient_ids: list[str] | None = None,
+                          start_date: date | None = None, end_date: date | None = None,
+                          mrn_csv: str | None = None, record_uids: list[str] | None = None,
+                          ) -> dict[str, object]:
+    """Backfill plan context for a site's backed-up RT Records (see module docstring)."""
+    logger = get_run_logger()
+    lane = open_lane(site, source, backup, config)
+    params = (site, source, backup, config)
+    retrying = lane.site.settings
+
+    ids = list(patient_ids or []) + (read_mrns(mrn_csv) if mrn_csv else [])
+    on_demand = bool(ids or start_date or end_date)
+    with_site_retries(link_new_records, retrying)(*params)
+    if on_demand:
+        chosen = with_site_retries(select_records, retrying)(*params, ids or None, start_date,
+                                                               end_date)
+        with_site_retries(link_new_records, retrying)(*params, chosen)
+        record_uids = [r.sop_instance_uid for r in chosen]
+    links = lane.ledger.plans(lane.lane, record_uids, pending_only=not on_demand)
+
+    outcomes: list[ContextOutcome] = []
+    for link in links:
+        state = with_site_retries(walk_plan, retrying)(*params, link, return_state=True)
+        if state.is_completed():
+            outcomes.append(state.result())
+        else:
+            failed = ContextOutcome(link.plan_uid, link.patient_id)
+            failed.problem(f"walk failed: {state.message}")
+            lane.ledger.set_context(lane.lane, link.plan_uid, link.patient_id, "incomplete",
+                                    failed.unresolved[0])
+            outcomes.append(failed)
+
+    summary = summarize(site, lane.lane.source, outcomes, totals(lane.ledger, lane.lane))
+    publish(summary, outcomes)
+    logger.info("site %s: %d plan(s): %d complete, %d incomplete, %d skipped; moved %s", site,
+                len(outcomes), summary["complete"], summary["incomplete"], summary["skipped"],
+                summary["moved"])
+    if summary["incomplete"]:
+        first = [f"plan {o.plan_uid} (patient {o.patient_id}): {'; '.join(o.unresolved)}"
+                 for o in outcomes if o.state == "incomplete"][:5]
+        raise BackupIncomplete(f"site {site}: {summary['incomplete']} plan context(s) incomplete "
+                               f"in backup {lane.lane.backup}: " + " | ".join(first))
+    return summary
+
+
+def summarize(site: str, source: str, outcomes: list[ContextOutcome],
+              cumulative: dict[str, int]) -> dict[str, object]:
+    moved: Counter[str] = Counter()
+    verified: Counter[str] = Counter()
+    for o in outcomes:
+        moved.update(o.moved)
+        verified.update(o.verified)
+    return {
+        "site": site, "source": source, "plans": len(outcomes),
+        "complete": sum(o.state == "complete" for o in outcomes),
+        "incomplete": sum(o.state == "incomplete" for o in outcomes),
+        "skipped": sum(o.state == "skipped" for o in outcomes),
+        "moved": {t: moved[t] for t in TYPES if moved[t]},
+        "verified": {t: verified[t] for t in TYPES if verified[t]},
+        "cumulative": {t: cumulative[t] for t in TYPES if cumulative[t]},
+        "unresolved": {o.plan_uid: o.unresolved for o in outcomes if o.state != "complete"},
+    }
+
+
+def publish(summary: dict[str, object], outcomes: list[ContextOutcome]) -> None:
+    key = artifact_key("plan-context", str(summary["site"]), str(summary["source"]))
+    moved, verified = summary["moved"], summary["verified"]
+    cumulative = summary["cumulative"]
+    create_table_artifact(
+        key=f"{key}-totals",
+        table=[{"type": t, "moved this run": moved.get(t, 0),  # type: ignore[union-attr]
+                "verified this run": verified.get(t, 0),  # type: ignore[union-attr]
+                "verified in total": cumulative.get(t, 0)}  # type: ignore[union-attr]
+               for t in TYPES],
+        description=f"Plan-context objects, site {summary['site']}")
+    unresolved = [{"plan": o.plan_uid, "patient id": o.patient_id, "state": o.state,
+                   "unresolved": "; ".join(o.unresolved)}
+                  for o in outcomes if o.state != "complete"]
+    create_table_artifact(key=f"{key}-unresolved",
+                          table=unresolved or [{"plan": "", "patient id": "", "state": "",
+                                                "unresolved": "nothing unresolved"}],
+                          description=f"Plan contexts not complete, site {summary['site']}")
+    create_markdown_artifact(
+        key=key, markdown=(f"# Plan-context backfill: site {summary['site']}\n\n"
+                           f"{summary['plans']} plan(s): {summary['complete']} complete, "
+                           f"{summary['incomplete']} incomplete, {summary['skipped']} skipped.\n"))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(plan_context_backfill, __doc__ or ""))

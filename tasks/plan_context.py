@@ -1,0 +1,71 @@
+"""Prefect tasks for the plan-context backfill: one task per plan, never one per image."""
+
+from __future__ import annotations
+
+from datetime import date
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydicom.dataset import Dataset
+
+from radonc_backup.instance import InstanceRef
+from radonc_backup.lane import open_lane
+from radonc_backup.ledger import PlanLink
+from radonc_backup.plan_context import ContextOutcome, ContextWalker, link_records
+
+
+@task(name="link-records-to-plans", cache_policy=NO_CACHE)
+def link_new_records(site: str, source: str | None, backup: str | None, config: str | None,
+                     records: list[InstanceRef] | None = None) -> int:
+    """Read the plan reference of verified records from their copies in the backup."""
+    lane = open_lane(site, source, backup, config)
+    todo = records if records is not None else lane.ledger.verified_records_without_plan(
+        lane.lane)
+    return len(link_records(lane.ledger, lane.lane, lane.target, todo))
+
+
+@task(name="select-records-in-backup", cache_policy=NO_CACHE)
+def select_records(site: str, source: str | None, backup: str | None, config: str | None,
+                   patient_ids: list[str] | None, start_date: date | None,
+                   end_date: date | None) -> list[InstanceRef]:
+    """RT Records the backup holds for the given patients and/or treatment dates (C-FIND)."""
+    lane = open_lane(site, source, backup, config)
+    client = lane.site.client(lane.site.backup(lane.lane.backup)[1])
+    dates = ""
+    if start_date or end_date:
+        dates = f"{start_date:%Y%m%d}" if start_date else ""
+        dates += f"-{end_date:%Y%m%d}" if end_date else "-"
+    found: dict[str, InstanceRef] = {}
+    for patient_id in patient_ids or [""]:
+        q = Dataset()
+        q.QueryRetrieveLevel = "IMAGE"
+        q.Modality = "RTRECORD"
+        q.PatientID = patient_id
+        q.StudyInstanceUID = ""
+        q.SeriesInstanceUID = ""
+        q.SOPInstanceUID = ""
+        q.SOPClassUID = ""
+        q.TreatmentDate = dates
+        q.TreatmentTime = ""
+        for match in client.find(q):
+            if match.get("SOPInstanceUID"):
+                ref = InstanceRef.from_match(match)
+                found[ref.sop_instance_uid] = ref
+    get_run_logger().info("site %s: %d RT Records in backup %s selected", site, len(found),
+                          lane.lane.backup)
+    return sorted(found.values(), key=lambda r: r.sop_instance_uid)
+
+
+@task(name="walk-plan-context", cache_policy=NO_CACHE)
+def walk_plan(site: str, source: str | None, backup: str | None, config: str | None,
+              link: PlanLink) -> ContextOutcome:
+    """Bring one plan's structure set, image series and doses into the backup, and verify."""
+    lane = open_lane(site, source, backup, config)
+    store = lane.store_client() if lane.source.type == "mim" else None
+    outcome = ContextWalker(lane.site, lane.source, lane.target, lane.ledger, lane.lane,
+                            store).walk(link)
+    lane.ledger.set_context(lane.lane, link.plan_uid, link.patient_id, outcome.state,
+                            "; ".join(outcome.unresolved))
+    get_run_logger().info("site %s: plan %s (patient %s): %s; moved %s", site, link.plan_uid,
+                          link.patient_id, outcome.state, dict(outcome.moved) or "nothing")
+    return outcome
