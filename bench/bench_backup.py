@@ -260,7 +260,10 @@ def write_report(path: Path, results: dict[str, float], n: int, rows: int, noop:
         "of flow time (goal: under 2 s).",
         "",
     ]
-    path.write_text("\n".join(lines))
+    later = ""
+    if path.exists() and "## Plan-context backfill" in path.read_text():
+        later = "## Plan-context backfill" + path.read_text().split("## Plan-context backfill", 1)[1]
+    path.write_text("\n".join(lines) + ("\n" + later if later else ""))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
     python -m deployments.serve --site UCLA [--config /etc/radonc/sites.toml]
 
-Serves ``incremental-backup`` every 10 minutes (never two at once) and ``nightly-backup`` at
-02:00 in the site's timezone. Stop with Ctrl-C; runs and schedules show in the Prefect UI.
+Serves ``incremental-backup`` every 10 minutes (never two at once), ``nightly-backup`` at
+02:00 and ``plan-context-backfill`` at 03:00 in the site's timezone. Stop with Ctrl-C; runs and schedules show in the Prefect UI.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from prefect.schedules import Cron, Interval
 
 from flows.incremental_backup import incremental_backup
 from flows.nightly_backup import nightly_backup
+from flows.plan_context_backfill import plan_context_backfill
 from radonc_backup.config import load_site
 
 
@@ -31,6 +32,9 @@ def deployments_for(site: str, config: str | None = None) -> list[object]:
         nightly_backup.to_deployment(
             name=site.lower(), parameters={**params, "days": 1}, concurrency_limit=once,
             schedule=Cron("0 2 * * *", timezone=cfg.timezone)),
+        plan_context_backfill.to_deployment(
+            name=site.lower(), parameters=params, concurrency_limit=once,
+            schedule=Cron("0 3 * * *", timezone=cfg.timezone)),
     ]
 
 
