@@ -8,6 +8,7 @@ series with the UIDs as a list.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 from collections import defaultdict
@@ -52,9 +53,18 @@ class OrthancBackup:
                                   target.password_env, target.password_secret)
         self._auth = (target.username, password) if password is not None else None
         self._timeout = site.settings.network_timeout
+        self._http: httpx.Client | None = None
 
-    def _client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, auth=self._auth, timeout=self._timeout)
+    def _client(self) -> contextlib.AbstractContextManager[httpx.Client]:
+        """One keep-alive HTTP client per target (creating one costs ~50 ms)."""
+        if self._http is None:
+            self._http = httpx.Client(base_url=self.url, auth=self._auth, timeout=self._timeout)
+        return contextlib.nullcontext(self._http)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
 
     def _post(self, client: httpx.Client, path: str, body: object) -> object:
         where = f"site {self.site}: backup {self.alias} ({self.aet}, {self.url})"

@@ -311,8 +311,9 @@ class DicomClient:
                                   about or None)
             if status >> 12 == 0xC and last.completed + last.failed + last.warning == 0:
                 raise self._error(False, "C-MOVE", f"peer refused the move (0x{status:04X}) "
-                                                   f"before sending anything: is {destination} "
-                                                   "registered there as a move destination?",
+                                                   "before sending anything: the objects are not "
+                                                   f"there, or {destination} is not registered "
+                                                   "there as a move destination",
                                   about or None)
             return last
         if last is None:

@@ -13,8 +13,10 @@ announces (NumberOfSeriesRelatedInstances); a C-MOVE status counts for nothing.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -39,6 +41,7 @@ OBJECT_TYPES = {
     "1.2.840.10008.5.1.4.1.1.128": "PT",
     "1.2.840.10008.5.1.4.1.1.130": "PT",
 }
+T = TypeVar("T")
 TYPES = ("RTPLAN", "RTSTRUCT", "CT", "MR", "PT", "RTDOSE", "OTHER")
 
 
@@ -107,25 +110,32 @@ class ContextWalker:
         if not link.plan_uid:
             out.problem("RT Record has no ReferencedRTPlanSequence")
             return out
+        plan = self._step(out, self._ensure_object, link.plan_uid, link.patient_id, "RTPLAN", out)
+        if plan is None:
+            return out
+        for struct_uid in _referenced(plan, "ReferencedStructureSetSequence"):
+            rtstruct = self._step(out, self._ensure_object, struct_uid, link.patient_id,
+                                  "RTSTRUCT", out)
+            if rtstruct is None:
+                continue
+            series = referenced_series(rtstruct)
+            if not series:
+                out.problem(f"RTSTRUCT {struct_uid} references no image series")
+            for study_uid, series_uid in series:
+                self._step(out, self._ensure_series, link.patient_id, study_uid, series_uid, out)
+        if not _referenced(plan, "ReferencedStructureSetSequence"):
+            out.problem(f"RTPLAN {link.plan_uid} references no structure set")
+        self._step(out, self._ensure_doses, link.patient_id, link.plan_uid, out)
+        return out
+
+    @staticmethod
+    def _step(out: ContextOutcome, fn: Callable[..., T], *args: object) -> T | None:
+        """One link of the chain; a DICOM failure is noted and the walk goes on."""
         try:
-            plan = self._ensure_object(link.plan_uid, link.patient_id, "RTPLAN", out)
-            if plan is None:
-                return out
-            for struct_uid in _referenced(plan, "ReferencedStructureSetSequence"):
-                rtstruct = self._ensure_object(struct_uid, link.patient_id, "RTSTRUCT", out)
-                if rtstruct is None:
-                    continue
-                series = referenced_series(rtstruct)
-                if not series:
-                    out.problem(f"RTSTRUCT {struct_uid} references no image series")
-                for study_uid, series_uid in series:
-                    self._ensure_series(link.patient_id, study_uid, series_uid, out)
-            if not _referenced(plan, "ReferencedStructureSetSequence"):
-                out.problem(f"RTPLAN {link.plan_uid} references no structure set")
-            self._ensure_doses(link.patient_id, link.plan_uid, out)
+            return fn(*args)
         except DicomError as exc:
             out.problem(str(exc))
-        return out
+            return None
 
     def _ensure_object(self, uid: str, patient_id: str, kind: str,
                        out: ContextOutcome) -> Dataset | None:
@@ -147,16 +157,27 @@ class ContextWalker:
 
     def _ensure_series(self, patient_id: str, study_uid: str, series_uid: str,
                        out: ContextOutcome) -> None:
+        have = self.target.series_instances(patient_id, study_uid, series_uid)
+        whole_move = None
+        if not have and isinstance(self.source, AriaSource):
+            # Nothing of it in the backup: start the SERIES-level move at once and list the
+            # series on the R&V meanwhile, on a second association.
+            pool = ThreadPoolExecutor(max_workers=1)
+            whole_move = pool.submit(self._move_series, patient_id, study_uid, series_uid)
+            pool.shutdown(wait=False)
         announced, refs = self._find_series(patient_id, study_uid, series_uid)
         if not refs:
+            if whole_move is not None:
+                try:
+                    whole_move.result()
+                except DicomError:
+                    pass  # a move of nothing fails; the listing says why
             out.problem(f"series {series_uid} (study {study_uid}) not found on {self.where}")
             return
-        have = self.target.series_instances(patient_id, study_uid, series_uid)
         self._note_present([r for r in refs if r.sop_instance_uid in have])
         missing = [r for r in refs if r.sop_instance_uid not in have]
         if missing:
-            whole = None if have else (patient_id, study_uid, series_uid)
-            verified = self._move(missing, out, whole_series=whole)
+            verified = self._move(missing, out, started=whole_move)
             lost = [r.sop_instance_uid for r in missing if r.sop_instance_uid not in verified]
             if lost:
                 out.problem(f"series {series_uid}: {len(lost)} of {len(refs)} images not verified "
@@ -204,10 +225,8 @@ class ContextWalker:
         q.SeriesInstanceUID = ""
         q.SOPInstanceUID = uid
         q.SOPClassUID = ""
-        for match in self.client.find(q):
-            if str(match.get("SOPInstanceUID", "")) == uid:
-                return InstanceRef.from_match(match)
-        return None
+        matches = [m for m in self.client.find(q) if str(m.get("SOPInstanceUID", "")) == uid]
+        return InstanceRef.from_match(matches[0]) if matches else None
 
     def _find_series(self, patient_id: str, study_uid: str, series_uid: str,
                      ) -> tuple[int | None, list[InstanceRef]]:
@@ -239,16 +258,19 @@ class ContextWalker:
             self.ledger.mark_verified(self.lane, [r.sop_instance_uid for r in refs])
 
     def _move(self, refs: list[InstanceRef], out: ContextOutcome,
-              whole_series: tuple[str, str, str] | None = None) -> set[str]:
-        """Move ``refs`` to the backup, verify them there, record both in the ledger."""
+              started: Future[str] | None = None) -> set[str]:
+        """Move ``refs`` to the backup, verify them there, record both in the ledger.
+
+        ``started``: a move of the whole series already under way; only its end is awaited.
+        """
         self.ledger.record_found(self.lane, refs, kind="context")
         uids = [r.sop_instance_uid for r in refs]
         self.ledger.mark_moved(self.lane, uids)
         out.moved.update(object_type(r.sop_class_uid) for r in refs)
         claims = ""
         try:
-            if whole_series is not None and isinstance(self.source, AriaSource):
-                claims = self._move_series(*whole_series)
+            if started is not None:
+                claims = started.result()
             else:
                 size = self.site.settings.batch_size
                 for i in range(0, len(refs), size):
