@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Found {summary['found']} RT Records; moved {summary['moved']}; verified in the "
               f"backup {summary['verified']}; not verified {summary['failed']}.")
         _print_backup(site.backup)
+        _print_context(site.backup, str(summary.get("plan_context", "")))
         print(f"\nRun history is in {prefect_home}. To see it in the Prefect UI:\n"
               f"  PREFECT_HOME={prefect_home} .venv/bin/prefect server start\n"
               f"  then open http://127.0.0.1:4200/runs")
@@ -94,6 +95,18 @@ def _print_backup(backup: object) -> None:
     print(f"  {'PatientID':<10} {'Date':<9} {'Time':<6} {'Fx':>3}  SOPInstanceUID")
     for pid, d, t, fx, uid in sorted(rows):
         print(f"  {pid:<10} {d:<9} {t:<6} {fx:>3}  {uid}")
+
+
+def _print_context(backup: object, state: str) -> None:
+    """Plan context now in the backup, counted by modality."""
+    counts: dict[str, int] = {}
+    with backup.rest() as client:  # type: ignore[attr-defined]
+        for series in client.get("/series", params={"expand": "true"}).json():
+            modality = series["MainDicomTags"].get("Modality", "?")
+            if modality != "RTRECORD":
+                counts[modality] = counts.get(modality, 0) + len(series["Instances"])
+    listed = ", ".join(f"{n} {m}" for m, n in sorted(counts.items())) or "nothing"
+    print(f"\nPlan-context backfill ({state}): the backup now also holds {listed}.")
 
 
 if __name__ == "__main__":
