@@ -51,3 +51,21 @@ def test_cli_run_backs_up_and_a_failed_run_exits_non_zero(
     failed = cli("flows.nightly_backup", "--site", "DEMO", "--config", str(bad), env=env)
     assert failed.returncode == 1
     assert "FAILED: site DEMO" in failed.stderr and "UNKNOWN_SCU" in failed.stderr
+
+
+def test_backfill_cli_on_demand_for_one_patient(make_site: Callable[..., DemoSite],
+                                                tmp_path: Path) -> None:
+    site = make_site()
+    now = datetime.now(ZoneInfo("America/New_York")).replace(tzinfo=None)
+    c = make_course(Patient("CLI002", "Cli^Context"), now - timedelta(hours=3), delivered=1,
+                    slices=3)
+    site.rv.upload([to_bytes(ds) for ds in c.all()])
+    site.backup.upload([to_bytes(c.records[0])])
+    csv_path = tmp_path / "mrns.csv"
+    csv_path.write_text("MRN\nCLI002\n")
+    result = cli("flows.plan_context_backfill", "--site", "DEMO", "--config",
+                 str(site.config_path), "--mrn-csv", str(csv_path),
+                 env={"PREFECT_HOME": str(tmp_path / "prefect")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '"complete": 1' in result.stdout
+    assert site.backup.sop_instance_uids() == {ds.SOPInstanceUID for ds in c.all()}
