@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 
 from demo.orthanc import free_port
 from demo.site import DemoSite, refuse_modality_lua
-from demo.synthetic import Patient, make_course
+from demo.synthetic import Patient, make_course, to_bytes
 from radonc_backup.config import load_site
 from radonc_backup.dicom_net import DicomClient, NoDelayAE, Peer, Timeouts
 from radonc_backup.errors import FatalDicomError, RetriableDicomError
@@ -166,3 +166,15 @@ def test_relational_move_sends_one_request_for_many_series(
     results = rv_client(site).move(identifiers, site.backup.aet)
     assert results[0].completed == 3
     assert site.backup.sop_instance_uids() == {r.sop_instance_uid for r in refs}
+
+
+def test_orthanc_ids_are_computed_as_orthanc_does(make_site: Callable[..., DemoSite]) -> None:
+    from radonc_backup.backup_target import orthanc_id
+
+    site = make_site()
+    record = COURSE.records[0]
+    site.backup.upload([to_bytes(record)])
+    with site.backup.rest() as client:
+        found = client.post("/tools/lookup", content=record.SOPInstanceUID).json()
+    assert found[0]["ID"] == orthanc_id(record.PatientID, record.StudyInstanceUID,
+                                        record.SeriesInstanceUID, record.SOPInstanceUID)
