@@ -52,11 +52,11 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
 
     ids = list(patient_ids or []) + (read_mrns(mrn_csv) if mrn_csv else [])
     on_demand = bool(ids or start_date or end_date)
-    with_site_retries(link_new_records, retrying)(*params)
+    unreadable = with_site_retries(link_new_records, retrying)(*params)
     if on_demand:
         chosen = with_site_retries(select_records, retrying)(*params, ids or None, start_date,
                                                                end_date)
-        with_site_retries(link_new_records, retrying)(*params, chosen)
+        unreadable.update(with_site_retries(link_new_records, retrying)(*params, chosen))
         record_uids = [r.sop_instance_uid for r in chosen]
     links = lane.ledger.plans(lane.lane, record_uids, pending_only=not on_demand)
 
@@ -73,15 +73,23 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
             outcomes.append(failed)
 
     summary = summarize(site, lane.lane.source, outcomes, totals(lane.ledger, lane.lane))
+    summary["unreadable_records"] = unreadable
+    summary["records_without_plan"] = lane.ledger.records_without_plan(lane.lane)
+    for uid, why in unreadable.items():
+        outcomes.append(ContextOutcome(uid, "", "incomplete", [f"RT Record {uid}: {why}"]))
+    for uid in summary["records_without_plan"]:  # type: ignore[union-attr]
+        outcomes.append(ContextOutcome(uid, "", "no plan",
+                                       [f"RT Record {uid} references no RT Plan"]))
     publish(summary, outcomes)
     logger.info("site %s: %d plan(s): %d complete, %d incomplete, %d skipped; moved %s", site,
                 len(outcomes), summary["complete"], summary["incomplete"], summary["skipped"],
                 summary["moved"])
-    if summary["incomplete"]:
-        first = [f"plan {o.plan_uid} (patient {o.patient_id}): {'; '.join(o.unresolved)}"
+    if summary["incomplete"] or unreadable:
+        first = [f"{o.plan_uid} (patient {o.patient_id or '?'}): {'; '.join(o.unresolved)}"
                  for o in outcomes if o.state == "incomplete"][:5]
         raise BackupIncomplete(f"site {site}: {summary['incomplete']} plan context(s) incomplete "
-                               f"in backup {lane.lane.backup}: " + " | ".join(first))
+                               f"and {len(unreadable)} RT Record(s) unreadable in backup "
+                               f"{lane.lane.backup}: " + " | ".join(first))
     return summary
 
 
@@ -115,12 +123,12 @@ def publish(summary: dict[str, object], outcomes: list[ContextOutcome]) -> None:
                 "verified in total": cumulative.get(t, 0)}  # type: ignore[union-attr]
                for t in TYPES],
         description=f"Plan-context objects, site {summary['site']}")
-    unresolved = [{"plan": o.plan_uid, "patient id": o.patient_id, "state": o.state,
+    unresolved = [{"plan or record": o.plan_uid, "patient id": o.patient_id, "state": o.state,
                    "unresolved": "; ".join(o.unresolved)}
                   for o in outcomes if o.state != "complete"]
     create_table_artifact(key=f"{key}-unresolved",
-                          table=unresolved or [{"plan": "", "patient id": "", "state": "",
-                                                "unresolved": "nothing unresolved"}],
+                          table=unresolved or [{"plan or record": "", "patient id": "",
+                                                "state": "", "unresolved": "nothing unresolved"}],
                           description=f"Plan contexts not complete, site {summary['site']}")
     create_markdown_artifact(
         key=key, markdown=(f"# Plan-context backfill: site {summary['site']}\n\n"

@@ -305,6 +305,7 @@ class Ledger:
                "LEFT JOIN plan_contexts c ON c.site=p.site AND c.source=p.source AND "
                "c.backup=p.backup AND c.plan_uid=p.plan_uid "
                "WHERE p.site=? AND p.source=? AND p.backup=?")
+        sql += " AND p.plan_uid != ''"
         if pending_only:
             sql += " AND (c.state IS NULL OR c.state='incomplete')"
         sql += " GROUP BY p.plan_uid ORDER BY MIN(p.patient_id), p.plan_uid"
@@ -313,6 +314,13 @@ class Ledger:
             rows = conn.execute(sql, (lane.site, lane.source, lane.backup)).fetchall()
         return [PlanLink(plan, pid, machine) for plan, pid, machine, records in rows
                 if wanted is None or wanted & set(records.split("\\"))]
+
+    def records_without_plan(self, lane: Lane) -> list[str]:
+        """Backed-up records whose ReferencedRTPlanSequence is empty (Type 2: allowed)."""
+        with self._connect() as conn:
+            return [r[0] for r in conn.execute(
+                "SELECT record_uid FROM record_plans WHERE site=? AND source=? AND backup=? AND "
+                "plan_uid='' ORDER BY record_uid", (lane.site, lane.source, lane.backup))]
 
     def set_context(self, lane: Lane, plan_uid: str, patient_id: str, state: str,
                     detail: str = "") -> None:

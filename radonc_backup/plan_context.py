@@ -24,7 +24,7 @@ from pydicom.sequence import Sequence
 from .backup_target import BackupTarget, wait_for
 from .config import AriaSource, MimSource, Site
 from .dicom_net import DicomClient
-from .errors import DicomError
+from .errors import BackupTargetError, DicomError, RetriableBackupTargetError
 from .instance import InstanceRef
 from .ledger import Lane, Ledger, PlanLink
 from .rt_backup import transfer
@@ -299,15 +299,28 @@ class ContextWalker:
 
 
 def link_records(ledger: Ledger, lane: Lane, target: BackupTarget,
-                 records: Iterable[InstanceRef]) -> dict[str, PlanLink]:
-    """Read each record's plan reference from its copy in the backup and remember it."""
-    links = {}
+                 records: Iterable[InstanceRef]) -> tuple[dict[str, PlanLink], dict[str, str]]:
+    """Read each record's plan reference from its copy in the backup and remember it.
+
+    Returns the links and, per record that could not be read, why; those stay unlinked and are
+    read again next run. A backup that is down raises (retriable) instead.
+    """
+    links, unreadable = {}, {}
     for ref in records:
-        copy = target.read(ref.sop_instance_uid)
-        if copy is not None:
-            links[ref.sop_instance_uid] = plan_link(copy)
+        try:
+            copy = target.read(ref.sop_instance_uid)
+        except RetriableBackupTargetError:
+            raise
+        except BackupTargetError as exc:
+            unreadable[ref.sop_instance_uid] = str(exc)
+            continue
+        if copy is None:
+            unreadable[ref.sop_instance_uid] = f"RT Record {ref.sop_instance_uid} is not in " \
+                                               f"backup {lane.backup}"
+            continue
+        links[ref.sop_instance_uid] = plan_link(copy)
     ledger.link_plans(lane, links)
-    return links
+    return links, unreadable
 
 
 def totals(ledger: Ledger, lane: Lane) -> dict[str, int]:

@@ -16,12 +16,18 @@ from radonc_backup.plan_context import ContextOutcome, ContextWalker, link_recor
 
 @task(name="link-records-to-plans", cache_policy=NO_CACHE)
 def link_new_records(site: str, source: str | None, backup: str | None, config: str | None,
-                     records: list[InstanceRef] | None = None) -> int:
-    """Read the plan reference of verified records from their copies in the backup."""
+                     records: list[InstanceRef] | None = None) -> dict[str, str]:
+    """Read the plan reference of verified records from their copies in the backup.
+
+    Returns the records that could not be read, with the reason.
+    """
     lane = open_lane(site, source, backup, config)
     todo = records if records is not None else lane.ledger.verified_records_without_plan(
         lane.lane)
-    return len(link_records(lane.ledger, lane.lane, lane.target, todo))
+    _, unreadable = link_records(lane.ledger, lane.lane, lane.target, todo)
+    for uid, why in unreadable.items():
+        get_run_logger().error("site %s: RT Record %s: %s", site, uid, why)
+    return unreadable
 
 
 @task(name="select-records-in-backup", cache_policy=NO_CACHE)

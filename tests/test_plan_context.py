@@ -206,3 +206,33 @@ def test_mrn_csv_is_read_with_or_without_header(tmp_path: Path) -> None:
     assert read_mrns(str(path)) == ["CTX001", "CTX002"]
     path.write_text("CTX009\n")
     assert read_mrns(str(path)) == ["CTX009"]
+
+
+def test_record_without_plan_is_reported_and_others_complete(site: DemoSite) -> None:
+    from pydicom.sequence import Sequence
+
+    s = Scenario("CTX007")
+    orphan = make_treatment_record(s.study, s.plan_a, 9, TODAY - timedelta(hours=1))
+    orphan.ReferencedRTPlanSequence = Sequence()
+    upload(site.rv, [*s.everything(), orphan])
+    back_up_records(site)
+    state = backfill(site)
+    assert state.is_completed(), state.message
+    assert state.result()["records_without_plan"] == [orphan.SOPInstanceUID]
+    assert state.result()["complete"] == 2
+
+
+def test_record_gone_from_the_backup_fails_the_run_but_not_the_others(site: DemoSite) -> None:
+    s = Scenario("CTX008")
+    upload(site.rv, s.everything())
+    back_up_records(site)
+    gone = s.records[0]
+    with site.backup.rest() as client:
+        orthanc_id = client.post("/tools/lookup", content=gone.SOPInstanceUID).json()[0]["ID"]
+        client.delete(f"/instances/{orthanc_id}")
+    state = backfill(site)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert gone.SOPInstanceUID in message and "unreadable" in message
+    contexts = ledger(site).contexts(LANE)
+    assert contexts[s.plan_b.SOPInstanceUID][0] == "complete"
