@@ -144,24 +144,33 @@ class OrthancBackup:
                 if i.get("MainDicomTags", {}).get("SOPInstanceUID")}
 
     def read(self, sop_instance_uid: str) -> Dataset | None:
-        where = f"site {self.site}: backup {self.alias} ({self.aet}, {self.url})"
         with self._client() as client:
             ids = self._post(client, "/tools/find", {"Level": "Instance",
                                                      "Query": {"SOPInstanceUID": sop_instance_uid}})
-            if not ids:
-                return None
+        return self.read_resource(ids[0], sop_instance_uid) if ids else None  # type: ignore[index]
+
+    def read_resource(self, resource_id: str, about: str = "") -> Dataset:
+        """One instance by its Orthanc ID, parsed without pixel data."""
+        where = f"site {self.site}: backup {self.alias} ({self.aet}, {self.url})"
+        with self._client() as client:
             try:
-                r = client.get(f"/instances/{ids[0]}/file")  # type: ignore[index]
+                r = client.get(f"/instances/{resource_id}/file")
             except httpx.TransportError as exc:
                 raise RetriableBackupTargetError(f"{where}: not reachable: {exc}") from None
-            if r.status_code != 200:
-                raise BackupTargetError(f"{where}: reading {sop_instance_uid} answered "
-                                        f"{r.status_code}")
+        if r.status_code != 200:
+            raise BackupTargetError(f"{where}: reading {about or resource_id} answered "
+                                    f"{r.status_code}")
         try:
             return dcmread(io.BytesIO(r.content), stop_before_pixels=True)
         except Exception as exc:
-            raise BackupTargetError(f"{where}: {sop_instance_uid} in the backup is not readable "
-                                    f"DICOM: {exc}") from None
+            raise BackupTargetError(f"{where}: {about or resource_id} in the backup is not "
+                                    f"readable DICOM: {exc}") from None
+
+    def find_resources(self, query: dict[str, str]) -> list[str]:
+        """Orthanc IDs of the instances matching a query on indexed tags."""
+        with self._client() as client:
+            return list(self._post(client, "/tools/find",  # type: ignore[arg-type]
+                                   {"Level": "Instance", "Query": query}))
 
 
 class DicomScpBackup:

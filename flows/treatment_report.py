@@ -1,0 +1,84 @@
+"""Treatment report from the backup: every patient under treatment with the current fraction.
+
+This is what the clinic opens when the R&V is down, so it reads only the backup PACS. Defaults:
+the last 7 days up to today (site time); records whose study began up to a month before that.
+Each record is parsed once and cached by SOP Instance UID, so a rerun fetches only new records.
+Writes a UTF-8 CSV (default ``reports/treatment-report-<site>-<end date>.csv`` in the checkout),
+a table artifact ``treatment-report-<site>`` and a markdown summary.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import date, timedelta
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from flows.backup_run import artifact_key
+from flows.cli import run_cli
+from radonc_backup.config import PROJECT_ROOT, load_site
+from radonc_backup.treatment_report import COLUMNS, build_report
+from radonc_backup.windows import utc_now, wall
+from tasks.backup import with_site_retries
+from tasks.report import list_records, parse_records, read_plans, report_backup
+
+PARSE_BATCH = 500
+
+
+@flow(name="treatment-report", log_prints=False)
+def treatment_report(site: str, treatment_start_date: date | None = None,
+                     end_date: date | None = None, study_start_date: date | None = None,
+                     out: str | None = None, backup: str | None = None,
+                     config: str | None = None) -> dict[str, object]:
+    """Report every patient treated between the two dates, one row per patient per plan."""
+    logger = get_run_logger()
+    cfg = load_site(site, config)
+    end = end_date or wall(utc_now(), cfg.tz).date()
+    start = treatment_start_date or end - timedelta(days=7)
+    study_start = study_start_date or start - timedelta(days=30)
+    params = (site, backup, config)
+    target, cache = report_backup(*params)
+
+    resources = with_site_retries(list_records, cfg.settings)(*params, study_start)
+    known = cache.known_resources()
+    new = [rid for rid in resources if rid not in known]
+    unreadable: dict[str, str] = {}
+    for i in range(0, len(new), PARSE_BATCH):
+        unreadable.update(with_site_retries(parse_records, cfg.settings)(
+            *params, new[i:i + PARSE_BATCH]))
+    facts = cache.records(resources)
+    plans = cache.plans()
+    missing_plans = sorted({f.plan_uid for f in facts if f.plan_uid and f.plan_uid not in plans})
+    if missing_plans:
+        with_site_retries(read_plans, cfg.settings)(*params, missing_plans)
+        plans = cache.plans()
+
+    report = build_report(facts, plans, start, end)
+    path = Path(out) if out else PROJECT_ROOT / "reports" / f"treatment-report-{site}-{end}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report.to_csv(path, index=False, encoding="utf-8")
+    key = artifact_key("treatment-report", site)
+    table = report.astype(object).where(report.notna(), "").to_dict(orient="records")
+    create_table_artifact(key=key, table=table or [{c: "" for c in COLUMNS}],
+                          description=f"Patients treated {start} to {end}, site {site}")
+    warned = int((report["Warnings"] != "").sum()) if not report.empty else 0
+    message = (f"{len(report)} patient-plan row(s) treated {start} to {end}" if len(report) else
+               f"No RT Records in backup {target.alias} treated {start} to {end}")
+    create_markdown_artifact(key=f"{key}-summary", markdown=(
+        f"# Treatment report: site {site}\n\n{message}.\n\n"
+        f"Records listed {len(resources)}, fetched this run {len(new)}, unreadable "
+        f"{len(unreadable)}; rows with warnings {warned}.\n\nCSV: `{path}`\n"))
+    logger.info("site %s: %s; %d records listed, %d fetched, CSV %s", site, message,
+                len(resources), len(new), path)
+    for rid, why in unreadable.items():
+        logger.warning("site %s: record %s skipped: %s", site, rid, why)
+    return {"site": site, "start": str(start), "end": str(end), "rows": len(report),
+            "records_listed": len(resources), "records_fetched": len(new),
+            "unreadable": unreadable, "rows_with_warnings": warned, "csv": str(path),
+            "message": message}
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(treatment_report, __doc__ or ""))

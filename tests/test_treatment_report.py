@@ -1,0 +1,179 @@
+"""Treatment report from the backup alone: a hand-built clinic with the truth written out."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from demo.site import DemoSite
+from demo.synthetic import Patient, Study, make_image_series, make_rtplan, make_rtstruct, \
+    make_treatment_record, to_bytes
+from flows.treatment_report import treatment_report
+from radonc_backup.treatment_report import readable_name
+
+pytestmark = pytest.mark.usefixtures("prefect")
+
+START, END = date(2026, 11, 14), date(2026, 11, 20)
+
+
+class Clinic:
+    def __init__(self) -> None:
+        self.objects: list[Dataset] = []
+        self.plans: dict[str, Dataset] = {}
+
+    def plan(self, pid: str, name: str, key: str, label: str, fractions: int,
+             machine: str = "TrueBeam1") -> tuple[Study, Dataset]:
+        study = Study(Patient(pid, name, "19600101", "F"), study_date="20261101")
+        ct = make_image_series(study, "ct", slices=1)
+        struct = make_rtstruct(study, ct, key=f"ss-{key}")
+        plan = make_rtplan(study, struct, ct.frame_of_reference_uid, key=key, label=label,
+                           fractions=fractions, machine=machine)
+        self.plans[f"{pid}/{key}"] = plan
+        return study, plan
+
+    def deliver(self, study: Study, plan: Dataset, first: int, last: int, start: datetime,
+                **kw: object) -> list[Dataset]:
+        records = [make_treatment_record(study, plan, n, start + timedelta(days=n - first),
+                                         **kw)  # type: ignore[arg-type]
+                   for n in range(first, last + 1)]
+        self.objects += records
+        return records
+
+
+def build_clinic() -> tuple[Clinic, dict[tuple[str, str], dict[str, object]]]:
+    c = Clinic()
+    at8 = lambda d: datetime(2026, 11, d, 8, 0)  # noqa: E731
+    truth: dict[tuple[str, str], dict[str, object]] = {}
+
+    s, p = c.plan("R001", "Doe^Jane", "p", "PROSTATE", 28)
+    c.deliver(s, p, 1, 10, at8(11))  # days 11..20: mid-course
+    truth[("R001", "PROSTATE")] = dict(CurrentFraction=10, FractionsPlanned=28,
+                                       FractionsRemaining=18, SessionsInWindow=7,
+                                       Status="on treatment", PatientName="Doe, Jane")
+    s, p = c.plan("R002", "Smith^John", "p", "LUNG", 25)
+    c.deliver(s, p, 21, 25, at8(14))  # last fraction on the 18th: stays in the report
+    truth[("R002", "LUNG")] = dict(CurrentFraction=25, FractionsRemaining=0, SessionsInWindow=5,
+                                   Status="completed in window", LastTreatment="2026-11-18T08:00:00")
+    s, p = c.plan("R003", "Old^Finished", "p", "BRAIN", 5)
+    c.deliver(s, p, 1, 5, at8(6))  # finished on the 10th: not in the report
+    s, p = c.plan("R004", "New^Start", "p", "BREAST", 15)
+    c.deliver(s, p, 1, 2, at8(19))
+    truth[("R004", "BREAST")] = dict(CurrentFraction=2, SessionsInWindow=2,
+                                     FirstTreatment="2026-11-19T08:00:00")
+    s, a = c.plan("R005", "Müller^Jürgen", "a", "HN", 30)
+    _, b = c.plan("R005", "Müller^Jürgen", "b", "HN_R1", 30)
+    c.deliver(s, a, 1, 5, at8(10))  # revised after the 14th
+    c.deliver(s, b, 6, 9, at8(15))
+    truth[("R005", "HN")] = dict(CurrentFraction=5, SessionsInWindow=1,
+                                 PatientName="Müller, Jürgen")
+    truth[("R005", "HN_R1")] = dict(CurrentFraction=9, SessionsInWindow=4, FractionsRemaining=21)
+    s, x = c.plan("R006", "García^Lucía^María", "x", "SPINE", 10)
+    _, y = c.plan("R006", "García^Lucía^María", "y", "RIB_SBRT", 5, machine="TrueBeam2")
+    c.deliver(s, x, 1, 3, datetime(2026, 11, 16, 9))
+    c.deliver(s, y, 1, 2, datetime(2026, 11, 17, 14))
+    truth[("R006", "SPINE")] = dict(CurrentFraction=3, PatientName="García, Lucía María")
+    truth[("R006", "RIB_SBRT")] = dict(CurrentFraction=2, Machine="TrueBeam2")
+    s, p = c.plan("R007", "Split^Beams", "p", "PELVIS", 20)
+    c.deliver(s, p, 3, 3, datetime(2026, 11, 18, 10), beam_fractions=[3, 3, 4])
+    truth[("R007", "PELVIS")] = dict(CurrentFraction=4)
+    return c, truth
+
+
+def run(site: DemoSite, tmp_path: Path, **params: object) -> dict[str, object]:
+    state = treatment_report(site="DEMO", config=str(site.config_path), return_state=True,
+                             out=str(tmp_path / "report.csv"), **params)
+    assert state.is_completed(), state.message
+    return state.result()
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_report_from_the_backup_alone_matches_the_truth(make_site: Callable[..., DemoSite],
+                                                        tmp_path: Path) -> None:
+    site = make_site()
+    clinic, truth = build_clinic()
+    missing_plan = clinic.plans["R004/p"]
+    site.backup.upload([to_bytes(ds) for ds in [*clinic.objects, *clinic.plans.values()]
+                        if ds is not missing_plan])
+    site.rv.kill()  # the R&V is down: the report needs only the backup
+
+    result = run(site, tmp_path, treatment_start_date=START, end_date=END)
+    rows = read_csv(tmp_path / "report.csv")
+    by_key = {(r["PatientID"], r["RTPlanLabel"] or "?"): r for r in rows}
+    assert result["rows"] == len(rows) == len(truth)
+    assert ("R003", "BRAIN") not in by_key
+    for (pid, label), expected in truth.items():
+        row = by_key[(pid, label if pid != "R004" else "?")]
+        for column, value in expected.items():
+            assert row[column] == str(value), (pid, label, column)
+    assert by_key[("R004", "?")]["Warnings"] == "plan not in the backup"
+    assert by_key[("R004", "?")]["FractionsPlanned"] == "15"  # from the record itself
+    names = [r["PatientName"] for r in rows]
+    assert names == sorted(names, key=str.casefold)
+    assert list(rows[0]) == ["PatientID", "PatientName", "BirthDate", "Sex", "Physician",
+                             "RTPlanLabel", "PlanUID", "Machine", "FirstTreatment",
+                             "LastTreatment", "CurrentFraction", "FractionsPlanned",
+                             "FractionsRemaining", "SessionsInWindow", "Status", "Warnings"]
+    assert rows[0]["BirthDate"] == "1960-01-01"
+    assert result["records_listed"] == len(clinic.objects)
+
+
+def test_rerun_fetches_only_new_records_and_empty_window_has_headers(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    site = make_site()
+    clinic, _ = build_clinic()
+    site.backup.upload([to_bytes(ds) for ds in [*clinic.objects, *clinic.plans.values()]])
+    first = run(site, tmp_path, treatment_start_date=START, end_date=END)
+    assert first["records_fetched"] == len(clinic.objects)
+
+    study, plan = clinic.plan("R001", "Doe^Jane", "p", "PROSTATE", 28)
+    extra = [make_treatment_record(study, plan, 11, datetime(2026, 11, 20, 17)),
+             make_treatment_record(study, plan, 12, datetime(2026, 11, 20, 18))]
+    site.backup.upload([to_bytes(ds) for ds in extra])
+    second = run(site, tmp_path, treatment_start_date=START, end_date=END)
+    assert second["records_fetched"] == 2 and second["rows"] == first["rows"]
+    jane = [r for r in read_csv(tmp_path / "report.csv") if r["PatientID"] == "R001"][0]
+    assert jane["CurrentFraction"] == "12" and jane["SessionsInWindow"] == "9"
+
+    empty = run(site, tmp_path, treatment_start_date=date(2020, 1, 1),
+                end_date=date(2020, 1, 7), study_start_date=date(2019, 1, 1))
+    assert empty["rows"] == 0 and "No RT Records" in str(empty["message"])
+    lines = (tmp_path / "report.csv").read_text(encoding="utf-8").splitlines()
+    assert lines == [",".join(["PatientID", "PatientName", "BirthDate", "Sex", "Physician",
+                               "RTPlanLabel", "PlanUID", "Machine", "FirstTreatment",
+                               "LastTreatment", "CurrentFraction", "FractionsPlanned",
+                               "FractionsRemaining", "SessionsInWindow", "Status",
+                               "Warnings"])]
+
+
+def test_record_with_missing_fields_gives_a_row_with_warnings(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    site = make_site()
+    clinic = Clinic()
+    study, plan = clinic.plan("R010", "Gap^Fields", "p", "ABDOMEN", 10)
+    record = make_treatment_record(study, plan, 4, datetime(2026, 11, 18, 9))
+    del record.TreatmentMachineSequence
+    for beam in record.TreatmentSessionBeamSequence:
+        del beam.CurrentFractionNumber
+    site.backup.upload([to_bytes(record), to_bytes(plan)])
+    run(site, tmp_path, treatment_start_date=START, end_date=END)
+    (row,) = read_csv(tmp_path / "report.csv")
+    assert row["Machine"] == "" and row["CurrentFraction"] == ""
+    assert "no treatment machine" in row["Warnings"]
+    assert "no CurrentFractionNumber" in row["Warnings"]
+    assert row["Status"] == "on treatment"
+
+
+def test_readable_names() -> None:
+    assert readable_name("Müller^Jürgen") == "Müller, Jürgen"
+    assert readable_name("García^Lucía^María^Dr.") == "García, Lucía María"
+    assert readable_name("Cher") == "Cher"
+    assert readable_name("Doe^John=ドウ^ジョン") == "Doe, John"
