@@ -180,8 +180,9 @@ def write_report(path: Path, results: dict[str, tuple[float, int]], slices: int,
         "",
     ]
     text = path.read_text() if path.exists() else "# Performance\n\n"
-    text = text.split(SECTION, 1)[0].rstrip() + "\n\n" + "\n".join(lines)
-    path.write_text(text)
+    head, _, tail = text.partition(SECTION)
+    rest = "## " + tail.split("\n## ", 1)[1] if "\n## " in tail else ""
+    path.write_text(head.rstrip() + "\n\n" + "\n".join(lines) + ("\n" + rest if rest else ""))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ def test_help_lists_the_flow_parameters() -> None:
         assert result.returncode == 0
         assert "--site" in result.stdout and "--config" in result.stdout
     assert "--days" in cli("flows.nightly_backup", "--help").stdout
+    report_help = cli("flows.treatment_report", "--help").stdout
+    assert "--treatment-start-date" in report_help and "--out" in report_help
 
 
 def test_cli_run_backs_up_and_a_failed_run_exits_non_zero(

@@ -22,11 +22,13 @@ def test_prefect_yaml_entrypoints_and_schedules() -> None:
         flows.add(getattr(module, func).name)
         assert dep["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
         assert all(s["timezone"] == "America/New_York" for s in dep["schedules"])
-    assert flows == {"incremental-backup", "nightly-backup", "plan-context-backfill"}
+    assert flows == {"incremental-backup", "nightly-backup", "plan-context-backfill",
+                     "treatment-report"}
 
 
 def test_serve_builds_site_schedules_in_its_timezone() -> None:
-    incremental, nightly, backfill = deployments_for("DEMO")
+    incremental, nightly, backfill, report = deployments_for("DEMO")
+    assert report.schedules[0].schedule.cron == "0 6 * * *"  # type: ignore[attr-defined]
     assert backfill.flow_name == "plan-context-backfill"  # type: ignore[attr-defined]
     assert incremental.flow_name == "incremental-backup"  # type: ignore[attr-defined]
     assert incremental.schedules[0].schedule.interval.total_seconds() == 600  # type: ignore[attr-defined]
