@@ -38,6 +38,7 @@ from pydicom.dataset import Dataset  # noqa: E402
 from demo.site import DemoSite, start_demo_site  # noqa: E402
 from demo.synthetic import Patient, Study, make_image_series, make_rtdose, make_rtplan, \
     make_rtstruct, make_treatment_record, to_bytes  # noqa: E402
+from bench.report_file import replace_section  # noqa: E402
 from radonc_backup.config import PROJECT_ROOT, load_site  # noqa: E402
 from radonc_backup.lane import open_lane  # noqa: E402
 from radonc_backup.ledger import Ledger, PlanLink  # noqa: E402
@@ -179,10 +180,7 @@ def write_report(path: Path, results: dict[str, tuple[float, int]], slices: int,
         "(flow run, three task runs, three artifacts).",
         "",
     ]
-    text = path.read_text() if path.exists() else "# Performance\n\n"
-    head, _, tail = text.partition(SECTION)
-    rest = "## " + tail.split("\n## ", 1)[1] if "\n## " in tail else ""
-    path.write_text(head.rstrip() + "\n\n" + "\n".join(lines) + ("\n" + rest if rest else ""))
+    replace_section(path, SECTION, lines)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from .config import DicomScpTarget, OrthancTarget, Site, resolve_secret
+from .dicom_net import identifier
 from .errors import BackupTargetError, RetriableBackupTargetError
 from .instance import InstanceRef
 
@@ -149,8 +150,8 @@ class OrthancBackup:
                                                      "Query": {"SOPInstanceUID": sop_instance_uid}})
         return self.read_resource(ids[0], sop_instance_uid) if ids else None  # type: ignore[index]
 
-    def read_resource(self, resource_id: str, about: str = "") -> Dataset:
-        """One instance by its Orthanc ID, parsed without pixel data."""
+    def fetch_file(self, resource_id: str, about: str = "") -> bytes:
+        """One instance's file by its Orthanc ID."""
         where = f"site {self.site}: backup {self.alias} ({self.aet}, {self.url})"
         with self._client() as client:
             try:
@@ -160,8 +161,14 @@ class OrthancBackup:
         if r.status_code != 200:
             raise BackupTargetError(f"{where}: reading {about or resource_id} answered "
                                     f"{r.status_code}")
+        return r.content
+
+    def read_resource(self, resource_id: str, about: str = "") -> Dataset:
+        """One instance by its Orthanc ID, parsed without pixel data."""
+        where = f"site {self.site}: backup {self.alias} ({self.aet}, {self.url})"
+        content = self.fetch_file(resource_id, about)
         try:
-            return dcmread(io.BytesIO(r.content), stop_before_pixels=True)
+            return dcmread(io.BytesIO(content), stop_before_pixels=True)
         except Exception as exc:
             raise BackupTargetError(f"{where}: {about or resource_id} in the backup is not "
                                     f"readable DICOM: {exc}") from None
@@ -186,24 +193,16 @@ class DicomScpBackup:
         found: set[str] = set()
         for (patient_id, study, series), uids in by_series.items():
             for i in range(0, len(uids), _FIND_CHUNK):
-                q = Dataset()
-                q.QueryRetrieveLevel = "IMAGE"
-                q.PatientID = patient_id
-                q.StudyInstanceUID = study
-                q.SeriesInstanceUID = series
-                q.SOPInstanceUID = uids[i:i + _FIND_CHUNK]
+                q = identifier("IMAGE", PatientID=patient_id, StudyInstanceUID=study,
+                               SeriesInstanceUID=series, SOPInstanceUID=uids[i:i + _FIND_CHUNK])
                 found.update(str(m.SOPInstanceUID) for m in self.client.find(q)
                              if "SOPInstanceUID" in m)
         return found
 
 
     def series_instances(self, patient_id: str, study_uid: str, series_uid: str) -> set[str]:
-        q = Dataset()
-        q.QueryRetrieveLevel = "IMAGE"
-        q.PatientID = patient_id
-        q.StudyInstanceUID = study_uid
-        q.SeriesInstanceUID = series_uid
-        q.SOPInstanceUID = ""
+        q = identifier("IMAGE", PatientID=patient_id, StudyInstanceUID=study_uid,
+                       SeriesInstanceUID=series_uid, SOPInstanceUID="")
         return {str(m.SOPInstanceUID) for m in self.client.find(q) if "SOPInstanceUID" in m}
 
     def read(self, sop_instance_uid: str) -> Dataset | None:

@@ -163,6 +163,15 @@ class StoreResult:
         return self.status is not None and (self.status == 0 or self.status >> 12 == 0xB)
 
 
+def identifier(level: str, **keys: object) -> Dataset:
+    """A Q/R identifier: the level and its keys (an empty value asks the peer to return it)."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
 def _uid_list(value: object) -> list[str]:
     if value is None or value == "":
         return []

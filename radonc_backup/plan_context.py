@@ -23,7 +23,7 @@ from pydicom.sequence import Sequence
 
 from .backup_target import BackupTarget, wait_for
 from .config import AriaSource, MimSource, Site
-from .dicom_net import DicomClient
+from .dicom_net import DicomClient, identifier
 from .errors import BackupTargetError, DicomError, RetriableBackupTargetError
 from .instance import InstanceRef
 from .ledger import Lane, Ledger, PlanLink
@@ -188,17 +188,11 @@ class ContextWalker:
                         f"lists {len(refs)}")
 
     def _ensure_doses(self, patient_id: str, plan_uid: str, out: ContextOutcome) -> None:
-        q = Dataset()
-        q.QueryRetrieveLevel = "IMAGE"
-        q.PatientID = patient_id
-        q.Modality = "RTDOSE"
-        q.StudyInstanceUID = ""
-        q.SeriesInstanceUID = ""
-        q.SOPInstanceUID = ""
-        q.SOPClassUID = ""
         item = Dataset()
         item.ReferencedSOPInstanceUID = ""
-        q.ReferencedRTPlanSequence = Sequence([item])
+        q = identifier("IMAGE", PatientID=patient_id, Modality="RTDOSE", StudyInstanceUID="",
+                       SeriesInstanceUID="", SOPInstanceUID="", SOPClassUID="",
+                       ReferencedRTPlanSequence=Sequence([item]))
         doses = []
         for match in self.client.find(q):
             refs = _referenced(match, "ReferencedRTPlanSequence")
@@ -218,36 +212,22 @@ class ContextWalker:
                                 f"{self.lane.backup}")
 
     def _find_instance(self, uid: str, patient_id: str) -> InstanceRef | None:
-        q = Dataset()
-        q.QueryRetrieveLevel = "IMAGE"
-        q.PatientID = patient_id
-        q.StudyInstanceUID = ""
-        q.SeriesInstanceUID = ""
-        q.SOPInstanceUID = uid
-        q.SOPClassUID = ""
+        q = identifier("IMAGE", PatientID=patient_id, StudyInstanceUID="", SeriesInstanceUID="",
+                       SOPInstanceUID=uid, SOPClassUID="")
         matches = [m for m in self.client.find(q) if str(m.get("SOPInstanceUID", "")) == uid]
         return InstanceRef.from_match(matches[0]) if matches else None
 
     def _find_series(self, patient_id: str, study_uid: str, series_uid: str,
                      ) -> tuple[int | None, list[InstanceRef]]:
-        q = Dataset()
-        q.QueryRetrieveLevel = "SERIES"
-        q.PatientID = patient_id
-        q.StudyInstanceUID = study_uid
-        q.SeriesInstanceUID = series_uid
-        q.NumberOfSeriesRelatedInstances = ""
+        hierarchy = {"PatientID": patient_id, "StudyInstanceUID": study_uid,
+                     "SeriesInstanceUID": series_uid}
+        q = identifier("SERIES", NumberOfSeriesRelatedInstances="", **hierarchy)
         announced = None
         for match in self.client.find(q):
             value = match.get("NumberOfSeriesRelatedInstances")
             if value not in (None, ""):
                 announced = int(value)
-        q = Dataset()
-        q.QueryRetrieveLevel = "IMAGE"
-        q.PatientID = patient_id
-        q.StudyInstanceUID = study_uid
-        q.SeriesInstanceUID = series_uid
-        q.SOPInstanceUID = ""
-        q.SOPClassUID = ""
+        q = identifier("IMAGE", SOPInstanceUID="", SOPClassUID="", **hierarchy)
         refs = [InstanceRef.from_match(m) for m in self.client.find(q) if m.get("SOPInstanceUID")]
         return announced, refs
 
@@ -288,11 +268,8 @@ class ContextWalker:
         return present
 
     def _move_series(self, patient_id: str, study_uid: str, series_uid: str) -> str:
-        ident = Dataset()
-        ident.QueryRetrieveLevel = "SERIES"
-        ident.PatientID = patient_id
-        ident.StudyInstanceUID = study_uid
-        ident.SeriesInstanceUID = series_uid
+        ident = identifier("SERIES", PatientID=patient_id, StudyInstanceUID=study_uid,
+                           SeriesInstanceUID=series_uid)
         result = self.client.move([ident], self.target.aet)[0]
         return (f"C-MOVE status 0x{result.status:04X}, {result.completed} completed, "
                 f"{result.failed} failed")

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 
 from .backup_target import BackupTarget, wait_for
 from .config import AriaSource, MimSource, Site
-from .dicom_net import RT_RECORD_CLASSES, DicomClient, MoveResult
+from .dicom_net import RT_RECORD_CLASSES, DicomClient, MoveResult, identifier
 from .errors import ConfigError, DicomError, FatalDicomError, FindTruncated
 from .instance import InstanceRef
 from .ledger import Lane, Ledger
@@ -42,17 +42,9 @@ def dicom_source(site: Site, alias: str | None) -> tuple[str, AriaSource | MimSo
 
 def record_identifier(query: DayQuery) -> Dataset:
     """IMAGE-level C-FIND for RT Records of one local date (and time range)."""
-    ds = Dataset()
-    ds.QueryRetrieveLevel = "IMAGE"
-    ds.Modality = "RTRECORD"
-    ds.PatientID = ""
-    ds.StudyInstanceUID = ""
-    ds.SeriesInstanceUID = ""
-    ds.SOPInstanceUID = ""
-    ds.SOPClassUID = ""
-    ds.TreatmentDate = query.treatment_date
-    ds.TreatmentTime = query.treatment_time
-    return ds
+    return identifier("IMAGE", Modality="RTRECORD", PatientID="", StudyInstanceUID="",
+                      SeriesInstanceUID="", SOPInstanceUID="", SOPClassUID="",
+                      TreatmentDate=query.treatment_date, TreatmentTime=query.treatment_time)
 
 
 def _in_query(ref: InstanceRef, query: DayQuery) -> bool:

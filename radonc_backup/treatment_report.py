@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 COLUMNS = [
     "PatientID", "PatientName", "BirthDate", "Sex", "Physician", "RTPlanLabel", "PlanUID",
@@ -88,8 +89,8 @@ def record_facts(ds: Dataset) -> RecordFacts:
         treated = f"{day}T{time_text[:2]}:{time_text[2:4]}:{time_text[4:6]}"
     planned = ds.get("NumberOfFractionsPlanned")
     physicians = ds.get("PhysiciansOfRecord") or ds.get("ReferringPhysicianName") or ""
-    if not isinstance(physicians, str) and hasattr(physicians, "__iter__"):
-        physicians = next(iter(physicians), "")
+    if isinstance(physicians, (MultiValue, list)):  # several physicians: the first is of record
+        physicians = physicians[0] if physicians else ""
     return RecordFacts(
         sop_instance_uid=uid,
         patient_id=str(ds.get("PatientID", "")),
@@ -104,6 +105,15 @@ def record_facts(ds: Dataset) -> RecordFacts:
         fractions_planned=int(planned) if planned not in (None, "") else None,
         warnings=tuple(warnings),
     )
+
+
+def facts_from_files(files: list[bytes]) -> list[RecordFacts]:
+    """Decode record files (module-level so a process pool can run it)."""
+    from io import BytesIO
+
+    from pydicom import dcmread
+
+    return [record_facts(dcmread(BytesIO(f), stop_before_pixels=True)) for f in files]
 
 
 @dataclass(frozen=True)

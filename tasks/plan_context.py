@@ -6,8 +6,8 @@ from datetime import date
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydicom.dataset import Dataset
 
+from radonc_backup.dicom_net import identifier
 from radonc_backup.instance import InstanceRef
 from radonc_backup.lane import open_lane
 from radonc_backup.ledger import PlanLink
@@ -43,16 +43,9 @@ def select_records(site: str, source: str | None, backup: str | None, config: st
         dates += f"-{end_date:%Y%m%d}" if end_date else "-"
     found: dict[str, InstanceRef] = {}
     for patient_id in patient_ids or [""]:
-        q = Dataset()
-        q.QueryRetrieveLevel = "IMAGE"
-        q.Modality = "RTRECORD"
-        q.PatientID = patient_id
-        q.StudyInstanceUID = ""
-        q.SeriesInstanceUID = ""
-        q.SOPInstanceUID = ""
-        q.SOPClassUID = ""
-        q.TreatmentDate = dates
-        q.TreatmentTime = ""
+        q = identifier("IMAGE", Modality="RTRECORD", PatientID=patient_id, StudyInstanceUID="",
+                       SeriesInstanceUID="", SOPInstanceUID="", SOPClassUID="",
+                       TreatmentDate=dates, TreatmentTime="")
         for match in client.find(q):
             if match.get("SOPInstanceUID"):
                 ref = InstanceRef.from_match(match)

@@ -71,3 +71,19 @@ def test_backfill_cli_on_demand_for_one_patient(make_site: Callable[..., DemoSit
     assert result.returncode == 0, result.stderr[-2000:]
     assert '"complete": 1' in result.stdout
     assert site.backup.sop_instance_uids() == {ds.SOPInstanceUID for ds in c.all()}
+
+
+def test_report_cli_writes_the_csv(make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    site = make_site()
+    now = datetime.now(ZoneInfo("America/New_York")).replace(tzinfo=None)
+    c = make_course(Patient("CLI003", "Cli^Report"), now - timedelta(days=2), delivered=3,
+                    fractions=5, slices=1)
+    site.backup.upload([to_bytes(ds) for ds in [c.plan, *c.records]])
+    out = tmp_path / "report.csv"
+    result = cli("flows.treatment_report", "--site", "DEMO", "--config", str(site.config_path),
+                 "--out", str(out), env={"PREFECT_HOME": str(tmp_path / "prefect")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("PatientID,PatientName") and len(lines) == 2
+    assert lines[1].startswith('CLI003,"Cli, Report",')
+    assert ",3,5,2,3,on treatment," in lines[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Callable
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -123,7 +124,19 @@ def test_report_from_the_backup_alone_matches_the_truth(make_site: Callable[...,
                              "LastTreatment", "CurrentFraction", "FractionsPlanned",
                              "FractionsRemaining", "SessionsInWindow", "Status", "Warnings"]
     assert rows[0]["BirthDate"] == "1960-01-01"
+    assert {r["Physician"] for r in rows} == {"Curie, Marie"}
     assert result["records_listed"] == len(clinic.objects)
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        tables = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["treatment-report-demo"])))
+    assert tables and tables[0].type == "table"
+    shown = json.loads(str(tables[0].data))
+    assert {r["PatientName"] for r in shown} == {r["PatientName"] for r in rows}
+    assert "Müller, Jürgen" in {r["PatientName"] for r in shown}
 
 
 def test_rerun_fetches_only_new_records_and_empty_window_has_headers(
