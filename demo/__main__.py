@@ -15,7 +15,6 @@ import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 from radonc_backup.config import PROJECT_ROOT
 

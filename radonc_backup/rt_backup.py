@@ -173,9 +173,9 @@ def transfer(site: Site, source: AriaSource | MimSource, target: BackupTarget,
     if store_client is None:
         raise ConfigError(f"site {site.name}: MIM relay needs a DICOM backup target")
     refused: list[str] = []
-    for identifier in identifiers:
+    for ident in identifiers:
         received: list[Dataset] = []
-        client.get(identifier, received.append)
+        client.get(ident, received.append)
         refused += [r.sop_instance_uid for r in store_client.store(received) if not r.ok]
     return f"C-GET + C-STORE relay, {len(refused)} refused by the backup"
 
