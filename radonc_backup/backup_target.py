@@ -8,7 +8,6 @@ series with the UIDs as a list.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import time
@@ -63,32 +62,43 @@ class OrthancBackup:
         self._timeout = site.settings.network_timeout
         self._http: httpx.Client | None = None
 
-    def _client(self) -> contextlib.AbstractContextManager[httpx.Client]:
+    @property
+    def _where(self) -> str:
+        return f"site {self.site}: backup {self.alias} ({self.aet}, {self.url})"
+
+    def _client(self) -> httpx.Client:
         """One keep-alive HTTP client per target (creating one costs ~50 ms)."""
         if self._http is None:
             # Loading CA certificates costs ~40 ms and is needed only for https.
             self._http = httpx.Client(base_url=self.url, auth=self._auth, timeout=self._timeout,
                                       verify=self.url.startswith("https"))
-        return contextlib.nullcontext(self._http)
+        return self._http
 
     def close(self) -> None:
         if self._http is not None:
             self._http.close()
             self._http = None
 
-    def _post(self, client: httpx.Client, path: str, body: object) -> object:
-        where = f"site {self.site}: backup {self.alias} ({self.aet}, {self.url})"
+    def _get(self, path: str) -> httpx.Response:
+        """GET; an unreachable backup is retriable, the status is the caller's to judge."""
         try:
-            r = client.post(path, json=body)
+            return self._client().get(path)
         except httpx.TransportError as exc:
-            raise RetriableBackupTargetError(f"{where}: not reachable: {exc}") from None
+            raise RetriableBackupTargetError(f"{self._where}: not reachable: {exc}") from None
+
+    def _post(self, path: str, body: object) -> object:
+        try:
+            r = self._client().post(path, json=body)
+        except httpx.TransportError as exc:
+            raise RetriableBackupTargetError(f"{self._where}: not reachable: {exc}") from None
         if r.status_code == 401:
-            raise BackupTargetError(f"{where}: REST authentication failed for user "
+            raise BackupTargetError(f"{self._where}: REST authentication failed for user "
                                     f"{self._auth[0] if self._auth else '(none)'}")
         if r.status_code >= 500:
-            raise RetriableBackupTargetError(f"{where}: {path} answered {r.status_code}")
+            raise RetriableBackupTargetError(f"{self._where}: {path} answered {r.status_code}")
         if r.status_code >= 400:
-            raise BackupTargetError(f"{where}: {path} answered {r.status_code}: {r.text[:200]}")
+            raise BackupTargetError(f"{self._where}: {path} answered {r.status_code}: "
+                                    f"{r.text[:200]}")
         return r.json()
 
     def present(self, refs: Iterable[InstanceRef]) -> set[str]:
@@ -107,77 +117,60 @@ class OrthancBackup:
                     orthanc_id(r.patient_id, r.study_uid, r.series_uid, r.sop_instance_uid)] = \
                     r.sop_instance_uid
         found: set[str] = set()
-        with self._client() as client:
-            for series_id, expected in by_series.items():
-                try:
-                    r = client.get(f"/series/{series_id}")
-                except httpx.TransportError as exc:
-                    raise RetriableBackupTargetError(
-                        f"site {self.site}: backup {self.alias} ({self.aet}, {self.url}): not "
-                        f"reachable: {exc}") from None
-                if r.status_code == 200:
-                    held = set(r.json().get("Instances", []))
-                    found |= {uid for oid, uid in expected.items() if oid in held}
+        for series_id, expected in by_series.items():
+            r = self._get(f"/series/{series_id}")
+            if r.status_code == 200:
+                held = set(r.json().get("Instances", []))
+                found |= {uid for oid, uid in expected.items() if oid in held}
         return found
 
     def _present_by_uid(self, refs: list[InstanceRef]) -> set[str]:
         uids = sorted({r.sop_instance_uid for r in refs})
         found: set[str] = set()
-        with self._client() as client:
-            for i in range(0, len(uids), _FIND_CHUNK):
-                chunk = uids[i:i + _FIND_CHUNK]
-                answer = self._post(client, "/tools/find", {
-                    "Level": "Instance", "Expand": True,
-                    "Query": {"SOPInstanceUID": "\\".join(chunk)},
-                })
-                for item in answer:  # type: ignore[union-attr]
-                    uid = item.get("MainDicomTags", {}).get("SOPInstanceUID")
-                    if uid:
-                        found.add(uid)
+        for i in range(0, len(uids), _FIND_CHUNK):
+            chunk = uids[i:i + _FIND_CHUNK]
+            answer = self._post("/tools/find", {
+                "Level": "Instance", "Expand": True,
+                "Query": {"SOPInstanceUID": "\\".join(chunk)},
+            })
+            for item in answer:  # type: ignore[union-attr]
+                uid = item.get("MainDicomTags", {}).get("SOPInstanceUID")
+                if uid:
+                    found.add(uid)
         return found & set(uids)
 
     def series_instances(self, patient_id: str, study_uid: str, series_uid: str) -> set[str]:
-        with self._client() as client:
-            answer = self._post(client, "/tools/find", {
-                "Level": "Instance", "Expand": True,
-                "Query": {"SeriesInstanceUID": series_uid}})
+        answer = self._post("/tools/find", {"Level": "Instance", "Expand": True,
+                                            "Query": {"SeriesInstanceUID": series_uid}})
         return {i["MainDicomTags"]["SOPInstanceUID"] for i in answer  # type: ignore[union-attr]
                 if i.get("MainDicomTags", {}).get("SOPInstanceUID")}
 
     def read(self, sop_instance_uid: str) -> Dataset | None:
-        with self._client() as client:
-            ids = self._post(client, "/tools/find", {"Level": "Instance",
-                                                     "Query": {"SOPInstanceUID": sop_instance_uid}})
+        ids = self._post("/tools/find", {"Level": "Instance",
+                                         "Query": {"SOPInstanceUID": sop_instance_uid}})
         return self.read_resource(ids[0], sop_instance_uid) if ids else None  # type: ignore[index]
 
     def fetch_file(self, resource_id: str, about: str = "") -> bytes:
         """One instance's file by its Orthanc ID."""
-        where = f"site {self.site}: backup {self.alias} ({self.aet}, {self.url})"
-        with self._client() as client:
-            try:
-                r = client.get(f"/instances/{resource_id}/file")
-            except httpx.TransportError as exc:
-                raise RetriableBackupTargetError(f"{where}: not reachable: {exc}") from None
+        r = self._get(f"/instances/{resource_id}/file")
         if r.status_code != 200:
-            raise BackupTargetError(f"{where}: reading {about or resource_id} answered "
+            raise BackupTargetError(f"{self._where}: reading {about or resource_id} answered "
                                     f"{r.status_code}")
         return r.content
 
     def read_resource(self, resource_id: str, about: str = "") -> Dataset:
         """One instance by its Orthanc ID, parsed without pixel data."""
-        where = f"site {self.site}: backup {self.alias} ({self.aet}, {self.url})"
         content = self.fetch_file(resource_id, about)
         try:
             return dcmread(io.BytesIO(content), stop_before_pixels=True)
         except Exception as exc:
-            raise BackupTargetError(f"{where}: {about or resource_id} in the backup is not "
+            raise BackupTargetError(f"{self._where}: {about or resource_id} in the backup is not "
                                     f"readable DICOM: {exc}") from None
 
     def find_resources(self, query: dict[str, str]) -> list[str]:
         """Orthanc IDs of the instances matching a query on indexed tags."""
-        with self._client() as client:
-            return list(self._post(client, "/tools/find",  # type: ignore[arg-type]
-                                   {"Level": "Instance", "Query": query}))
+        return list(self._post("/tools/find",  # type: ignore[arg-type]
+                               {"Level": "Instance", "Query": query}))
 
 
 class DicomScpBackup:

@@ -27,10 +27,6 @@ from .ledger import Lane, Ledger
 from .windows import DayQuery, parse_treatment_datetime
 
 
-def client_for(site: Site, peer: AriaSource | MimSource) -> DicomClient:
-    return site.client(peer)
-
-
 def dicom_source(site: Site, alias: str | None) -> tuple[str, AriaSource | MimSource]:
     name, source = site.source(alias)
     if not isinstance(source, (AriaSource, MimSource)):
@@ -112,26 +108,17 @@ def move_identifiers(batch: Iterable[InstanceRef], relational: bool = False) -> 
     retrieve (one C-MOVE for a whole batch instead of one per series).
     """
     if relational:
-        ds = Dataset()
-        ds.QueryRetrieveLevel = "IMAGE"
         uids = sorted({ref.sop_instance_uid for ref in batch})
-        ds.SOPInstanceUID = uids if len(uids) > 1 else uids[0]
-        return [ds]
+        return [identifier("IMAGE", SOPInstanceUID=uids if len(uids) > 1 else uids[0])]
     by_series: dict[tuple[str, str, str], list[str]] = defaultdict(list)
     for ref in batch:
         by_series[ref.series_key].append(ref.sop_instance_uid)
     identifiers = []
     for (patient_id, study, series), uids in sorted(by_series.items()):
-        ds = Dataset()
-        ds.QueryRetrieveLevel = "IMAGE"
-        if patient_id:
-            ds.PatientID = patient_id
-        if study:
-            ds.StudyInstanceUID = study
-        if series:
-            ds.SeriesInstanceUID = series
-        ds.SOPInstanceUID = uids if len(uids) > 1 else uids[0]
-        identifiers.append(ds)
+        known = {k: v for k, v in (("PatientID", patient_id), ("StudyInstanceUID", study),
+                                   ("SeriesInstanceUID", series)) if v}
+        identifiers.append(identifier("IMAGE", **known,
+                                      SOPInstanceUID=uids if len(uids) > 1 else uids[0]))
     return identifiers
 
 
@@ -149,7 +136,7 @@ def verify_present(ledger: Ledger, lane: Lane, target: BackupTarget,
     """Mark verified what the backup holds; returns those UIDs."""
     if not refs:
         return set()
-    present = wait_for(target, refs, timeout) if timeout else target.present(refs)
+    present = wait_for(target, refs, timeout)
     ledger.mark_verified(lane, present)
     return present
 
@@ -161,7 +148,7 @@ def transfer(site: Site, source: AriaSource | MimSource, target: BackupTarget,
     ARIA-type sources C-MOVE straight to the backup AE. MIM-type sources are fetched by C-GET and
     relayed by C-STORE (``store_client`` talks to the backup's DICOM port).
     """
-    client = client_for(site, source)
+    client = site.client(source)
     identifiers = move_identifiers(batch, source.relational_move)
     if isinstance(source, AriaSource):
         results = _parallel_moves(client, identifiers, target.aet,

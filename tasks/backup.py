@@ -17,7 +17,7 @@ from radonc_backup.config import Settings
 from radonc_backup.errors import is_retriable
 from radonc_backup.instance import InstanceRef
 from radonc_backup.lane import open_lane
-from radonc_backup.rt_backup import BatchOutcome, client_for, find_records, move_and_verify, \
+from radonc_backup.rt_backup import BatchOutcome, find_records, move_and_verify, \
     verify_present
 from radonc_backup.windows import DayQuery
 
@@ -49,7 +49,7 @@ def find_rt_records(site: str, source: str | None, backup: str | None, config: s
     """C-FIND the RT Records of each window on the R&V, splitting windows the peer capped."""
     logger = get_run_logger()
     lane = open_lane(site, source, backup, config)
-    refs = find_records(client_for(lane.site, lane.source), queries,
+    refs = find_records(lane.site.client(lane.source), queries,
                         cap=lane.source.max_find_results,
                         on_split=lambda q: logger.info("window %s hit the peer's cap of %d: "
                                                        "splitting", q,

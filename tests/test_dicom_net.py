@@ -16,7 +16,7 @@ from radonc_backup.config import load_site
 from radonc_backup.dicom_net import DicomClient, NoDelayAE, Peer, Timeouts
 from radonc_backup.errors import FatalDicomError, RetriableDicomError
 from radonc_backup.windows import DayQuery
-from radonc_backup.rt_backup import client_for, find_records, move_identifiers
+from radonc_backup.rt_backup import find_records, move_identifiers
 from radonc_backup.instance import InstanceRef
 from tests.capped_scp import CappedFindSCP
 from tests.conftest import load
@@ -51,7 +51,7 @@ def test_find_returns_every_record_of_the_window(make_site: Callable[..., DemoSi
     load(site, COURSE)
     cfg = load_site("DEMO", site.config_path)
     days = [DayQuery(datetime(2026, 11, d).date()) for d in range(15, 23)]
-    found = find_records(client_for(cfg, cfg.sources["aria"]), days)
+    found = find_records(cfg.client(cfg.sources["aria"]), days)
     assert sorted(r.sop_instance_uid for r in found) == sorted(
         r.SOPInstanceUID for r in COURSE.records)
     first = COURSE.records[0]
@@ -80,7 +80,7 @@ def test_orthanc_cut_short_answer_is_never_taken_as_complete(
     load(site, COURSE)
     cfg = load_site("DEMO", site.config_path)
     with pytest.raises(FatalDicomError, match="raise its C-FIND result limit"):
-        find_records(client_for(cfg, cfg.sources["aria"]), [DayQuery(datetime(2026, 11, 16)
+        find_records(cfg.client(cfg.sources["aria"]), [DayQuery(datetime(2026, 11, 16)
                                                                      .date())])
 
 
