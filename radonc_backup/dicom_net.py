@@ -207,7 +207,7 @@ class DicomClient:
     def _error(self, retriable: bool, operation: str, detail: str,
                uid: str | None = None) -> DicomError:
         cls = RetriableDicomError if retriable else FatalDicomError
-        return cls(self.site, self.peer.label, operation, detail, uid)
+        return cls(self.site, self.peer.label, operation, detail, uid, self.calling_ae)
 
     def _ae(self) -> NoDelayAE:
         ae = NoDelayAE(ae_title=self.calling_ae)
@@ -237,7 +237,8 @@ class DicomClient:
                               f"association rejected ({'transient' if transient else 'permanent'}"
                               f"): {reason}; our AE is {self.calling_ae}")
         if assoc.is_aborted:
-            raise self._error(True, operation, "association aborted by the peer")
+            raise self._error(True, operation, "association aborted by the peer (if it persists, "
+                                               "check that the peer knows our AE title)")
         if not assoc.is_established:
             raise self._error(True, operation, "no association: peer down, unreachable or not "
                                                "answering within the timeouts")
@@ -282,7 +283,8 @@ class DicomClient:
                 if status == 0xFE00:
                     # Orthanc ends a capped answer this way (LimitFindInstances/Results).
                     raise FindTruncated(self.site, self.peer.label, "C-FIND",
-                                        "answer cut short by the peer (status 0xFE00)")
+                                        "answer cut short by the peer (status 0xFE00)",
+                                        calling_ae=self.calling_ae)
                 self._raise_for_status("C-FIND", status, status_ds)
             raise self._error(True, "C-FIND", "association ended before a final status")
 

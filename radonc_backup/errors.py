@@ -24,14 +24,16 @@ class DicomError(BackupError):
     """A DICOM operation with a peer failed."""
 
     def __init__(self, site: str, peer: str, operation: str, detail: str,
-                 uid: str | None = None) -> None:
+                 uid: str | None = None, calling_ae: str = "") -> None:
         self.site = site
+        self.calling_ae = calling_ae
         self.peer = peer
         self.operation = operation
         self.detail = detail
         self.uid = uid
         about = f" for {uid}" if uid else ""
-        super().__init__(f"site {site}: {operation} with {peer}{about} failed: {detail}")
+        who = f"from {calling_ae} to" if calling_ae else "with"
+        super().__init__(f"site {site}: {operation} {who} {peer}{about} failed: {detail}")
 
 
 class RetriableDicomError(DicomError):

@@ -81,7 +81,7 @@ def find_records(client: DicomClient, queries: Iterable[DayQuery], cap: int = 0,
                 raise FatalDicomError(client.site, client.peer.label, "C-FIND",
                                       f"the peer still cuts its answer short for the one-second "
                                       f"window {query} ({len(matches)} matches): raise its "
-                                      f"C-FIND result limit")
+                                      f"C-FIND result limit", calling_ae=client.calling_ae)
             if on_split:
                 on_split(query)
             pending[:0] = list(halves)
