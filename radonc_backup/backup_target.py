@@ -91,6 +91,9 @@ class OrthancBackup:
             r = self._client().post(path, json=body)
         except httpx.TransportError as exc:
             raise RetriableBackupTargetError(f"{self._where}: not reachable: {exc}") from None
+        return self._json(r, path)
+
+    def _json(self, r: httpx.Response, path: str) -> object:
         if r.status_code == 401:
             raise BackupTargetError(f"{self._where}: REST authentication failed for user "
                                     f"{self._auth[0] if self._auth else '(none)'}")
@@ -100,6 +103,11 @@ class OrthancBackup:
             raise BackupTargetError(f"{self._where}: {path} answered {r.status_code}: "
                                     f"{r.text[:200]}")
         return r.json()
+
+    def version(self) -> str:
+        """Orthanc's version: proves the REST API answers and accepts our login."""
+        system = self._json(self._get("/system"), "/system")
+        return str(system.get("Version", "?")) if isinstance(system, dict) else "?"
 
     def present(self, refs: Iterable[InstanceRef]) -> set[str]:
         """Fast path: each series' instance list, matched on Orthanc's deterministic IDs.
