@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.incremental_backup import incremental_backup
     from radonc_backup.config import load_site
     from radonc_backup.errors import BackupError
+    from tasks.limits import ensure_rv_limits
 
     workdir = Path(tempfile.mkdtemp(prefix="radonc-demo-"))
     site = start_demo_site(workdir)
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(REST {site.backup.url})")
         print("Running flow incremental-backup for site DEMO ...")
         try:
+            ensure_rv_limits(load_site("DEMO", site.config_path))
             summary = incremental_backup(site="DEMO", config=str(site.config_path))
         except BackupError as exc:
             print(f"FAILED: {exc}", file=sys.stderr)

@@ -14,7 +14,9 @@ import typing
 from datetime import date, datetime
 from typing import Any
 
+from radonc_backup.config import load_site
 from radonc_backup.errors import BackupError
+from tasks.limits import ensure_rv_limits
 
 _CONVERTERS: dict[type, Any] = {int: int, float: float, str: str,
                                 datetime: datetime.fromisoformat, date: date.fromisoformat}
@@ -52,6 +54,8 @@ def build_parser(flow_obj: Any, description: str) -> argparse.ArgumentParser:
 def run_cli(flow_obj: Any, description: str, argv: list[str] | None = None) -> int:
     args = build_parser(flow_obj, description).parse_args(argv)
     try:
+        # An ad-hoc run may be the first on this Prefect server: create missing R&V limits.
+        ensure_rv_limits(load_site(args.site, args.config))
         result = flow_obj(**vars(args))
     except BackupError as exc:
         print(f"FAILED: {exc}", file=sys.stderr)

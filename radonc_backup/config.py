@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from datetime import datetime, time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -47,6 +48,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def rv_limit_name(aet: str) -> str:
+    """The Prefect global concurrency limit that caps associations with one R&V AE."""
+    return "dicom-" + re.sub(r"[^A-Za-z0-9_.-]", "_", aet.strip())
+
+
+def hours_window(text: str) -> tuple[time, time]:
+    """``"19:00-07:00"`` as (start, end); the window may cross midnight."""
+    try:
+        start, end = (time.fromisoformat(part.strip()) for part in text.split("-"))
+    except ValueError:
+        raise ValueError(f"hours {text!r} are not HH:MM-HH:MM") from None
+    if start == end:
+        raise ValueError(f"hours {text!r} start and end at the same time")
+    return start, end
+
+
+def within_hours(text: str, moment: datetime) -> bool:
+    """Whether ``moment`` (local wall-clock time) is inside the window ``text`` (empty: always)."""
+    if not text:
+        return True
+    start, end = hours_window(text)
+    now = moment.time()
+    return start <= now < end if start < end else now >= start or now < end
+
+
 class DicomPeer(_Strict):
     aet: str
     ip: str
@@ -62,25 +88,42 @@ class DicomPeer(_Strict):
         return f"{self.aet}@{self.ip}:{self.port}"
 
 
-class AriaSource(DicomPeer):
-    """ARIA (or any Q/R SCP that can C-MOVE straight to the backup)."""
-
-    type: Literal["aria"]
+class _DicomSource(DicomPeer):
     description: str = ""
     max_find_results: int = Field(default=0, ge=0)
     """The peer's cap on C-FIND results (0: none known); a window that returns it is split."""
     relational_move: bool = False
     """The peer accepts one IMAGE-level C-MOVE listing UIDs of many series (relational retrieve).
     ARIA does not: leave false and each series is moved with its full hierarchy."""
+    max_associations: int = Field(default=4, ge=1, le=64)
+    """Associations all runs of all flows may hold with this AE at once (a Prefect global
+    concurrency limit named by ``rv_limit_name``, created by ``deployments.register``)."""
+    image_hours: str = ""
+    """Off-peak window for plan-context image series moves, e.g. "19:00-07:00" in the site's
+    timezone; empty means any time. RT Records, plans, structure sets and doses always move."""
+
+    @field_validator("image_hours")
+    @classmethod
+    def _valid_hours(cls, value: str) -> str:
+        if value:
+            hours_window(value)
+        return value
+
+    @property
+    def limit_name(self) -> str:
+        return rv_limit_name(self.aet)
 
 
-class MimSource(DicomPeer):
+class AriaSource(_DicomSource):
+    """ARIA (or any Q/R SCP that can C-MOVE straight to the backup)."""
+
+    type: Literal["aria"]
+
+
+class MimSource(_DicomSource):
     """MIM: C-FIND + C-GET to us, relayed to the backup by C-STORE."""
 
     type: Literal["mim"]
-    description: str = ""
-    max_find_results: int = Field(default=0, ge=0)
-    relational_move: bool = False
 
 
 class MosaiqSource(_Strict):

@@ -29,7 +29,11 @@ FAST_RETRIES = {"retries": 2, "retry_backoff_seconds": 0.2, "retry_jitter_factor
 def prefect() -> Iterator[None]:
     from prefect.testing.utilities import prefect_test_harness
 
+    from radonc_backup.config import load_site
+    from tasks.limits import ensure_rv_limits
+
     with prefect_test_harness(server_startup_timeout=60):
+        ensure_rv_limits(load_site("DEMO"))  # what deployments.register does on a real server
         yield
 
 

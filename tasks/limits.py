@@ -1,0 +1,69 @@
+"""Load protection: tasks that talk to an R&V AE hold slots of a Prefect global limit.
+
+One limit per R&V AE (``dicom-<AET>``, size ``max_associations`` from the source's config) is
+shared by every run of every flow and every worker, so a nightly sweep, a backfill and the
+10-minute backup together never open more associations than the clinic allows. Slots are taken
+with ``strict=True``: a missing limit is a setup error, never a silent "no limit". Slots are
+leased and renewed while held, so a killed run frees its slot within minutes.
+``deployments.register`` creates the limits; ad-hoc CLI runs and the demo create missing ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+from prefect.client.orchestration import get_client
+from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
+
+from radonc_backup.config import AriaSource, MimSource, MosaiqSource, Site
+from radonc_backup.errors import ConfigError
+
+REGISTER_HINT = "python -m deployments.register"
+
+
+@contextmanager
+def rv_slots(source: AriaSource | MimSource, occupy: int = 1) -> Iterator[None]:
+    """Hold ``occupy`` associations' worth of the source's limit while the block runs.
+
+    Strict: a limit that does not exist stops the run with a setup error instead of running
+    unlimited against the R&V. Never asks for more than the limit holds, so it can be granted.
+    A failed lease renewal does not kill a long C-MOVE half way.
+    """
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(concurrency(source.limit_name,
+                                            occupy=min(occupy, source.max_associations),
+                                            strict=True, raise_on_lease_renewal_failure=False))
+        except ConcurrencySlotAcquisitionError as exc:
+            raise ConfigError(f"R&V {source.label}: Prefect global concurrency limit "
+                              f"{source.limit_name!r} is missing on this Prefect server: create "
+                              f"it with {REGISTER_HINT} ({exc})") from None
+        yield
+
+
+def rv_limits(site: Site) -> dict[str, int]:
+    """The limit name and size for each DICOM source of a site."""
+    return {src.limit_name: src.max_associations for src in site.sources.values()
+            if not isinstance(src, MosaiqSource)}
+
+
+def ensure_rv_limits(site: Site, update: bool = False) -> dict[str, int]:
+    """Create the site's R&V limits that are missing (and with ``update``, resize existing ones
+    to the config). Returns each limit's size on the server."""
+    sizes = {}
+    with get_client(sync_client=True) as client:
+        for name, size in rv_limits(site).items():
+            if update:
+                client.upsert_global_concurrency_limit_by_name(name, size)
+                sizes[name] = size
+                continue
+            try:
+                sizes[name] = client.read_global_concurrency_limit_by_name(name).limit
+            except ObjectNotFound:
+                client.upsert_global_concurrency_limit_by_name(name, size)
+                sizes[name] = size
+    return sizes
+
