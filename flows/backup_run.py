@@ -109,7 +109,8 @@ def raise_if_incomplete(summary: BackupSummary) -> None:
 
 
 def backfill_context(summary: BackupSummary, params: tuple[str, str | None, str | None,
-                     str | None], record_uids: list[str] | None) -> None:
+                     str | None], record_uids: list[str] | None,
+                     now: datetime | None = None) -> None:
     """Run the plan-context backfill as a subflow; its own failure is reported, not raised.
 
     An incomplete plan context must not hide whether the records themselves are backed up, so
@@ -122,7 +123,7 @@ def backfill_context(summary: BackupSummary, params: tuple[str, str | None, str 
         return
     site, source, backup, config = params
     state = plan_context_backfill(site=site, source=source, backup=backup, config=config,
-                                  record_uids=record_uids, return_state=True)
+                                  record_uids=record_uids, now=now, return_state=True)
     summary.plan_context = state.name if state.is_completed() else \
         f"{state.name}: {state.message}"
     if not state.is_completed():

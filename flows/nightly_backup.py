@@ -14,11 +14,13 @@ from prefect import flow
 
 from flows.backup_run import backfill_context, raise_if_incomplete, run_backup
 from flows.cli import run_cli
+from flows.hooks import notify_failure
 from radonc_backup.lane import open_lane
 from radonc_backup.windows import utc_now, wall, whole_days
 
 
-@flow(name="nightly-backup", log_prints=False)
+@flow(name="nightly-backup", log_prints=False,
+      on_failure=[notify_failure], on_crashed=[notify_failure])
 def nightly_backup(site: str, days: int = 1, source: str | None = None,
                    backup: str | None = None, config: str | None = None,
                    now: datetime | None = None, backfill: bool = True) -> dict[str, object]:
@@ -32,7 +34,7 @@ def nightly_backup(site: str, days: int = 1, source: str | None = None,
     window = f"{queries[0].day:%Y-%m-%d} to {queries[-1].day:%Y-%m-%d} (whole days)"
     summary = run_backup("nightly-backup", lane, (site, source, backup, config), queries, window)
     if backfill:
-        backfill_context(summary, (site, source, backup, config), None)
+        backfill_context(summary, (site, source, backup, config), None, now)
     raise_if_incomplete(summary)
     return summary.as_dict()
 

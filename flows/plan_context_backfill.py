@@ -12,13 +12,15 @@ from __future__ import annotations
 import csv
 import sys
 from collections import Counter
-from datetime import date
+from datetime import date, datetime
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.backup_run import artifact_key
 from flows.cli import run_cli
+from flows.hooks import notify_failure
+from radonc_backup.config import within_hours
 from radonc_backup.errors import BackupIncomplete, ConfigError
 from radonc_backup.lane import open_lane
 from radonc_backup.plan_context import TYPES, ContextOutcome, totals
@@ -38,17 +40,25 @@ def read_mrns(path: str) -> list[str]:
     return rows
 
 
-@flow(name="plan-context-backfill", log_prints=False)
+@flow(name="plan-context-backfill", log_prints=False,
+      on_failure=[notify_failure], on_crashed=[notify_failure])
 def plan_context_backfill(site: str, source: str | None = None, backup: str | None = None,
                           config: str | None = None, patient_ids: list[str] | None = None,
                           start_date: date | None = None, end_date: date | None = None,
                           mrn_csv: str | None = None, record_uids: list[str] | None = None,
-                          ) -> dict[str, object]:
+                          now: datetime | None = None) -> dict[str, object]:
     """Backfill plan context for a site's backed-up RT Records (see module docstring)."""
     logger = get_run_logger()
     lane = open_lane(site, source, backup, config)
     params = (site, source, backup, config)
     retrying = lane.site.settings
+    local_now = (now or datetime.now(lane.site.tz)).replace(tzinfo=None) if not (
+        now and now.tzinfo) else now.astimezone(lane.site.tz).replace(tzinfo=None)
+    images_now = within_hours(lane.source.image_hours, local_now)
+    if not images_now:
+        logger.info("site %s: %s is outside the off-peak hours %s of %s: image series wait",
+                    site, local_now.strftime("%H:%M"), lane.source.image_hours,
+                    lane.lane.source)
 
     ids = list(patient_ids or []) + (read_mrns(mrn_csv) if mrn_csv else [])
     on_demand = bool(ids or start_date or end_date)
@@ -62,7 +72,8 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
 
     outcomes: list[ContextOutcome] = []
     for link in links:
-        state = with_site_retries(walk_plan, retrying)(*params, link, return_state=True)
+        state = with_site_retries(walk_plan, retrying)(*params, link, images_now,
+                                                       return_state=True)
         if state.is_completed():
             outcomes.append(state.result())
         else:
@@ -81,9 +92,9 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
         outcomes.append(ContextOutcome(uid, "", "no plan",
                                        [f"RT Record {uid} references no RT Plan"]))
     publish(summary, outcomes)
-    logger.info("site %s: %d plan(s): %d complete, %d incomplete, %d skipped; moved %s", site,
-                len(outcomes), summary["complete"], summary["incomplete"], summary["skipped"],
-                summary["moved"])
+    logger.info("site %s: %d plan(s): %d complete, %d incomplete, %d deferred, %d skipped; "
+                "moved %s", site, len(outcomes), summary["complete"], summary["incomplete"],
+                summary["deferred"], summary["skipped"], summary["moved"])
     if summary["incomplete"] or unreadable:
         first = [f"{o.plan_uid} (patient {o.patient_id or '?'}): {'; '.join(o.unresolved)}"
                  for o in outcomes if o.state == "incomplete"][:5]
@@ -104,6 +115,7 @@ def summarize(site: str, source: str, outcomes: list[ContextOutcome],
         "site": site, "source": source, "plans": len(outcomes),
         "complete": sum(o.state == "complete" for o in outcomes),
         "incomplete": sum(o.state == "incomplete" for o in outcomes),
+        "deferred": sum(o.state == "deferred" for o in outcomes),
         "skipped": sum(o.state == "skipped" for o in outcomes),
         "moved": {t: moved[t] for t in TYPES if moved[t]},
         "verified": {t: verified[t] for t in TYPES if verified[t]},
@@ -133,7 +145,8 @@ def publish(summary: dict[str, object], outcomes: list[ContextOutcome]) -> None:
     create_markdown_artifact(
         key=key, markdown=(f"# Plan-context backfill: site {summary['site']}\n\n"
                            f"{summary['plans']} plan(s): {summary['complete']} complete, "
-                           f"{summary['incomplete']} incomplete, {summary['skipped']} skipped.\n"))
+                           f"{summary['incomplete']} incomplete, {summary['deferred']} "
+                           f"deferred to off-peak hours, {summary['skipped']} skipped.\n"))
 
 
 if __name__ == "__main__":

@@ -185,6 +185,22 @@ class Settings(_Strict):
     """Plans delivered on these machines get no plan-context backfill (counted as skipped)."""
 
 
+class Notify(_Strict):
+    """Where failure e-mail goes. Leave the table out and no mail is sent."""
+
+    smtp_host: str
+    smtp_port: Port = 25
+    starttls: bool = False
+    sender: str
+    recipients: list[str] = Field(min_length=1)
+    username: str = ""
+    password_env: str | None = None
+    password_secret: str | None = None
+    ui_url: str = ""
+    """Base URL of the Prefect UI for the link in the mail (default: Prefect's PREFECT_UI_URL)."""
+    timeout: float = Field(default=30.0, gt=0)
+
+
 class Site(_Strict):
     name: str
     description: str = ""
@@ -195,6 +211,7 @@ class Site(_Strict):
     sources: dict[str, Source]
     backup_targets: dict[str, BackupTarget]
     settings: Settings = Settings()
+    notify: Notify | None = None
     config_path: str = ""
 
     @field_validator("script_ae")

@@ -67,7 +67,7 @@ CREATE TABLE IF NOT EXISTS plan_contexts (
     backup TEXT NOT NULL,
     plan_uid TEXT NOT NULL,
     patient_id TEXT NOT NULL DEFAULT '',
-    state TEXT NOT NULL CHECK (state IN ('complete', 'incomplete', 'skipped')),
+    state TEXT NOT NULL CHECK (state IN ('complete', 'incomplete', 'deferred', 'skipped')),
     detail TEXT NOT NULL DEFAULT '',
     attempts INTEGER NOT NULL DEFAULT 0,
     updated TEXT NOT NULL,
@@ -298,7 +298,8 @@ class Ledger:
               pending_only: bool = True) -> list[PlanLink]:
         """Plans referenced by backed-up records (of ``record_uids`` if given), one per plan.
 
-        ``pending_only``: leave out plans whose context is complete or skipped.
+        ``pending_only``: leave out plans whose context is complete or skipped (incomplete and
+        deferred ones are pending).
         """
         sql = ("SELECT p.plan_uid, MIN(p.patient_id), MIN(p.machine), "
                "GROUP_CONCAT(p.record_uid, '\\') FROM record_plans p "
@@ -307,7 +308,7 @@ class Ledger:
                "WHERE p.site=? AND p.source=? AND p.backup=?")
         sql += " AND p.plan_uid != ''"
         if pending_only:
-            sql += " AND (c.state IS NULL OR c.state='incomplete')"
+            sql += " AND (c.state IS NULL OR c.state IN ('incomplete', 'deferred'))"
         sql += " GROUP BY p.plan_uid ORDER BY MIN(p.patient_id), p.plan_uid"
         wanted = set(record_uids) if record_uids is not None else None
         with self._connect() as conn:

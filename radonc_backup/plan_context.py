@@ -89,14 +89,23 @@ class ContextOutcome:
         self.state = "incomplete"
         self.unresolved.append(text)
 
+    def defer(self, text: str) -> None:
+        """Work left for the source's off-peak window: pending, not a failure."""
+        if self.state == "complete":
+            self.state = "deferred"
+        self.unresolved.append(text)
+
 
 class ContextWalker:
     """Walks one plan's chain for one lane, moving and verifying what the backup lacks."""
 
     def __init__(self, site: Site, source: AriaSource | MimSource, target: BackupTarget,
-                 ledger: Ledger, lane: Lane, store_client: DicomClient | None = None) -> None:
+                 ledger: Ledger, lane: Lane, store_client: DicomClient | None = None,
+                 images_now: bool = True) -> None:
         self.site, self.source, self.target = site, source, target
         self.ledger, self.lane, self.store_client = ledger, lane, store_client
+        self.images_now = images_now
+        """False outside the source's ``image_hours``: image series are left for later."""
         self.client = site.client(source)
         self.where = f"{lane.source} ({source.aet})"
 
@@ -122,6 +131,10 @@ class ContextWalker:
             if not series:
                 out.problem(f"RTSTRUCT {struct_uid} references no image series")
             for study_uid, series_uid in series:
+                if not self.images_now:
+                    out.defer(f"series {series_uid} (study {study_uid}): image moves wait for "
+                              f"the off-peak hours {self.source.image_hours} of {self.where}")
+                    continue
                 self._step(out, self._ensure_series, link.patient_id, study_uid, series_uid, out)
         if not _referenced(plan, "ReferencedStructureSetSequence"):
             out.problem(f"RTPLAN {link.plan_uid} references no structure set")

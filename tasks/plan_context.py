@@ -58,13 +58,15 @@ def select_records(site: str, source: str | None, backup: str | None, config: st
 
 @task(name="walk-plan-context", cache_policy=NO_CACHE)
 def walk_plan(site: str, source: str | None, backup: str | None, config: str | None,
-              link: PlanLink) -> ContextOutcome:
-    """Bring one plan's structure set, image series and doses into the backup, and verify."""
+              link: PlanLink, images_now: bool = True) -> ContextOutcome:
+    """Bring one plan's structure set, image series and doses into the backup, and verify.
+
+    ``images_now`` is False outside the source's off-peak hours: image series wait."""
     lane = open_lane(site, source, backup, config)
     store = lane.store_client() if lane.source.type == "mim" else None
     with rv_slots(lane.source, occupy=2):  # a C-FIND and a whole-series C-MOVE may overlap
         outcome = ContextWalker(lane.site, lane.source, lane.target, lane.ledger, lane.lane,
-                                store).walk(link)
+                                store, images_now).walk(link)
     lane.ledger.set_context(lane.lane, link.plan_uid, link.patient_id, outcome.state,
                             "; ".join(outcome.unresolved))
     get_run_logger().info("site %s: plan %s (patient %s): %s; moved %s", site, link.plan_uid,
