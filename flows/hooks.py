@@ -1,7 +1,12 @@
-"""Flow-run state hooks: the failure e-mail, sent once per failed or crashed run."""
+"""Flow-run state hooks: the site's log file for the run, and the failure e-mail.
+
+Every flow uses ``RUN_HOOKS``: the log file opens when the run starts running and closes when
+it ends, however it ends; a failed or crashed run also mails the site's recipients once.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from prefect.client.orchestration import get_client
@@ -11,6 +16,7 @@ from prefect.settings import PREFECT_UI_URL
 
 from radonc_backup.config import load_site
 from radonc_backup.errors import BackupError
+from radonc_backup.logfile import close_site_log, open_site_log
 from radonc_backup.notify import RunFailure, failure_message, run_link, send
 
 
@@ -51,3 +57,35 @@ def notify_failure(flow: Any, flow_run: Any, state: Any) -> None:
         return
     logger.info("failure e-mail sent to %d recipient(s)", len(site.notify.recipients))
 
+
+
+_open_logs: dict[str, logging.Handler] = {}
+
+
+def open_run_log(flow: Any, flow_run: Any, state: Any) -> None:
+    params = dict(flow_run.parameters or {})
+    try:
+        site = load_site(str(params.get("site")), params.get("config"))
+    except BackupError:
+        return  # the run itself reports the config error
+    _open_logs[str(flow_run.id)] = open_site_log(site, str(flow_run.id), flow_run.name)
+
+
+def close_run_log(flow: Any, flow_run: Any, state: Any) -> None:
+    handler = _open_logs.pop(str(flow_run.id), None)
+    if handler is not None:
+        close_site_log(handler)
+
+
+def fail_and_close(flow: Any, flow_run: Any, state: Any) -> None:
+    notify_failure(flow, flow_run, state)
+    close_run_log(flow, flow_run, state)
+
+
+RUN_HOOKS: dict[str, Any] = {
+    "on_running": [open_run_log],
+    "on_completion": [close_run_log],
+    "on_cancellation": [close_run_log],
+    "on_failure": [fail_and_close],
+    "on_crashed": [fail_and_close],
+}

@@ -15,7 +15,7 @@ from prefect import flow
 
 from flows.backup_run import backfill_context, raise_if_incomplete, run_backup
 from flows.cli import run_cli
-from flows.hooks import notify_failure
+from flows.hooks import RUN_HOOKS
 from radonc_backup.lane import open_lane
 from radonc_backup.rt_backup import window_label
 from radonc_backup.windows import day_queries, local_span, utc_now, wall
@@ -30,8 +30,7 @@ def incremental_start(watermark: datetime | None, now: datetime, overlap_minutes
     return datetime.combine(first_day, datetime.min.time(), tzinfo=tz).astimezone(timezone.utc)  # type: ignore[arg-type]
 
 
-@flow(name="incremental-backup", log_prints=False,
-      on_failure=[notify_failure], on_crashed=[notify_failure])
+@flow(name="incremental-backup", log_prints=False, **RUN_HOOKS)
 def incremental_backup(site: str, source: str | None = None, backup: str | None = None,
                        config: str | None = None, now: datetime | None = None,
                        backfill: bool = True) -> dict[str, object]:

@@ -14,13 +14,12 @@ from prefect import flow
 
 from flows.backup_run import backfill_context, raise_if_incomplete, run_backup
 from flows.cli import run_cli
-from flows.hooks import notify_failure
+from flows.hooks import RUN_HOOKS
 from radonc_backup.lane import open_lane
 from radonc_backup.windows import utc_now, wall, whole_days
 
 
-@flow(name="nightly-backup", log_prints=False,
-      on_failure=[notify_failure], on_crashed=[notify_failure])
+@flow(name="nightly-backup", log_prints=False, **RUN_HOOKS)
 def nightly_backup(site: str, days: int = 1, source: str | None = None,
                    backup: str | None = None, config: str | None = None,
                    now: datetime | None = None, backfill: bool = True) -> dict[str, object]:

@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.backup_run import artifact_key
 from flows.cli import run_cli
-from flows.hooks import notify_failure
+from flows.hooks import RUN_HOOKS
 from radonc_backup.config import within_hours
 from radonc_backup.errors import BackupIncomplete, ConfigError
 from radonc_backup.lane import open_lane
@@ -40,8 +40,7 @@ def read_mrns(path: str) -> list[str]:
     return rows
 
 
-@flow(name="plan-context-backfill", log_prints=False,
-      on_failure=[notify_failure], on_crashed=[notify_failure])
+@flow(name="plan-context-backfill", log_prints=False, **RUN_HOOKS)
 def plan_context_backfill(site: str, source: str | None = None, backup: str | None = None,
                           config: str | None = None, patient_ids: list[str] | None = None,
                           start_date: date | None = None, end_date: date | None = None,

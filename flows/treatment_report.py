@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.backup_run import artifact_key
 from flows.cli import run_cli
-from flows.hooks import notify_failure
+from flows.hooks import RUN_HOOKS
 from radonc_backup.config import PROJECT_ROOT, load_site
 from radonc_backup.treatment_report import COLUMNS, build_report
 from radonc_backup.windows import utc_now, wall
@@ -28,8 +28,7 @@ from tasks.report import list_records, parse_records, read_plans, report_backup
 PARSE_BATCH = 500
 
 
-@flow(name="treatment-report", log_prints=False,
-      on_failure=[notify_failure], on_crashed=[notify_failure])
+@flow(name="treatment-report", log_prints=False, **RUN_HOOKS)
 def treatment_report(site: str, treatment_start_date: date | None = None,
                      end_date: date | None = None, study_start_date: date | None = None,
                      out: str | None = None, backup: str | None = None,

@@ -183,6 +183,11 @@ class Settings(_Strict):
     state_dir: str = ".state"
     skip_machines: list[str] = Field(default_factory=list)
     """Plans delivered on these machines get no plan-context backfill (counted as skipped)."""
+    log_file: str = ""
+    """Rotating log file of this site's runs (default: <state_dir>/logs/<site>.log)."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_max_mb: float = Field(default=10.0, gt=0)
+    log_backups: int = Field(default=10, ge=1)
 
 
 class Notify(_Strict):
@@ -269,6 +274,13 @@ class Site(_Strict):
     def state_dir(self) -> Path:
         override = os.environ.get(STATE_DIR_ENV)
         path = Path(override or self.settings.state_dir)
+        return path if path.is_absolute() else PROJECT_ROOT / path
+
+    @property
+    def log_path(self) -> Path:
+        if not self.settings.log_file:
+            return self.state_dir / "logs" / f"{self.name}.log"
+        path = Path(self.settings.log_file).expanduser()
         return path if path.is_absolute() else PROJECT_ROOT / path
 
 

@@ -224,9 +224,11 @@ class DicomClient:
                     handlers: list[tuple[object, Callable[..., object]]] | None = None,
                     ) -> Iterator[Association]:
         ae = self._ae()
+        connected: list[bool] = []
+        on_open = (evt.EVT_CONN_OPEN, lambda event: connected.append(True))
         assoc = ae.associate(self.peer.host, self.peer.port, contexts=contexts,
                              ae_title=self.peer.aet, ext_neg=roles or None,
-                             evt_handlers=handlers or None)
+                             evt_handlers=[*(handlers or []), on_open])
         if assoc.is_rejected:
             prim = assoc.acceptor.primitive
             result, source, diag = (prim.result, prim.result_source, prim.diagnostic) if prim else (
@@ -236,6 +238,9 @@ class DicomClient:
             raise self._error(transient, operation,
                               f"association rejected ({'transient' if transient else 'permanent'}"
                               f"): {reason}; our AE is {self.calling_ae}")
+        if not connected:
+            raise self._error(True, operation, "peer down or unreachable: no TCP connection "
+                                               "(refused or timed out)")
         if assoc.is_aborted:
             raise self._error(True, operation, "association aborted by the peer (if it persists, "
                                                "check that the peer knows our AE title)")

@@ -138,6 +138,7 @@ def test_unreachable_peer_is_retriable_and_named() -> None:
     with pytest.raises(RetriableDicomError) as err:
         list(client.find(Dataset()))
     assert f"site DEMO: C-FIND from RADONC_BACKUP to RV_DEMO@127.0.0.1:{port}" in str(err.value)
+    assert "peer down or unreachable" in str(err.value)
 
 
 def test_unknown_move_destination_is_fatal(make_site: Callable[..., DemoSite]) -> None:
