@@ -2,6 +2,7 @@
 # Set up everything RadOnc Backup needs on Debian (run as root), then run the demo or the tests.
 #   bash bootstrap.sh demo    # Orthanc pair + synthetic clinic + incremental backup via Prefect
 #   bash bootstrap.sh test    # the whole test suite
+#   bash bootstrap.sh setup   # install only (servers: see docs/operations.md)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -34,5 +35,6 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 TCP_NODELAY=1
 case "${1:-}" in
   demo) shift; exec .venv/bin/python -m demo "$@" ;;
   test) shift; exec .venv/bin/python -m pytest "$@" ;;
-  *) echo "usage: bash bootstrap.sh demo|test [args]" >&2; exit 2 ;;
+  setup) echo "Installed: $(pwd)/.venv" ;;
+  *) echo "usage: bash bootstrap.sh demo|test|setup [args]" >&2; exit 2 ;;
 esac
