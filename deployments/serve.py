@@ -3,8 +3,9 @@
     python -m deployments.serve --site UCLA [--config /etc/radonc/sites.toml]
 
 Serves ``incremental-backup`` every 10 minutes (never two at once), ``nightly-backup`` at
-02:00, ``plan-context-backfill`` at 03:00 and ``treatment-report`` at 06:00 in the site's
-timezone. Stop with Ctrl-C; runs and schedules show in the Prefect UI.
+02:00, ``plan-context-backfill`` at 03:00, ``treatment-report`` at 06:00 and
+``validation-sweep`` on Sundays at 04:00, in the site's timezone. Stop with Ctrl-C; runs and
+schedules show in the Prefect UI.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from flows.incremental_backup import incremental_backup
 from flows.nightly_backup import nightly_backup
 from flows.plan_context_backfill import plan_context_backfill
 from flows.treatment_report import treatment_report
+from flows.validation_sweep import validation_sweep
 from radonc_backup.config import load_site
 
 
@@ -40,6 +42,9 @@ def deployments_for(site: str, config: str | None = None) -> list[object]:
         treatment_report.to_deployment(
             name=site.lower(), parameters=params, concurrency_limit=once,
             schedule=Cron("0 6 * * *", timezone=cfg.timezone)),
+        validation_sweep.to_deployment(
+            name=site.lower(), parameters=params, concurrency_limit=once,
+            schedule=Cron("0 4 * * 0", timezone=cfg.timezone)),
     ]
 
 

@@ -212,6 +212,31 @@ class Ledger:
                 [(err[:2000], now, lane.site, lane.source, lane.backup, uid)
                  for uid, err in errors.items()])
 
+    def reopen_missing(self, lane: Lane, errors: dict[str, str]) -> None:
+        """Verified rows the backup no longer holds go back to failed: the next runs move them
+        again. The only way a row leaves 'verified', and only on a presence check's word."""
+        now = _now()
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE instances SET state='failed', last_error=?, updated=?, verified_at=NULL "
+                "WHERE site=? AND source=? AND backup=? AND sop_instance_uid=? AND "
+                "state='verified'",
+                [(err[:2000], now, lane.site, lane.source, lane.backup, uid)
+                 for uid, err in errors.items()])
+
+    def reopen_contexts(self, lane: Lane, patient_ids: Iterable[str], detail: str) -> int:
+        """Mark the complete plan contexts of these patients incomplete, to be walked again."""
+        ids = sorted(set(patient_ids))
+        changed = 0
+        with self._write() as conn:
+            for chunk in _chunks(ids):
+                changed += conn.execute(
+                    f"UPDATE plan_contexts SET state='incomplete', detail=?, updated=? WHERE "
+                    f"site=? AND source=? AND backup=? AND state='complete' AND patient_id IN "
+                    f"({','.join('?' * len(chunk))})",
+                    (detail[:4000], _now(), lane.site, lane.source, lane.backup, *chunk)).rowcount
+        return changed
+
     def _update(self, lane: Lane, uids: list[str], assignments: str,
                 params: tuple[object, ...]) -> None:
         with self._write() as conn:

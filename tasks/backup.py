@@ -19,6 +19,7 @@ from radonc_backup.instance import InstanceRef
 from radonc_backup.lane import open_lane
 from radonc_backup.rt_backup import BatchOutcome, find_records, move_and_verify, \
     verify_present
+from radonc_backup.validation import Validation, validate_lane
 from radonc_backup.windows import DayQuery
 from tasks.limits import rv_slots
 
@@ -83,3 +84,11 @@ def move_batch(site: str, source: str | None, backup: str | None, config: str | 
                 outcome.requested, outcome.moved, len(outcome.verified), len(outcome.failed),
                 outcome.peer_claims)
     return outcome
+
+
+@task(name="validate-backup", cache_policy=NO_CACHE)
+def validate_backup(site: str, source: str | None, backup: str | None,
+                    config: str | None) -> Validation:
+    """Ask the backup for every instance the ledger calls verified; reopen what is gone."""
+    lane = open_lane(site, source, backup, config)
+    return validate_lane(lane.ledger, lane.lane, lane.target)

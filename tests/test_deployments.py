@@ -23,11 +23,12 @@ def test_prefect_yaml_entrypoints_and_schedules() -> None:
         assert dep["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
         assert all(s["timezone"] == "America/New_York" for s in dep["schedules"])
     assert flows == {"incremental-backup", "nightly-backup", "plan-context-backfill",
-                     "treatment-report"}
+                     "treatment-report", "validation-sweep"}
 
 
 def test_serve_builds_site_schedules_in_its_timezone() -> None:
-    incremental, nightly, backfill, report = deployments_for("DEMO")
+    incremental, nightly, backfill, report, validation = deployments_for("DEMO")
+    assert validation.schedules[0].schedule.cron == "0 4 * * 0"  # type: ignore[attr-defined]
     assert report.schedules[0].schedule.cron == "0 6 * * *"  # type: ignore[attr-defined]
     assert backfill.flow_name == "plan-context-backfill"  # type: ignore[attr-defined]
     assert incremental.flow_name == "incremental-backup"  # type: ignore[attr-defined]
