@@ -40,6 +40,7 @@ from pynetdicom import AE  # noqa: E402
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # noqa: E402
 
 from radonc_backup.config import PROJECT_ROOT, load_site  # noqa: E402
+from tasks.limits import ensure_rv_limits  # noqa: E402
 from radonc_backup.dicom_net import DicomClient, Peer  # noqa: E402
 from radonc_backup.instance import InstanceRef  # noqa: E402
 from radonc_backup.lane import open_lane  # noqa: E402
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             assert summary["verified"] == n, summary
             return elapsed
 
+        ensure_rv_limits(cfg)  # what deployments.register does on a real server
         flow_run()  # warm-up: starts the ephemeral Prefect server
         results["ours: whole incremental_backup flow run (Prefect, backfill off)"] = timed(flow_run)
 

@@ -40,6 +40,7 @@ from demo.synthetic import Patient, Study, make_image_series, make_rtdose, make_
     make_rtstruct, make_treatment_record, to_bytes  # noqa: E402
 from bench.report_file import replace_section  # noqa: E402
 from radonc_backup.config import PROJECT_ROOT, load_site  # noqa: E402
+from tasks.limits import ensure_rv_limits  # noqa: E402
 from radonc_backup.lane import open_lane  # noqa: E402
 from radonc_backup.ledger import Ledger, PlanLink  # noqa: E402
 from radonc_backup.plan_context import ContextWalker  # noqa: E402
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             assert summary["complete"] == 1, summary
             return elapsed
 
+        ensure_rv_limits(cfg)  # what deployments.register does on a real server
         flow_run()  # warm-up: starts the ephemeral Prefect server
         results = {
             "baseline: dcmtk movescu, CT series": (min(movescu() for _ in range(args.repeat)),
