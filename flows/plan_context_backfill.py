@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import sys
 from collections import Counter
+from contextlib import nullcontext
 from datetime import date, datetime
 
 from prefect import flow, get_run_logger
@@ -22,9 +23,11 @@ from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from radonc_backup.config import within_hours
 from radonc_backup.errors import BackupIncomplete, ConfigError
-from radonc_backup.lane import open_lane
+from radonc_backup.lane import OpenLane, open_lane
+from radonc_backup.ledger import PlanLink
 from radonc_backup.plan_context import TYPES, ContextOutcome, totals
 from tasks.backup import with_site_retries
+from tasks.limits import rv_slots
 from tasks.plan_context import link_new_records, select_records, walk_plan
 
 
@@ -70,17 +73,10 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
     links = lane.ledger.plans(lane.lane, record_uids, pending_only=not on_demand)
 
     outcomes: list[ContextOutcome] = []
-    for link in links:
-        state = with_site_retries(walk_plan, retrying)(*params, link, images_now,
-                                                       return_state=True)
-        if state.is_completed():
-            outcomes.append(state.result())
-        else:
-            failed = ContextOutcome(link.plan_uid, link.patient_id)
-            failed.problem(f"walk failed: {state.message}")
-            lane.ledger.set_context(lane.lane, link.plan_uid, link.patient_id, "incomplete",
-                                    failed.unresolved[0])
-            outcomes.append(failed)
+    # While walking, a C-FIND and a whole-series C-MOVE may overlap: two associations' worth.
+    with rv_slots(lane.source, occupy=2) if links else nullcontext():
+        for link in links:
+            outcomes.append(walk_one(lane, params, link, images_now))
 
     summary = summarize(site, lane.lane.source, outcomes, totals(lane.ledger, lane.lane))
     summary["unreadable_records"] = unreadable
@@ -101,6 +97,20 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
                                f"and {len(unreadable)} RT Record(s) unreadable in backup "
                                f"{lane.lane.backup}: " + " | ".join(first))
     return summary
+
+
+def walk_one(lane: OpenLane, params: tuple[str, str | None, str | None, str | None],
+             link: PlanLink, images_now: bool) -> ContextOutcome:
+    """One plan's walk as a task; a walk that fails is an incomplete context, not a crash."""
+    state = with_site_retries(walk_plan, lane.site.settings)(*params, link, images_now,
+                                                             return_state=True)
+    if state.is_completed():
+        return state.result()
+    failed = ContextOutcome(link.plan_uid, link.patient_id)
+    failed.problem(f"walk failed: {state.message}")
+    lane.ledger.set_context(lane.lane, link.plan_uid, link.patient_id, "incomplete",
+                            failed.unresolved[0])
+    return failed
 
 
 def summarize(site: str, source: str, outcomes: list[ContextOutcome],

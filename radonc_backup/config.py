@@ -316,7 +316,8 @@ def _describe(errors: list[Any]) -> str:
 
 
 def site_names(path: str | os.PathLike[str] | None = None) -> list[str]:
-    return [k for k, v in _read(config_path(path)).items() if k != "defaults" and isinstance(v, dict)]
+    return [k for k, v in _read(config_path(path)).items()
+            if k != "defaults" and isinstance(v, dict)]
 
 
 def load_site(site: str, path: str | os.PathLike[str] | None = None) -> Site:

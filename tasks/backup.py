@@ -21,7 +21,6 @@ from radonc_backup.rt_backup import BatchOutcome, find_records, move_and_verify,
     verify_present
 from radonc_backup.validation import Validation, validate_lane
 from radonc_backup.windows import DayQuery
-from tasks.limits import rv_slots
 
 
 def retry_only_transient(task: Task[Any, Any], task_run: Any, state: Any) -> bool:
@@ -51,12 +50,11 @@ def find_rt_records(site: str, source: str | None, backup: str | None, config: s
     """C-FIND the RT Records of each window on the R&V, splitting windows the peer capped."""
     logger = get_run_logger()
     lane = open_lane(site, source, backup, config)
-    with rv_slots(lane.source):
-        refs = find_records(lane.site.client(lane.source), queries,
-                            cap=lane.source.max_find_results,
-                            on_split=lambda q: logger.info("window %s hit the peer's cap of %d: "
-                                                           "splitting", q,
-                                                           lane.source.max_find_results))
+    refs = find_records(lane.site.client(lane.source), queries,
+                        cap=lane.source.max_find_results,
+                        on_split=lambda q: logger.info("window %s hit the peer's cap of %d: "
+                                                       "splitting", q,
+                                                       lane.source.max_find_results))
     logger.info("site %s: %d RT Records on %s in %d window(s)", site, len(refs),
                 lane.source.aet, len(queries))
     return refs
@@ -77,9 +75,8 @@ def move_batch(site: str, source: str | None, backup: str | None, config: str | 
     logger = get_run_logger()
     lane = open_lane(site, source, backup, config)
     store = lane.store_client() if lane.source.type == "mim" else None
-    with rv_slots(lane.source, occupy=lane.site.settings.move_associations):
-        outcome = move_and_verify(lane.site, lane.source, lane.target, lane.ledger, lane.lane,
-                                  batch, store)
+    outcome = move_and_verify(lane.site, lane.source, lane.target, lane.ledger, lane.lane,
+                              batch, store)
     logger.info("site %s: batch of %d: %d moved, %d verified, %d failed (%s)", site,
                 outcome.requested, outcome.moved, len(outcome.verified), len(outcome.failed),
                 outcome.peer_claims)

@@ -1,10 +1,10 @@
-"""Load protection: tasks that talk to an R&V AE hold slots of a Prefect global limit.
+"""Load protection: runs that talk to an R&V AE hold slots of a Prefect global limit.
 
 One limit per R&V AE (``dicom-<AET>``, size ``max_associations`` from the source's config) is
 shared by every run of every flow and every worker, so a nightly sweep, a backfill and the
 10-minute backup together never open more associations than the clinic allows. Slots are taken
-with ``strict=True``: a missing limit is a setup error, never a silent "no limit". Slots are
-leased and renewed while held, so a killed run frees its slot within minutes.
+with ``concurrency(..., strict=True)``: a missing limit is a setup error, never a silent "no
+limit". Slots are leased and renewed while held, so a killed run frees its slot within minutes.
 ``deployments.register`` creates the limits; ad-hoc CLI runs and the demo create missing ones.
 """
 
@@ -28,9 +28,10 @@ REGISTER_HINT = "python -m deployments.register"
 def rv_slots(source: AriaSource | MimSource, occupy: int = 1) -> Iterator[None]:
     """Hold ``occupy`` associations' worth of the source's limit while the block runs.
 
-    Strict: a limit that does not exist stops the run with a setup error instead of running
-    unlimited against the R&V. Never asks for more than the limit holds, so it can be granted.
-    A failed lease renewal does not kill a long C-MOVE half way.
+    Flows take the slots once, around their R&V work, not per task: on a SQLite-backed server a
+    slot request made as a task run starts meets the server writing that task run and waits
+    ~2 s (measured). Never asks for more than the limit holds, so it can always be granted; a
+    failed lease renewal does not kill a long C-MOVE half way.
     """
     with ExitStack() as stack:
         try:

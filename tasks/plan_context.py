@@ -12,7 +12,6 @@ from radonc_backup.instance import InstanceRef
 from radonc_backup.lane import open_lane
 from radonc_backup.ledger import PlanLink
 from radonc_backup.plan_context import ContextOutcome, ContextWalker, link_records
-from tasks.limits import rv_slots
 
 
 @task(name="link-records-to-plans", cache_policy=NO_CACHE)
@@ -64,9 +63,8 @@ def walk_plan(site: str, source: str | None, backup: str | None, config: str | N
     ``images_now`` is False outside the source's off-peak hours: image series wait."""
     lane = open_lane(site, source, backup, config)
     store = lane.store_client() if lane.source.type == "mim" else None
-    with rv_slots(lane.source, occupy=2):  # a C-FIND and a whole-series C-MOVE may overlap
-        outcome = ContextWalker(lane.site, lane.source, lane.target, lane.ledger, lane.lane,
-                                store, images_now).walk(link)
+    outcome = ContextWalker(lane.site, lane.source, lane.target, lane.ledger, lane.lane,
+                            store, images_now).walk(link)
     lane.ledger.set_context(lane.lane, link.plan_uid, link.patient_id, outcome.state,
                             "; ".join(outcome.unresolved))
     get_run_logger().info("site %s: plan %s (patient %s): %s; moved %s", site, link.plan_uid,

@@ -83,7 +83,8 @@ class Server:
         flow_name, dep_name = name.split("/")
         dep = self.http.get(f"/deployments/name/{flow_name}/{dep_name}").json()
         runs = self.post("/flow_runs/filter", {
-            "flow_runs": {"deployment_id": {"any_": [dep["id"]]}}, "sort": "EXPECTED_START_TIME_ASC"})
+            "flow_runs": {"deployment_id": {"any_": [dep["id"]]}},
+            "sort": "EXPECTED_START_TIME_ASC"})
         return list(runs)
 
     def wait_terminal(self, run_ids: list[str], timeout: float = 180) -> dict[str, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The validation sweep: what the backup lost after verification is found, reopened, and re-moved."""
+"""The validation sweep: what the backup lost after verification is reopened and moved again."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def test_instances_lost_by_the_backup_are_reopened_and_moved_again(
     assert str(lost_record.SOPInstanceUID) in message and str(lost_slice.SOPInstanceUID) in message
     rows = {r.ref.sop_instance_uid: r for r in ledger(site).rows(LANE, "failed")}
     assert set(rows) == {str(lost_record.SOPInstanceUID)}
-    assert "missing from backup orthanc at validation" in rows[str(lost_record.SOPInstanceUID)].last_error
+    error = rows[str(lost_record.SOPInstanceUID)].last_error
+    assert "missing from backup orthanc at validation" in error
     assert ledger(site).contexts(LANE)[str(c.plan.SOPInstanceUID)][0] == "incomplete"
 
     assert run(nightly_backup, site, at(3, 5)).is_completed()
