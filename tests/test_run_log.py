@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("prefect")
 
 
 def test_runs_write_the_site_log_file_and_rotate_it(make_site: Callable[..., DemoSite]) -> None:
-    site = make_site(settings={"log_max_mb": 0.004, "log_backups": 20})
+    site = make_site(settings={"log_max_mb": 0.004, "log_backups": 20, "log_level": "INFO"})
     c = make_course(Patient("LOG001", "Hidalgo^Persephone"), at(-1, 9), delivered=2, slices=2)
     push(site, *c.all())
     first = run(incremental_backup, site, at(0, 16))
