@@ -14,6 +14,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.backup_run import artifact_key
@@ -26,9 +27,11 @@ from tasks.backup import with_site_retries
 from tasks.report import list_records, parse_records, read_plans, report_backup
 
 PARSE_BATCH = 500
+PARALLEL_BATCHES = 3  # fetch while others decode; Orthanc serves several connections
 
 
-@flow(name="treatment-report", log_prints=False, **RUN_HOOKS)
+@flow(name="treatment-report", log_prints=False, **RUN_HOOKS,
+      task_runner=ThreadPoolTaskRunner(max_workers=PARALLEL_BATCHES))
 def treatment_report(site: str, treatment_start_date: date | None = None,
                      end_date: date | None = None, study_start_date: date | None = None,
                      out: str | None = None, backup: str | None = None,
@@ -46,9 +49,11 @@ def treatment_report(site: str, treatment_start_date: date | None = None,
     known = cache.known_resources()
     new = [rid for rid in resources if rid not in known]
     unreadable: dict[str, str] = {}
-    for i in range(0, len(new), PARSE_BATCH):
-        unreadable.update(with_site_retries(parse_records, cfg.settings)(
-            *params, new[i:i + PARSE_BATCH]))
+    parse = with_site_retries(parse_records, cfg.settings)
+    batches = [parse.submit(*params, new[i:i + PARSE_BATCH])
+               for i in range(0, len(new), PARSE_BATCH)]
+    for batch in batches:
+        unreadable.update(batch.result())
     facts = cache.records(resources)
     plans = cache.plans()
     missing_plans = sorted({f.plan_uid for f in facts if f.plan_uid and f.plan_uid not in plans})
