@@ -226,9 +226,18 @@ class DicomClient:
         ae = self._ae()
         connected: list[bool] = []
         on_open = (evt.EVT_CONN_OPEN, lambda event: connected.append(True))
-        assoc = ae.associate(self.peer.host, self.peer.port, contexts=contexts,
-                             ae_title=self.peer.aet, ext_neg=roles or None,
-                             evt_handlers=[*(handlers or []), on_open])
+
+        def request() -> Association:
+            return ae.associate(self.peer.host, self.peer.port, contexts=contexts,
+                                ae_title=self.peer.aet, ext_neg=roles or None,
+                                evt_handlers=[*(handlers or []), on_open])
+
+        assoc = request()
+        if connected and assoc.is_aborted:
+            # Orthanc sometimes closes its socket so fast after rejecting our AE that pynetdicom
+            # sees an abort (1 request in 60 here); asking once more tells a rejection, which
+            # must not be retried, from a real abort.
+            assoc = request()
         if assoc.is_rejected:
             prim = assoc.acceptor.primitive
             result, source, diag = (prim.result, prim.result_source, prim.diagnostic) if prim else (
