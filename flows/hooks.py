@@ -6,7 +6,6 @@ it ends, however it ends; a failed or crashed run also mails the site's recipien
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from prefect.client.orchestration import get_client
@@ -14,9 +13,9 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.logging.loggers import flow_run_logger
 from prefect.settings import PREFECT_UI_URL
 
-from radonc_backup.config import load_site
+from radonc_backup.config import Site, load_site
 from radonc_backup.errors import BackupError
-from radonc_backup.logfile import close_site_log, open_site_log
+from radonc_backup.logfile import SiteLogHandler, close_site_log, open_site_log
 from radonc_backup.notify import RunFailure, failure_message, run_link, send
 
 
@@ -30,12 +29,17 @@ def _deployment_and_reports(flow_run: Any) -> tuple[str, list[str]]:
     return deployment, [str(a.data) for a in artifacts if a.type == "markdown" and a.data]
 
 
+def _run_site(flow_run: Any) -> Site:
+    """The site a run is for, from its own parameters (raises ConfigError)."""
+    params = flow_run.parameters or {}
+    return load_site(str(params.get("site")), params.get("config"))
+
+
 def notify_failure(flow: Any, flow_run: Any, state: Any) -> None:
     """Mail the site's recipients about this run; a mail problem is logged, never raised."""
     logger = flow_run_logger(flow_run, flow)
-    params = dict(flow_run.parameters or {})
     try:
-        site = load_site(str(params.get("site")), params.get("config"))
+        site = _run_site(flow_run)
     except BackupError as exc:
         logger.warning("no failure e-mail: %s", exc)
         return
@@ -48,7 +52,8 @@ def notify_failure(flow: Any, flow_run: Any, state: Any) -> None:
         deployment, reports = "", []
     ui = site.notify.ui_url or str(PREFECT_UI_URL.value() or "")
     failure = RunFailure(site.name, flow.name, deployment, flow_run.name, str(flow_run.id),
-                         state.name, state.message or "", params, reports,
+                         state.name, state.message or "", dict(flow_run.parameters or {}),
+                         reports,
                          run_link(ui, str(flow_run.id)))
     try:
         send(site, failure_message(site.notify, failure))
@@ -58,14 +63,12 @@ def notify_failure(flow: Any, flow_run: Any, state: Any) -> None:
     logger.info("failure e-mail sent to %d recipient(s)", len(site.notify.recipients))
 
 
-
-_open_logs: dict[str, logging.Handler] = {}
+_open_logs: dict[str, SiteLogHandler] = {}
 
 
 def open_run_log(flow: Any, flow_run: Any, state: Any) -> None:
-    params = dict(flow_run.parameters or {})
     try:
-        site = load_site(str(params.get("site")), params.get("config"))
+        site = _run_site(flow_run)
     except BackupError:
         return  # the run itself reports the config error
     _open_logs[str(flow_run.id)] = open_site_log(site, str(flow_run.id), flow_run.name)

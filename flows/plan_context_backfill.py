@@ -13,7 +13,7 @@ import csv
 import sys
 from collections import Counter
 from contextlib import nullcontext
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -26,6 +26,7 @@ from radonc_backup.errors import BackupIncomplete, ConfigError
 from radonc_backup.lane import OpenLane, open_lane
 from radonc_backup.ledger import PlanLink
 from radonc_backup.plan_context import TYPES, ContextOutcome, totals
+from radonc_backup.windows import utc_now, wall
 from tasks.backup import with_site_retries
 from tasks.limits import rv_slots
 from tasks.plan_context import link_new_records, select_records, walk_plan
@@ -54,8 +55,7 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
     lane = open_lane(site, source, backup, config)
     params = (site, source, backup, config)
     retrying = lane.site.settings
-    local_now = (now or datetime.now(lane.site.tz)).replace(tzinfo=None) if not (
-        now and now.tzinfo) else now.astimezone(lane.site.tz).replace(tzinfo=None)
+    local_now = wall((now or utc_now()).astimezone(timezone.utc), lane.site.tz)
     images_now = within_hours(lane.source.image_hours, local_now)
     if not images_now:
         logger.info("site %s: %s is outside the off-peak hours %s of %s: image series wait",

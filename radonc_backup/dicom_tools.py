@@ -26,6 +26,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from .config import DicomPeer, MosaiqSource, OrthancTarget, Site, load_site, resolve_secret
 from .dicom_net import DicomClient, Peer, Timeouts, identifier
@@ -100,7 +101,7 @@ def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword, "")
     if value is None:
         return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+    if isinstance(value, (MultiValue, list, tuple)):
         return "\\".join(str(v) for v in value)
     return str(value)
 

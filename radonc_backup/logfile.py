@@ -28,32 +28,35 @@ class _OneRun(logging.Filter):
         return True
 
 
-def open_site_log(site: Site, flow_run_id: str, flow_run_name: str) -> logging.Handler:
+class SiteLogHandler(RotatingFileHandler):
+    """The site's file for one run; remembers the logger levels it lowered, to restore them."""
+
+    def __init__(self, site: Site) -> None:
+        super().__init__(site.log_path, maxBytes=int(site.settings.log_max_mb * 1024 * 1024),
+                         backupCount=site.settings.log_backups, encoding="utf-8")
+        self.saved_levels: dict[str, int] = {}
+
+
+def open_site_log(site: Site, flow_run_id: str, flow_run_name: str) -> SiteLogHandler:
     """Start copying one run's log records to the site's rotating file."""
-    path = site.log_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = RotatingFileHandler(path, maxBytes=int(site.settings.log_max_mb * 1024 * 1024),
-                                  backupCount=site.settings.log_backups, encoding="utf-8")
+    site.log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = SiteLogHandler(site)
     handler.setLevel(site.settings.log_level)
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.addFilter(_OneRun(flow_run_id, flow_run_name))
     for name in RUN_LOGGERS:
         logger = logging.getLogger(name)
-        _levels[id(handler), name] = logger.level
+        handler.saved_levels[name] = logger.level
         logger.addHandler(handler)
         if logger.getEffectiveLevel() > handler.level:
             logger.setLevel(handler.level)  # the file's level may be finer than the console's
     return handler
 
 
-def close_site_log(handler: logging.Handler) -> None:
+def close_site_log(handler: SiteLogHandler) -> None:
     for name in RUN_LOGGERS:
         logger = logging.getLogger(name)
         logger.removeHandler(handler)
-        if not any(isinstance(h, RotatingFileHandler) for h in logger.handlers):
-            logger.setLevel(_levels.get((id(handler), name), logger.level))
-        _levels.pop((id(handler), name), None)
+        if not any(isinstance(h, SiteLogHandler) for h in logger.handlers):  # the outermost run
+            logger.setLevel(handler.saved_levels[name])
     handler.close()
-
-
-_levels: dict[tuple[int, str], int] = {}

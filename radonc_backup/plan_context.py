@@ -104,8 +104,7 @@ class ContextWalker:
                  images_now: bool = True) -> None:
         self.site, self.source, self.target = site, source, target
         self.ledger, self.lane, self.store_client = ledger, lane, store_client
-        self.images_now = images_now
-        """False outside the source's ``image_hours``: image series are left for later."""
+        self.images_now = images_now  # False outside the source's image_hours: images wait
         self.client = site.client(source)
         self.where = f"{lane.source} ({source.aet})"
 

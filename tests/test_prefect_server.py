@@ -143,7 +143,9 @@ def todays_course(patient_id: str) -> Course:
     return course
 
 
-def register(server: Server, site: DemoSite) -> None:
+def register(server: Server, site: DemoSite, objects: list[Any]) -> None:
+    """Load the R&V stand-in, then run the register step against the server."""
+    site.rv.upload([to_bytes(ds) for ds in objects])
     done = server.prefect("--version")  # warm the interpreter's import cache before timing out
     assert done.returncode == 0
     result = subprocess.run([sys.executable, "-m", "deployments.register", "--config",
@@ -162,12 +164,11 @@ def test_deployment_run_from_the_cli_on_a_real_server_and_worker(
         server: Server, make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
     site = make_site()
     course = todays_course("SRV001")
-    site.rv.upload([to_bytes(ds) for ds in course.all()])
-    register(server, site)
+    register(server, site, course.all())
 
-    deployments = {f"{d['name']}": d for d in server.post("/deployments/filter")}
-    assert deployments and all(d["work_pool_name"] == "radonc-backup"
-                               for d in deployments.values())
+    deployments = server.post("/deployments/filter")
+    assert len(deployments) == 5 and all(d["work_pool_name"] == "radonc-backup"
+                                         for d in deployments)
     schedules = {d["entrypoint"].split(":")[1]: d["schedules"][0]["schedule"]
                  for d in server.post("/deployments/filter")}
     assert schedules["incremental_backup"]["interval"] == 600
@@ -200,8 +201,7 @@ def test_two_workers_share_runs_and_an_overlapping_trigger_is_cancelled(
         server: Server, make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
     site = make_site()
     course = todays_course("SRV002")
-    site.rv.upload([to_bytes(ds) for ds in course.all()])
-    register(server, site)
+    register(server, site, course.all())
 
     def trigger(name: str) -> str:
         out = server.prefect("deployment", "run", name)
@@ -236,8 +236,7 @@ def test_retrying_a_failed_run_finishes_only_the_unfinished_work(
         server: Server, make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
     site = make_site(backup_lua=[refuse_patient_lua("SRV004")])
     ok, refused = todays_course("SRV003"), todays_course("SRV004")
-    site.rv.upload([to_bytes(ds) for ds in [*ok.records, *refused.records]])
-    register(server, site)
+    register(server, site, [*ok.records, *refused.records])
 
     workers = Workers(server, site, ["w1"], tmp_path)
     try:
