@@ -1,7 +1,8 @@
 """The body both backup flows share: find, record, check the backup, move, verify, report.
 
-Called from inside a flow. Reads like the runbook: each step is a named task, and the ledger is
-written before anything moves so that no found record can be forgotten.
+Called from inside a flow that holds its R&V slots (``tasks.limits.rv_slots``). Reads like the
+runbook: each step is a named task, and the ledger is written before anything moves so that no
+found record can be forgotten.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from radonc_backup.lane import OpenLane
 from radonc_backup.rt_backup import BatchOutcome, batches, plan_work
 from radonc_backup.windows import DayQuery
 from tasks.backup import check_backup, find_rt_records, move_batch, with_site_retries
-from tasks.limits import rv_slots
 
 SHOW_FAILED = 20
 
@@ -59,34 +59,32 @@ def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, st
     settings = lane.site.settings
     summary = BackupSummary(lane.lane.site, lane.lane.source, lane.lane.backup, window)
 
-    # The run holds its share of the R&V's association limit while it talks to the R&V.
-    with rv_slots(lane.source, occupy=settings.move_associations):
-        found = with_site_retries(find_rt_records, settings)(*params, queries)
-        plan = plan_work(lane.ledger, lane.lane, found)
-        if advance_to is not None:
-            summary.watermark = lane.ledger.advance_watermark(lane.lane, advance_to).isoformat()
-        summary.found, summary.new, summary.already_verified = plan.found, plan.new, \
-            plan.already_verified
-        found_uids = {r.sop_instance_uid for r in found}
-        summary.retried_from_earlier = sum(1 for r in plan.todo
-                                           if r.sop_instance_uid not in found_uids)
+    found = with_site_retries(find_rt_records, settings)(*params, queries)
+    plan = plan_work(lane.ledger, lane.lane, found)
+    if advance_to is not None:
+        summary.watermark = lane.ledger.advance_watermark(lane.lane, advance_to).isoformat()
+    summary.found, summary.new, summary.already_verified = plan.found, plan.new, \
+        plan.already_verified
+    found_uids = {r.sop_instance_uid for r in found}
+    summary.retried_from_earlier = sum(1 for r in plan.todo
+                                       if r.sop_instance_uid not in found_uids)
 
-        in_backup = set(with_site_retries(check_backup, settings)(*params, plan.todo)) \
-            if plan.todo else set()
-        summary.already_in_backup = len(in_backup)
-        summary.verified_uids += sorted(in_backup)
-        todo = [r for r in plan.todo if r.sop_instance_uid not in in_backup]
+    in_backup = set(with_site_retries(check_backup, settings)(*params, plan.todo)) \
+        if plan.todo else set()
+    summary.already_in_backup = len(in_backup)
+    summary.verified_uids += sorted(in_backup)
+    todo = [r for r in plan.todo if r.sop_instance_uid not in in_backup]
 
-        for batch in batches(todo, settings.batch_size):
-            state = with_site_retries(move_batch, settings)(*params, batch, return_state=True)
-            if state.is_completed():
-                outcome: BatchOutcome = state.result()
-                summary.moved += outcome.moved
-                summary.verified += len(outcome.verified)
-                summary.verified_uids += outcome.verified
-            else:
-                logger.error("site %s: batch of %d ended %s: %s", summary.site, len(batch),
-                             state.name, state.message)
+    for batch in batches(todo, settings.batch_size):
+        state = with_site_retries(move_batch, settings)(*params, batch, return_state=True)
+        if state.is_completed():
+            outcome: BatchOutcome = state.result()
+            summary.moved += outcome.moved
+            summary.verified += len(outcome.verified)
+            summary.verified_uids += outcome.verified
+        else:
+            logger.error("site %s: batch of %d ended %s: %s", summary.site, len(batch),
+                         state.name, state.message)
 
     remaining = lane.ledger.rows(lane.lane, "found", "moved", "failed")
     summary.failed = len(remaining)

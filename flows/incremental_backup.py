@@ -19,6 +19,7 @@ from flows.hooks import RUN_HOOKS
 from radonc_backup.lane import open_lane
 from radonc_backup.rt_backup import window_label
 from radonc_backup.windows import day_queries, local_span, utc_now, wall
+from tasks.limits import rv_slots
 
 
 def incremental_start(watermark: datetime | None, now: datetime, overlap_minutes: int,
@@ -45,12 +46,14 @@ def incremental_backup(site: str, source: str | None = None, backup: str | None 
                               lane.site.settings.window_overlap_minutes,
                               lane.site.settings.lookback_days, lane.site.tz)
     local_start, local_end = local_span(start, end, lane.site.tz)
-    summary = run_backup("incremental-backup", lane, (site, source, backup, config),
-                         day_queries(local_start, local_end),
-                         window_label(local_start, local_end), advance_to=end)
-    if backfill:
-        backfill_context(summary, (site, source, backup, config), summary.verified_uids,
-                         now)
+    # Slots first, before any task run; the backfill subflow works within them.
+    with rv_slots(lane.source, occupy=lane.site.settings.move_associations):
+        summary = run_backup("incremental-backup", lane, (site, source, backup, config),
+                             day_queries(local_start, local_end),
+                             window_label(local_start, local_end), advance_to=end)
+        if backfill:
+            backfill_context(summary, (site, source, backup, config), summary.verified_uids,
+                             now)
     raise_if_incomplete(summary)
     return summary.as_dict()
 

@@ -17,6 +17,7 @@ from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from radonc_backup.lane import open_lane
 from radonc_backup.windows import utc_now, wall, whole_days
+from tasks.limits import rv_slots
 
 
 @flow(name="nightly-backup", log_prints=False, **RUN_HOOKS)
@@ -31,9 +32,12 @@ def nightly_backup(site: str, days: int = 1, source: str | None = None,
     today = wall((now or utc_now()).astimezone(timezone.utc), lane.site.tz).date()
     queries = whole_days(today, days)
     window = f"{queries[0].day:%Y-%m-%d} to {queries[-1].day:%Y-%m-%d} (whole days)"
-    summary = run_backup("nightly-backup", lane, (site, source, backup, config), queries, window)
-    if backfill:
-        backfill_context(summary, (site, source, backup, config), None, now)
+    # Slots first, before any task run; the backfill subflow works within them.
+    with rv_slots(lane.source, occupy=lane.site.settings.move_associations):
+        summary = run_backup("nightly-backup", lane, (site, source, backup, config), queries,
+                             window)
+        if backfill:
+            backfill_context(summary, (site, source, backup, config), None, now)
     raise_if_incomplete(summary)
     return summary.as_dict()
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import sys
 from collections import Counter
-from contextlib import nullcontext
 from datetime import date, datetime, timezone
 
 from prefect import flow, get_run_logger
@@ -64,17 +63,17 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
 
     ids = list(patient_ids or []) + (read_mrns(mrn_csv) if mrn_csv else [])
     on_demand = bool(ids or start_date or end_date)
-    unreadable = with_site_retries(link_new_records, retrying)(*params)
-    if on_demand:
-        chosen = with_site_retries(select_records, retrying)(*params, ids or None, start_date,
-                                                               end_date)
-        unreadable.update(with_site_retries(link_new_records, retrying)(*params, chosen))
-        record_uids = [r.sop_instance_uid for r in chosen]
-    links = lane.ledger.plans(lane.lane, record_uids, pending_only=not on_demand)
-
     outcomes: list[ContextOutcome] = []
-    # While walking, a C-FIND and a whole-series C-MOVE may overlap: two associations' worth.
-    with rv_slots(lane.source, occupy=2) if links else nullcontext():
+    # Slots first, before any task run (see rv_slots). While walking, a C-FIND and a whole-series
+    # C-MOVE may overlap: two associations' worth.
+    with rv_slots(lane.source, occupy=2):
+        unreadable = with_site_retries(link_new_records, retrying)(*params)
+        if on_demand:
+            chosen = with_site_retries(select_records, retrying)(*params, ids or None,
+                                                                   start_date, end_date)
+            unreadable.update(with_site_retries(link_new_records, retrying)(*params, chosen))
+            record_uids = [r.sop_instance_uid for r in chosen]
+        links = lane.ledger.plans(lane.lane, record_uids, pending_only=not on_demand)
         for link in links:
             outcomes.append(walk_one(lane, params, link, images_now))
 

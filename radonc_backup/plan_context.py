@@ -89,6 +89,13 @@ class ContextOutcome:
         self.state = "incomplete"
         self.unresolved.append(text)
 
+    def absorb(self, other: "ContextOutcome") -> None:
+        """Add the counts and problems of a part of the walk that ran on its own thread."""
+        self.moved.update(other.moved)
+        self.verified.update(other.verified)
+        for text in other.unresolved:
+            self.problem(text)
+
     def defer(self, text: str) -> None:
         """Work left for the source's off-peak window: pending, not a failure."""
         if self.state == "complete":
@@ -121,6 +128,17 @@ class ContextWalker:
         plan = self._step(out, self._ensure_object, link.plan_uid, link.patient_id, "RTPLAN", out)
         if plan is None:
             return out
+        # Doses hang off the plan, not the structure set: fetch them while the images move.
+        dose_out = ContextOutcome(link.plan_uid, link.patient_id)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            doses = pool.submit(self._step, dose_out, self._ensure_doses, link.patient_id,
+                                link.plan_uid, dose_out)
+            self._walk_structure_sets(plan, link, out)
+        doses.result()  # anything but a DICOM failure (backup down, ...) is raised here
+        out.absorb(dose_out)
+        return out
+
+    def _walk_structure_sets(self, plan: Dataset, link: PlanLink, out: ContextOutcome) -> None:
         for struct_uid in _referenced(plan, "ReferencedStructureSetSequence"):
             rtstruct = self._step(out, self._ensure_object, struct_uid, link.patient_id,
                                   "RTSTRUCT", out)
@@ -137,8 +155,6 @@ class ContextWalker:
                 self._step(out, self._ensure_series, link.patient_id, study_uid, series_uid, out)
         if not _referenced(plan, "ReferencedStructureSetSequence"):
             out.problem(f"RTPLAN {link.plan_uid} references no structure set")
-        self._step(out, self._ensure_doses, link.patient_id, link.plan_uid, out)
-        return out
 
     @staticmethod
     def _step(out: ContextOutcome, fn: Callable[..., T], *args: object) -> T | None:

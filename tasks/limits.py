@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 
 from prefect.client.orchestration import get_client
 from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
@@ -22,17 +23,24 @@ from radonc_backup.config import AriaSource, MimSource, MosaiqSource, Site
 from radonc_backup.errors import ConfigError
 
 REGISTER_HINT = "python -m deployments.register"
+_held: ContextVar[frozenset[str]] = ContextVar("radonc_backup_rv_slots", default=frozenset())
 
 
 @contextmanager
 def rv_slots(source: AriaSource | MimSource, occupy: int = 1) -> Iterator[None]:
     """Hold ``occupy`` associations' worth of the source's limit while the block runs.
 
-    Flows take the slots once, around their R&V work, not per task: on a SQLite-backed server a
-    slot request made as a task run starts meets the server writing that task run and waits
-    ~2 s (measured). Never asks for more than the limit holds, so it can always be granted; a
-    failed lease renewal does not kill a long C-MOVE half way.
+    A flow takes its slots once, first thing, before it starts any task run: on a SQLite-backed
+    server a slot request that meets the server writing task runs fails with 503 and Prefect's
+    client waits ~2 s before asking again (measured). Inside a block that already holds this
+    limit (a backfill subflow of a backup run) nothing more is taken: the subflow works within
+    its parent's share while the parent waits for it. Never asks for more than the limit holds,
+    so it can always be granted; a failed lease renewal does not kill a long C-MOVE half way.
     """
+    held = _held.get()
+    if source.limit_name in held:
+        yield
+        return
     with ExitStack() as stack:
         try:
             stack.enter_context(concurrency(source.limit_name,
@@ -42,7 +50,11 @@ def rv_slots(source: AriaSource | MimSource, occupy: int = 1) -> Iterator[None]:
             raise ConfigError(f"R&V {source.label}: Prefect global concurrency limit "
                               f"{source.limit_name!r} is missing on this Prefect server: create "
                               f"it with {REGISTER_HINT} ({exc})") from None
-        yield
+        token = _held.set(held | {source.limit_name})
+        try:
+            yield
+        finally:
+            _held.reset(token)
 
 
 def rv_limits(site: Site) -> dict[str, int]:

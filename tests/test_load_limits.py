@@ -103,3 +103,27 @@ def test_a_run_waits_while_the_rv_has_no_free_association(
         runner.join(120)
     assert result["state"].is_completed(), result["state"].message
     assert site.backup.sop_instance_uids() == uids(*c.records)
+
+
+def test_the_backfill_subflow_works_within_its_parent_runs_slots(
+        make_site: Callable[..., DemoSite], restore_limit: None) -> None:
+    """With a limit of exactly the backup's share, a subflow that asked for slots of its own
+    would wait forever for its parent; it must run within the parent's hold instead."""
+    site = make_site()
+    set_source_key(site, "max_associations = 2")
+    cfg = load_site("DEMO", site.config_path)
+    assert cfg.settings.move_associations == 2
+    ensure_rv_limits(cfg, update=True)
+    c = course("OPS004", at(-1, 9), delivered=2)
+    push(site, *c.all())
+    result: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: result.update(
+        state=run(incremental_backup, site, at(0, 20))), daemon=True)
+    runner.start()
+    runner.join(120)
+    assert not runner.is_alive(), "the backfill subflow waited for its own parent's slots"
+    assert result["state"].is_completed(), result["state"].message
+    assert result["state"].result()["plan_context"] == "Completed"
+    assert site.backup.sop_instance_uids() == uids(*c.all())
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(LIMIT).active_slots == 0
