@@ -118,14 +118,18 @@ def main(argv: list[str] | None = None) -> int:
 
         from flows.plan_context_backfill import plan_context_backfill
 
+        recorded: list[float] = []
+
         def flow_run() -> float:
             clear_context(site)
             os.environ["RADONC_BACKUP_STATE_DIR"] = str(workdir / f"s-{time.monotonic_ns()}")
             t = time.perf_counter()
-            summary = plan_context_backfill(site="DEMO", config=str(site.config_path),
-                                            patient_ids=["BENCHCTX"])
+            state = plan_context_backfill(site="DEMO", config=str(site.config_path),
+                                          patient_ids=["BENCHCTX"], return_state=True)
             elapsed = time.perf_counter() - t
+            summary = state.result()
             assert summary["complete"] == 1, summary
+            recorded.append(run_seconds(state.state_details.flow_run_id))
             return elapsed
 
         ensure_rv_limits(cfg)  # what deployments.register does on a real server
@@ -137,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
                 min(pynetdicom_move() for _ in range(args.repeat)), len(ct.instances)),
             "ours: ContextWalker.walk (CT + plan + structure set + dose)": (
                 min(walker() for _ in range(args.repeat)), objects),
-            "ours: plan_context_backfill flow run": (
+            "ours: plan_context_backfill flow run, call to return": (
                 min(flow_run() for _ in range(args.repeat)), objects),
         }
+        results["ours: the same runs, start to end as recorded by Prefect"] = (
+            min(recorded[1:]), objects)  # recorded[0] is the warm-up
     finally:
         os.environ.pop("RADONC_BACKUP_STATE_DIR", None)
         site.stop()
@@ -148,6 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     write_report(Path(args.out), results, args.slices, args.size, mb)
     print(Path(args.out).read_text().split(SECTION, 1)[1])
     return 0
+
+
+def run_seconds(flow_run_id: object) -> float:
+    """A flow run's time from Running to its final state, as the Prefect server recorded it."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)  # type: ignore[arg-type]
+    assert run.start_time and run.end_time
+    return (run.end_time - run.start_time).total_seconds()
 
 
 def _checked(site: DemoSite, started: float, expected: int) -> float:
@@ -177,9 +193,22 @@ def write_report(path: Path, results: dict[str, tuple[float, int]], slices: int,
         "",
         "Goal (issue: plan-context backfill): at least 0.9x the throughput of a raw C-MOVE of the "
         "same series. The walker row is the backfill's own work: it finds the plan, structure "
-        "set and series on the R&V, moves the whole series in one SERIES-level C-MOVE, and "
-        "checks every UID in the backup. The flow row adds Prefect's fixed cost per run "
-        "(flow run, three task runs, three artifacts).",
+        "set and series on the R&V, moves the whole series in one SERIES-level C-MOVE (its doses "
+        "meanwhile), and checks every UID in the backup. The flow rows add Prefect: a flow run "
+        "with four task runs, three artifacts and its slots of the R&V's concurrency limit. "
+        "'Call to return' is what a caller waits; Prefect's sync engine ends every run by "
+        "joining its heartbeat thread, which sleeps in whole seconds, so a run returns up to "
+        "1 s after its work is done. 'Recorded by Prefect' is the run's own start to end.",
+        "",
+        "Why one plan stays under 0.9x: the series to move is known only after the plan and then "
+        "the structure set it references have been found, moved and read from the backup (two "
+        "dependent C-FIND + C-MOVE round trips, each with its own sub-association to the "
+        "backup), and the walk lists the series' UIDs on the R&V while the series moves, on "
+        "the same two cores as both Orthanc processes. The series move itself runs at the raw "
+        "rate; the chain before it is a fixed cost per plan that the raw baseline does not "
+        "pay. Prefect's part (the gap between the walker row and the recorded run) is a fixed "
+        "cost per run, as is the heartbeat join; both shrink relative to the work when a run "
+        "backfills many plans or larger series.",
         "",
     ]
     replace_section(path, SECTION, lines)
