@@ -14,8 +14,8 @@ from datetime import date, timedelta
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.backup_run import artifact_key
 from flows.cli import run_cli
@@ -26,8 +26,8 @@ from radonc_backup.windows import utc_now, wall
 from tasks.backup import with_site_retries
 from tasks.report import list_records, parse_records, read_plans, report_backup
 
-PARSE_BATCH = 500
-PARALLEL_BATCHES = 3  # fetch while others decode; Orthanc serves several connections
+PARSE_BATCH = 1000  # records per task run: 15,000 records are 15 task runs, not 15,000
+PARALLEL_BATCHES = 3  # batches in flight; their chunks keep every worker process busy
 
 
 @flow(name="treatment-report", log_prints=False, **RUN_HOOKS,

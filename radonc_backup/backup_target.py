@@ -66,6 +66,15 @@ class OrthancBackup:
     def _where(self) -> str:
         return f"site {self.site}: backup {self.alias} ({self.aet}, {self.url})"
 
+    def __getstate__(self) -> dict[str, object]:
+        """Picklable for worker processes: everything but the open HTTP connection."""
+        return {**self.__dict__, "_http": None}
+
+    @property
+    def identity(self) -> tuple[object, ...]:
+        """What makes two instances talk to the same backup the same way."""
+        return (self.site, self.alias, self.aet, self.url, self._auth, self._timeout)
+
     def _client(self) -> httpx.Client:
         """One keep-alive HTTP client per target (creating one costs ~50 ms)."""
         if self._http is None:

@@ -14,10 +14,16 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+
+from .errors import BackupTargetError, RetriableBackupTargetError
+
+if TYPE_CHECKING:
+    from .backup_target import OrthancBackup
 
 COLUMNS = [
     "PatientID", "PatientName", "BirthDate", "Sex", "Physician", "RTPlanLabel", "PlanUID",
@@ -40,6 +46,17 @@ def _iso_date(value: object) -> str:
         return datetime.strptime(text[:8], "%Y%m%d").date().isoformat() if text else ""
     except ValueError:
         return ""
+
+
+def _integer(value: object, name: str, warnings: list[str]) -> int | None:
+    """An IS value as int; an invalid one is a warning (the rest of the record still counts)."""
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        warnings.append(f"invalid {name} {str(value)!r}")
+        return None
 
 
 @dataclass(frozen=True)
@@ -74,9 +91,9 @@ def record_facts(ds: Dataset) -> RecordFacts:
         warnings.append("no treatment machine")
     fractions = []
     for beam in ds.get("TreatmentSessionBeamSequence") or []:
-        value = beam.get("CurrentFractionNumber")
-        if value not in (None, ""):
-            fractions.append(int(value))
+        value = _integer(beam.get("CurrentFractionNumber"), "CurrentFractionNumber", warnings)
+        if value is not None:
+            fractions.append(value)
     if not fractions:
         warnings.append("no CurrentFractionNumber")
     day = _iso_date(ds.get("TreatmentDate"))
@@ -87,7 +104,7 @@ def record_facts(ds: Dataset) -> RecordFacts:
     if day and len(time_text) >= 4 and time_text.isdigit():
         time_text = time_text.ljust(6, "0")
         treated = f"{day}T{time_text[:2]}:{time_text[2:4]}:{time_text[4:6]}"
-    planned = ds.get("NumberOfFractionsPlanned")
+    planned = _integer(ds.get("NumberOfFractionsPlanned"), "NumberOfFractionsPlanned", warnings)
     physicians = ds.get("PhysiciansOfRecord") or ds.get("ReferringPhysicianName") or ""
     if isinstance(physicians, (MultiValue, list)):  # several physicians: the first is of record
         physicians = physicians[0] if physicians else ""
@@ -102,18 +119,34 @@ def record_facts(ds: Dataset) -> RecordFacts:
         machine=machine,
         treated=treated,
         fraction=max(fractions) if fractions else None,
-        fractions_planned=int(planned) if planned not in (None, "") else None,
+        fractions_planned=planned,
         warnings=tuple(warnings),
     )
 
 
-def facts_from_files(files: list[bytes]) -> list[RecordFacts]:
-    """Decode record files (module-level so a process pool can run it)."""
-    from io import BytesIO
+def fetch_facts(target: "OrthancBackup", resource_ids: list[str],
+                ) -> tuple[list[tuple[str, RecordFacts]], dict[str, str]]:
+    """Fetch and parse records by Orthanc ID; returns the facts and, per unreadable record, why.
 
-    from pydicom import dcmread
-
-    return [record_facts(dcmread(BytesIO(f), stop_before_pixels=True)) for f in files]
+    A record that cannot be fetched or decoded is named, never skipped silently; a backup that
+    is down raises (retriable) instead.
+    """
+    parsed: list[tuple[str, RecordFacts]] = []
+    unreadable: dict[str, str] = {}
+    for rid in resource_ids:
+        try:
+            ds = target.read_resource(rid)
+        except RetriableBackupTargetError:
+            raise
+        except BackupTargetError as exc:
+            unreadable[rid] = str(exc)
+            continue
+        try:
+            parsed.append((rid, record_facts(ds)))
+        except Exception as exc:  # a value pydicom cannot convert: name the record
+            unreadable[rid] = (f"RT Record {ds.get('SOPInstanceUID', rid)} (patient "
+                               f"{ds.get('PatientID', '?')}) could not be parsed: {exc}")
+    return parsed, unreadable
 
 
 @dataclass(frozen=True)
@@ -124,8 +157,9 @@ class PlanFacts:
 
 def plan_facts(ds: Dataset) -> PlanFacts:
     groups = ds.get("FractionGroupSequence") or []
-    planned = [int(g.NumberOfFractionsPlanned) for g in groups
-               if g.get("NumberOfFractionsPlanned") not in (None, "")]
+    ignored: list[str] = []  # an invalid count in the plan: the record's count still shows
+    planned = [n for g in groups
+               if (n := _integer(g.get("NumberOfFractionsPlanned"), "", ignored)) is not None]
     return PlanFacts(str(ds.get("RTPlanLabel", "") or ""), max(planned) if planned else None)
 
 

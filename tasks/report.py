@@ -1,4 +1,4 @@
-"""Prefect tasks for the treatment report: list, then parse in batches (never one task per record)."""
+"""Prefect tasks for the treatment report: list, then parse in batches, never a task per record."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ from prefect.cache_policies import NO_CACHE
 
 from radonc_backup.backup_target import OrthancBackup, open_backup
 from radonc_backup.config import load_site
-from radonc_backup.errors import BackupTargetError, ConfigError, RetriableBackupTargetError
-from radonc_backup.treatment_report import FactCache, RecordFacts, facts_from_files, \
-    plan_facts, record_facts
+from radonc_backup.errors import ConfigError
+from radonc_backup.treatment_report import FactCache, RecordFacts, fetch_facts, plan_facts
 
 
 def report_backup(site: str, backup: str | None, config: str | None,
@@ -39,33 +38,42 @@ def list_records(site: str, backup: str | None, config: str | None,
     return target.find_resources(query)
 
 
-_DECODE_CHUNK = 50
+FETCH_CHUNK = 100  # records a worker fetches and decodes per call
+_POOL: ProcessPoolExecutor | None = None
+_TARGETS: dict[tuple[object, ...], OrthancBackup] = {}
 
 
-def _decoders() -> ProcessPoolExecutor:
-    """Decoding is CPU-bound pydicom work; a pool keeps it off the fetching interpreter."""
+def _workers() -> ProcessPoolExecutor:
+    """Fetching and decoding are CPU-bound Python work: one worker process per core does both,
+    so neither the GIL of the flow's interpreter nor passing file bytes between processes
+    limits the rate (measured: 0.77x of a bare fetch loop, against 0.42x when this process
+    fetched and the pool only decoded)."""
     global _POOL
     if _POOL is None:
-        _POOL = ProcessPoolExecutor(max_workers=max(1, (os.cpu_count() or 2)),
+        _POOL = ProcessPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                     mp_context=multiprocessing.get_context("forkserver"))
         atexit.register(_POOL.shutdown)
     return _POOL
 
 
-_POOL: ProcessPoolExecutor | None = None
+def _fetch_in_worker(target: OrthancBackup, resource_ids: list[str],
+                     ) -> tuple[list[tuple[str, RecordFacts]], dict[str, str]]:
+    """Runs in a worker: one keep-alive connection per backup per worker, reused across calls."""
+    return fetch_facts(_TARGETS.setdefault(target.identity, target), resource_ids)
 
 
-def _decode(files: list[bytes]) -> Future[list[RecordFacts]]:
-    """Decode in the pool; if the pool cannot run (e.g. an unguarded __main__), decode here."""
+def _submit(target: OrthancBackup, resource_ids: list[str],
+            ) -> Future[tuple[list[tuple[str, RecordFacts]], dict[str, str]]]:
+    """In the pool; if the pool cannot run (e.g. an unguarded __main__), here."""
     global _POOL
     try:
-        return _decoders().submit(facts_from_files, files)
+        return _workers().submit(_fetch_in_worker, target, resource_ids)
     except (BrokenProcessPool, RuntimeError, OSError) as exc:
-        get_run_logger().warning("decoding in this process: the decoder pool is unavailable "
+        get_run_logger().warning("fetching in this process: the worker pool is unavailable "
                                  "(%s)", exc)
         _POOL = None
-        done: Future[list[RecordFacts]] = Future()
-        done.set_result(facts_from_files(files))
+        done: Future[tuple[list[tuple[str, RecordFacts]], dict[str, str]]] = Future()
+        done.set_result(fetch_facts(target, resource_ids))
         return done
 
 
@@ -74,35 +82,14 @@ def parse_records(site: str, backup: str | None, config: str | None,
                   resource_ids: list[str]) -> dict[str, str]:
     """Fetch and parse a batch of records into the cache; returns the unreadable ones."""
     target, cache = report_backup(site, backup, config)
-    unreadable: dict[str, str] = {}
-    pending: list[tuple[list[str], Future[list[RecordFacts]]]] = []
-    ids: list[str] = []
-    files: list[bytes] = []
-    for rid in resource_ids:
-        try:
-            files.append(target.fetch_file(rid))
-            ids.append(rid)
-        except RetriableBackupTargetError:
-            raise
-        except BackupTargetError as exc:
-            unreadable[rid] = str(exc)
-        if len(files) == _DECODE_CHUNK:
-            pending.append((ids, _decode(files)))
-            ids, files = [], []
-    if files:
-        pending.append((ids, _decode(files)))
+    chunks = [_submit(target, resource_ids[i:i + FETCH_CHUNK])
+              for i in range(0, len(resource_ids), FETCH_CHUNK)]
     parsed: list[tuple[str, RecordFacts]] = []
-    for chunk_ids, future in pending:
-        try:
-            parsed += list(zip(chunk_ids, future.result()))
-        except Exception as exc:  # one bad file in the chunk: decode one by one to name it
-            get_run_logger().warning("decoding a chunk of %d in this process: %s",
-                                     len(chunk_ids), exc)
-            for rid in chunk_ids:
-                try:
-                    parsed.append((rid, record_facts(target.read_resource(rid))))
-                except BackupTargetError as exc:
-                    unreadable[rid] = str(exc)
+    unreadable: dict[str, str] = {}
+    for chunk in chunks:
+        facts, bad = chunk.result()  # a backup gone down raises here: the task retries
+        parsed += facts
+        unreadable.update(bad)
     cache.put_records(parsed)
     return unreadable
 

@@ -190,3 +190,23 @@ def test_readable_names() -> None:
     assert readable_name("García^Lucía^María^Dr.") == "García, Lucía María"
     assert readable_name("Cher") == "Cher"
     assert readable_name("Doe^John=ドウ^ジョン") == "Doe, John"
+
+
+def test_record_with_an_invalid_value_still_counts_with_a_warning(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    """A beam whose fraction number is not a number (IS 'X8765'): the record's other beams and
+    sessions still count, the row says what was wrong, and the report does not crash."""
+    site = make_site()
+    clinic = Clinic()
+    study, plan = clinic.plan("R011", "Bad^Value", "p", "LIVER", 10)
+    good = make_treatment_record(study, plan, 3, datetime(2026, 11, 17, 9))
+    bad = make_treatment_record(study, plan, 4, datetime(2026, 11, 18, 9),
+                                beam_fractions=[98765, 4, 4])
+    broken = to_bytes(bad)
+    assert broken.count(b"98765 ") == 1
+    site.backup.upload([to_bytes(good), broken.replace(b"98765 ", b"X8765 "), to_bytes(plan)])
+    result = run(site, tmp_path, treatment_start_date=START, end_date=END)
+    assert result["records_fetched"] == 2 and result["unreadable"] == {}
+    (row,) = read_csv(tmp_path / "report.csv")
+    assert row["CurrentFraction"] == "4" and row["SessionsInWindow"] == "2"
+    assert "invalid CurrentFractionNumber 'X8765'" in row["Warnings"]
