@@ -24,7 +24,8 @@ from radonc_backup.config import PROJECT_ROOT, load_site
 from radonc_backup.treatment_report import COLUMNS, build_report
 from radonc_backup.windows import utc_now, wall
 from tasks.backup import with_site_retries
-from tasks.report import list_records, parse_records, read_plans, report_backup
+from tasks.report import list_records, parse_records, read_plans, report_backup, \
+    start_workers
 
 PARSE_BATCH = 1000  # records per task run: 15,000 records are 15 task runs, not 15,000
 PARALLEL_BATCHES = 3  # batches in flight; their chunks keep every worker process busy
@@ -44,6 +45,7 @@ def treatment_report(site: str, treatment_start_date: date | None = None,
     study_start = study_start_date or start - timedelta(days=30)
     params = (site, backup, config)
     target, cache = report_backup(*params)
+    start_workers()
 
     resources = with_site_retries(list_records, cfg.settings)(*params, study_start)
     known = cache.known_resources()

@@ -15,7 +15,7 @@ from demo.site import DemoSite
 from demo.synthetic import Patient, Study, make_image_series, make_rtplan, make_rtstruct, \
     make_treatment_record, to_bytes
 from flows.treatment_report import treatment_report
-from radonc_backup.treatment_report import readable_name
+from radonc_backup.report_facts import readable_name
 
 pytestmark = pytest.mark.usefixtures("prefect")
 
