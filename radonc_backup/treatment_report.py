@@ -109,9 +109,10 @@ def build_report(records: Iterable[RecordFacts], plans: dict[str, PlanFacts], st
     upto = frame[(frame["day"] != "") & (frame["day"] <= end.isoformat())]
     window = upto[upto["day"] >= start.isoformat()]
     rows = []
+    courses = dict(iter(upto.groupby(["patient_id", "plan_uid"], sort=False)))
     for (patient_id, plan_uid), sessions in window.groupby(["patient_id", "plan_uid"],
                                                            sort=False):
-        course = upto[(upto["patient_id"] == patient_id) & (upto["plan_uid"] == plan_uid)]
+        course = courses[(patient_id, plan_uid)]
         latest = sessions.sort_values("treated").iloc[-1]
         plan = plans.get(plan_uid)
         warnings = sorted({w for ws in course["warnings"] for w in ws})
