@@ -264,9 +264,9 @@ def write_report(path: Path, results: dict[str, float], n: int, rows: int, noop:
         "of flow time (goal: under 2 s).",
         "",
     ]
-    later = ""
-    if path.exists() and "## Plan-context backfill" in path.read_text():
-        later = "## Plan-context backfill" + path.read_text().split("## Plan-context backfill", 1)[1]
+    later, marker = "", "## Plan-context backfill"
+    if path.exists() and marker in path.read_text():
+        later = marker + path.read_text().split(marker, 1)[1]
     path.write_text("\n".join(lines) + ("\n" + later if later else ""))
 
 
