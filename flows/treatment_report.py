@@ -21,11 +21,12 @@ from flows.backup_run import artifact_key
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from radonc_backup.config import PROJECT_ROOT, load_site
-from radonc_backup.treatment_report import COLUMNS, build_report
+from radonc_backup.errors import BackupIncomplete
+from radonc_backup.treatment_report import COLUMNS, UnreadableRecord, build_report
 from radonc_backup.windows import utc_now, wall
 from tasks.backup import with_site_retries
-from tasks.report import list_records, parse_records, read_plans, report_backup, \
-    start_workers
+from tasks.report import known_to_index, list_records, parse_records, read_plans, \
+    report_backup, start_workers
 
 PARSE_BATCH = 1000  # records per task run: 15,000 records are 15 task runs, not 15,000
 PARALLEL_BATCHES = 3  # batches in flight; their chunks keep every worker process busy
@@ -63,7 +64,9 @@ def treatment_report(site: str, treatment_start_date: date | None = None,
         with_site_retries(read_plans, cfg.settings)(*params, missing_plans)
         plans = cache.plans()
 
-    report = build_report(facts, plans, start, end)
+    lost = [UnreadableRecord(rid, reason=why, **known_to_index(target, rid))
+            for rid, why in unreadable.items()]
+    report = build_report(facts, plans, start, end, lost)
     path = Path(out) if out else PROJECT_ROOT / "reports" / f"treatment-report-{site}-{end}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     report.to_csv(path, index=False, encoding="utf-8")
@@ -72,17 +75,24 @@ def treatment_report(site: str, treatment_start_date: date | None = None,
     create_table_artifact(key=key, table=table or [{c: "" for c in COLUMNS}],
                           description=f"Patients treated {start} to {end}, site {site}")
     warned = int((report["Warnings"] != "").sum()) if not report.empty else 0
-    message = (f"{len(report)} patient-plan row(s) treated {start} to {end}" if len(report) else
+    courses = len(report) - len(lost)
+    message = (f"{courses} patient-plan row(s) treated {start} to {end}" if courses else
                f"No RT Records in backup {target.alias} treated {start} to {end}")
+    if lost:
+        message += f", and {len(lost)} row(s) for records that could not be read"
     create_markdown_artifact(key=f"{key}-summary", markdown=(
         f"# Treatment report: site {site}\n\n{message}.\n\n"
         f"Records listed {len(resources)}, fetched this run {len(new)}, unreadable "
         f"{len(unreadable)}; rows with warnings {warned}.\n\nCSV: `{path}`\n"))
     logger.info("site %s: %s; %d records listed, %d fetched, CSV %s", site, message,
                 len(resources), len(new), path)
-    for rid, why in unreadable.items():
-        logger.warning("site %s: record %s skipped: %s", site, rid, why)
-    return {"site": site, "start": str(start), "end": str(end), "rows": len(report),
+    if lost:
+        raise BackupIncomplete(
+            f"site {site}: {len(lost)} RT Record(s) in backup {target.alias} could not be read; "
+            f"their rows in {path} say so: " + "; ".join(
+                f"{u.sop_instance_uid or u.resource_id} (patient {u.patient_id or '?'}): "
+                f"{u.reason}" for u in lost[:5]))
+    return {"site": site, "start": str(start), "end": str(end), "rows": courses,
             "records_listed": len(resources), "records_fetched": len(new),
             "unreadable": unreadable, "rows_with_warnings": warned, "csv": str(path),
             "message": message}

@@ -184,6 +184,16 @@ class OrthancBackup:
             raise BackupTargetError(f"{self._where}: {about or resource_id} in the backup is not "
                                     f"readable DICOM: {exc}") from None
 
+    def describe(self, resource_id: str) -> dict[str, str]:
+        """SOPInstanceUID, PatientID and PatientName of an instance from Orthanc's index alone
+        (for an instance whose file cannot be read); empty values where unknown."""
+        found = {"SOPInstanceUID": "", "PatientID": "", "PatientName": ""}
+        for path in (f"/instances/{resource_id}", f"/instances/{resource_id}/patient"):
+            r = self._get(path)
+            tags = r.json().get("MainDicomTags", {}) if r.status_code == 200 else {}
+            found.update({k: str(v) for k, v in tags.items() if k in found})
+        return found
+
     def find_resources(self, query: dict[str, str]) -> list[str]:
         """Orthanc IDs of the instances matching a query on indexed tags."""
         return list(self._post("/tools/find",  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ import json
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
@@ -95,13 +95,46 @@ class FactCache:
                              [(uid, json.dumps(asdict(f))) for uid, f in plans.items()])
 
 
+UNREADABLE = "record unreadable"
+
+
+@dataclass(frozen=True)
+class UnreadableRecord:
+    """A listed record whose file could not be read: what Orthanc's index still knows of it."""
+
+    resource_id: str
+    sop_instance_uid: str
+    patient_id: str
+    patient_name: str
+    reason: str
+
+
 def build_report(records: Iterable[RecordFacts], plans: dict[str, PlanFacts], start: date,
-                 end: date) -> pd.DataFrame:
+                 end: date, unreadable: Iterable[UnreadableRecord] = ()) -> pd.DataFrame:
     """One row per patient per plan with at least one session from ``start`` to ``end``.
 
     The current fraction is the highest CurrentFractionNumber over every beam of every session of
-    the plan up to ``end`` (not only the window's, and not the first beam's).
+    the plan up to ``end`` (not only the window's, and not the first beam's). Each unreadable
+    record gets a row of its own (status ``record unreadable``): its patient's fraction count
+    may be short, and a report that silently left it out could show a wrong fraction.
     """
+    lost = [{"PatientID": u.patient_id, "PatientName": u.patient_name, "Status": UNREADABLE,
+             "Warnings": f"RT Record {u.sop_instance_uid or u.resource_id} could not be read "
+                         f"from the backup ({u.reason}): this patient's fractions may be "
+                         "incomplete"} for u in unreadable]
+    report = _course_rows(records, plans, start, end)
+    if lost:
+        extra = pd.DataFrame(lost, columns=COLUMNS)
+        report = pd.concat([report, extra], ignore_index=True) if len(report) else extra
+    for column in ("CurrentFraction", "FractionsPlanned", "FractionsRemaining"):
+        report[column] = report[column].astype("Int64")
+    return report.sort_values(["PatientName", "RTPlanLabel"],
+                              key=lambda c: c.fillna("").str.casefold(),
+                              kind="stable").reset_index(drop=True)
+
+
+def _course_rows(records: Iterable[RecordFacts], plans: dict[str, PlanFacts], start: date,
+                 end: date) -> pd.DataFrame:
     frame = pd.DataFrame([asdict(r) for r in records])
     if frame.empty:
         return pd.DataFrame(columns=COLUMNS)
@@ -143,8 +176,4 @@ def build_report(records: Iterable[RecordFacts], plans: dict[str, PlanFacts], st
             "Status": "completed in window" if remaining == 0 else "on treatment",
             "Warnings": "; ".join(warnings),
         })
-    report = pd.DataFrame(rows, columns=COLUMNS)
-    for column in ("CurrentFraction", "FractionsPlanned", "FractionsRemaining"):
-        report[column] = report[column].astype("Int64")
-    return report.sort_values(["PatientName", "RTPlanLabel"], key=lambda c: c.str.casefold(),
-                              kind="stable").reset_index(drop=True)
+    return pd.DataFrame(rows, columns=COLUMNS)

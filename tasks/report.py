@@ -16,9 +16,9 @@ from prefect.cache_policies import NO_CACHE
 
 from radonc_backup.backup_target import OrthancBackup, open_backup
 from radonc_backup.config import load_site
-from radonc_backup.errors import ConfigError
+from radonc_backup.errors import BackupTargetError, ConfigError
 from radonc_backup.report_facts import PlanFacts, RecordFacts, fetch_facts, fetch_plan_facts, \
-    in_worker, ready
+    in_worker, readable_name, ready
 from radonc_backup.treatment_report import FactCache
 
 
@@ -105,6 +105,17 @@ def parse_records(site: str, backup: str | None, config: str | None,
         unreadable.update(bad)
     cache.put_records(parsed)
     return unreadable
+
+
+def known_to_index(target: OrthancBackup, resource_id: str) -> dict[str, str]:
+    """What the backup's index knows of a record it cannot serve (names in readable form)."""
+    try:
+        tags = target.describe(resource_id)
+    except BackupTargetError:
+        tags = {}
+    return {"sop_instance_uid": tags.get("SOPInstanceUID", ""),
+            "patient_id": tags.get("PatientID", ""),
+            "patient_name": readable_name(tags.get("PatientName", ""))}
 
 
 @task(name="read-plans", cache_policy=NO_CACHE)

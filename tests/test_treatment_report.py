@@ -210,3 +210,37 @@ def test_record_with_an_invalid_value_still_counts_with_a_warning(
     (row,) = read_csv(tmp_path / "report.csv")
     assert row["CurrentFraction"] == "4" and row["SessionsInWindow"] == "2"
     assert "invalid CurrentFractionNumber 'X8765'" in row["Warnings"]
+
+
+def test_a_record_the_backup_cannot_serve_gets_its_own_row_and_fails_the_run(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    """A stored file gone bad: the patient's fraction count could be short, so the report says
+    so on a row of its own (from Orthanc's index) and the run ends Failed, CSV written."""
+    site = make_site()
+    clinic = Clinic()
+    study, plan = clinic.plan("R012", "Fine^Record", "p", "PROSTATE", 20)
+    good = make_treatment_record(study, plan, 5, datetime(2026, 11, 18, 9))
+    study2, plan2 = clinic.plan("R013", "Bad^Storage", "p", "LUNG", 20)
+    bad = make_treatment_record(study2, plan2, 6, datetime(2026, 11, 18, 10))
+    site.backup.upload([to_bytes(good), to_bytes(bad), to_bytes(plan), to_bytes(plan2)])
+    with site.backup.rest() as client:
+        (rid,) = client.post("/tools/find", json={"Level": "Instance", "Query": {
+            "SOPInstanceUID": str(bad.SOPInstanceUID)}}).json()
+        uuid = client.get(f"/instances/{rid}/attachments/dicom/info").json()["Uuid"]
+    site.backup.stop()  # and restart: Orthanc keeps recent files in a memory cache
+    stored = site.backup.workdir / "storage" / uuid[:2] / uuid[2:4] / uuid
+    stored.write_bytes(b"not a DICOM file any more")
+    site.backup.start()
+
+    state = treatment_report(site="DEMO", config=str(site.config_path), return_state=True,
+                             out=str(tmp_path / "report.csv"), treatment_start_date=START,
+                             end_date=END)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert str(bad.SOPInstanceUID) in message and "R013" in message
+    assert "Bad" not in message, "no patient names in the run's error"
+    rows = {r["PatientID"]: r for r in read_csv(tmp_path / "report.csv")}
+    assert rows["R012"]["CurrentFraction"] == "5" and rows["R012"]["Status"] == "on treatment"
+    assert rows["R013"]["Status"] == "record unreadable"
+    assert rows["R013"]["PatientName"] == "Bad, Storage" and rows["R013"]["CurrentFraction"] == ""
+    assert str(bad.SOPInstanceUID) in rows["R013"]["Warnings"]
