@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
 from pydicom.dataelem import RawDataElement
@@ -199,23 +199,33 @@ def record_facts(ds: Dataset) -> RecordFacts:
     )
 
 
-def fetch_facts(target: "OrthancBackup", resource_ids: list[str],
-                ) -> tuple[list[tuple[str, RecordFacts]], dict[str, str]]:
-    """Fetch and parse records by Orthanc ID; returns the facts and, per unreadable record, why.
+def _read_each(keys: list[str], read: Callable[[str], Dataset | None],
+               unreadable: dict[str, str]) -> Iterator[tuple[str, Dataset]]:
+    """Each object the backup holds, read; why the others failed goes into ``unreadable``.
 
-    A record that cannot be fetched or decoded is named, never skipped silently; a backup that
-    is down raises (retriable) instead.
+    A backup that is down raises (retriable) instead: that is not the object's fault.
     """
-    parsed: list[tuple[str, RecordFacts]] = []
-    unreadable: dict[str, str] = {}
-    for rid in resource_ids:
+    for key in keys:
         try:
-            ds = target.read_resource(rid)
+            ds = read(key)
         except RetriableBackupTargetError:
             raise
         except BackupTargetError as exc:
-            unreadable[rid] = str(exc)
+            unreadable[key] = str(exc)
             continue
+        if ds is not None:
+            yield key, ds
+
+
+def fetch_facts(target: OrthancBackup, resource_ids: list[str],
+                ) -> tuple[list[tuple[str, RecordFacts]], dict[str, str]]:
+    """Fetch and parse records by Orthanc ID; returns the facts and, per unreadable record, why.
+
+    A record that cannot be fetched or decoded is named, never skipped silently.
+    """
+    parsed: list[tuple[str, RecordFacts]] = []
+    unreadable: dict[str, str] = {}
+    for rid, ds in _read_each(resource_ids, target.read_resource, unreadable):
         try:
             parsed.append((rid, record_facts(ds)))
         except Exception as exc:  # a value pydicom cannot convert: name the record
@@ -242,20 +252,10 @@ def fetch_plan_facts(target: OrthancBackup, plan_uids: list[str],
                      ) -> tuple[dict[str, PlanFacts], dict[str, str]]:
     """Label and fraction count of the plans the backup holds; and why the unreadable failed.
 
-    A plan the backup lacks is simply absent (its rows say so); a backup that is down raises.
+    A plan the backup lacks is simply absent (its rows say so).
     """
-    found: dict[str, PlanFacts] = {}
     unreadable: dict[str, str] = {}
-    for uid in plan_uids:
-        try:
-            ds = target.read(uid)
-        except RetriableBackupTargetError:
-            raise
-        except BackupTargetError as exc:
-            unreadable[uid] = str(exc)
-            continue
-        if ds is not None:
-            found[uid] = plan_facts(ds)
+    found = {uid: plan_facts(ds) for uid, ds in _read_each(plan_uids, target.read, unreadable)}
     return found, unreadable
 
 
