@@ -7,9 +7,9 @@ import only pydicom and httpx (they start in a fraction of the time a pandas imp
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
 from pydicom.dataelem import RawDataElement
@@ -93,9 +93,10 @@ def _scan_items(ds: Dataset, sequence: int, element: int) -> list[bytes | None] 
     raw = ds.get_item(sequence) if sequence in ds else None
     if raw is None:
         return []
-    if not isinstance(raw, RawDataElement) or raw.is_implicit_VR or not raw.is_little_endian \
-            or not isinstance(raw.value, bytes) or raw.length == _UNDEFINED:
-        return None
+    if not isinstance(raw, RawDataElement) or raw.VR != "SQ" or raw.is_implicit_VR \
+            or not raw.is_little_endian or not isinstance(raw.value, bytes) \
+            or raw.length == _UNDEFINED:
+        return None  # e.g. a sequence stored as UN: pydicom knows how to read those
     data, pos, found = raw.value, 0, []
     while pos < len(data):
         if len(data) - pos < 8:
