@@ -24,11 +24,29 @@ fi
 
 "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed")'
 if [[ ! -x .venv/bin/python ]]; then "$PYTHON" -m venv .venv; fi
-stamp=.venv/.requirements.sha256
+# Install from the lock: every package of the tree pinned with its hash (requirements.txt to run,
+# requirements-test.txt to run and test; see requirements.in for how they are made). Whatever the
+# venv holds that the lock does not name is removed, so the venv is exactly the lock; `pip check`
+# then proves the lock complete (--no-deps: pip takes nothing the lock does not name).
+lock=requirements.txt
+if [[ "${1:-}" == test ]]; then lock=requirements-test.txt; fi
+stamp=.venv/.lock.sha256
 if ! sha256sum --status -c "$stamp" 2>/dev/null; then
-  echo "Installing Python packages from requirements.txt"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
-  sha256sum requirements.txt > "$stamp"
+  echo "Installing Python packages from $lock (pinned, with hashes)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r "$lock"
+  extra=$(.venv/bin/python - "$lock" <<'PY'
+import re, subprocess, sys
+norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+locked = {norm(m[1]) for m in re.finditer(r"^([A-Za-z0-9_.-]+)==", open(sys.argv[1]).read(), re.M)}
+frozen = subprocess.run([sys.executable, "-m", "pip", "freeze", "--all"], capture_output=True,
+                        text=True, check=True).stdout.split()
+print(" ".join(n for n in (l.split("==")[0] for l in frozen if "==" in l)
+               if norm(n) not in locked and norm(n) not in {"pip", "setuptools", "wheel"}))
+PY
+)
+  if [[ -n "$extra" ]]; then .venv/bin/python -m pip uninstall -q -y $extra; fi
+  .venv/bin/python -m pip check
+  sha256sum "$lock" > "$stamp"
 fi
 
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 TCP_NODELAY=1

@@ -78,7 +78,8 @@ def demo_site_table(source_config: Path = DEFAULT_CONFIG) -> dict[str, Any]:
 
 def start_demo_site(workdir: Path, backup_lua: list[str] | None = None, rv_find_cap: int = 0,
                     settings: dict[str, Any] | None = None, extra_rv_modalities:
-                    dict[str, tuple[str, str, int]] | None = None) -> DemoSite:
+                    dict[str, tuple[str, str, int]] | None = None,
+                    schedules: dict[str, Any] | None = None) -> DemoSite:
     """Start the Orthanc pair and write ``workdir/environments.toml`` for site DEMO."""
     workdir.mkdir(parents=True, exist_ok=True)
     data = demo_site_table()
@@ -105,6 +106,8 @@ def start_demo_site(workdir: Path, backup_lua: list[str] | None = None, rv_find_
     tgt.update(port=backup.dicom_port, rest_url=backup.url, username=backup.username)
     demo["settings"] = {**demo.get("settings", {}), "state_dir": str(workdir / "state"),
                         **(settings or {})}
+    if schedules:
+        demo["schedules"] = {**demo.get("schedules", {}), **schedules}
     config_path = workdir / "environments.toml"
     config_path.write_text("# Written by demo.site for this run.\n" + dump_toml(data))
     os.environ[tgt["password_env"]] = backup.password

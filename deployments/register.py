@@ -5,7 +5,11 @@
 1. creates the process work pool (``radonc-backup``) if it is missing;
 2. creates or resizes, for every DICOM source of every site in the config, the global
    concurrency limit that caps associations with that R&V AE (``max_associations``);
-3. runs ``prefect deploy --all`` on ``prefect.yaml`` (skip with ``--no-deploy``).
+3. deploys the five schedules of ``prefect.yaml`` once per site, named ``<site>-incremental``,
+   ``<site>-nightly``, ``<site>-backfill``, ``<site>-report`` and ``<site>-validation``, in the
+   site's timezone, with the ``site`` parameter limited to the sites of the config (skip with
+   ``--no-deploy``);
+4. prints the command that starts a worker, with the environment it needs.
 
 Run it again after changing the config or ``prefect.yaml``; it only creates or updates.
 """
@@ -13,19 +17,30 @@ Run it again after changing the config or ``prefect.yaml``; it only creates or u
 from __future__ import annotations
 
 import argparse
+import copy
+import os
+import shlex
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
+from typing import Any
 
+import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolCreate
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 from prefect.exceptions import ObjectNotFound
 from prefect.workers.process import ProcessWorker
 
-from radonc_backup.config import PROJECT_ROOT, load_site, site_names
+from radonc_backup.config import CONFIG_ENV, PROJECT_ROOT, STATE_DIR_ENV, Site, config_path, \
+    load_site, site_names
 from radonc_backup.errors import BackupError
 from tasks.limits import ensure_rv_limits
 
 WORK_POOL = "radonc-backup"
+TEMPLATE_SITE = "DEMO"
+PREFECT_FILE = PROJECT_ROOT / "prefect.yaml"
 
 
 def ensure_work_pool(name: str = WORK_POOL) -> bool:
@@ -41,16 +56,88 @@ def ensure_work_pool(name: str = WORK_POOL) -> bool:
             return True
 
 
-def register_limits(config: str | None, sites: list[str] | None) -> dict[str, int]:
+def register_limits(config: str | None, sites: list[str]) -> dict[str, int]:
     sizes: dict[str, int] = {}
-    for name in sites or site_names(config):
+    for name in sites:
         sizes.update(ensure_rv_limits(load_site(name, config), update=True))
     return sizes
 
 
-def deploy_all() -> int:
-    return subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
-                          cwd=PROJECT_ROOT).returncode
+def site_deployments(template: list[dict[str, Any]], site: Site, pool: str,
+                     ) -> list[dict[str, Any]]:
+    """The template's deployments (written for DEMO) for one site: names, parameter, timezone."""
+    prefix = TEMPLATE_SITE.lower() + "-"
+    out = []
+    for dep in template:
+        dep = copy.deepcopy(dep)
+        kind = dep["name"].removeprefix(prefix)
+        dep["name"] = f"{site.name.lower()}-{kind}"
+        dep["parameters"] = {**dep.get("parameters", {}), "site": site.name}
+        dep["description"] = dep.get("description", "").replace(
+            f"(site {TEMPLATE_SITE})", f"(site {site.name})")
+        dep["tags"] = [f"site-{site.name}"]
+        dep["schedules"] = [schedule_for(kind, site)]
+        dep["work_pool"] = {**dep.get("work_pool", {}), "name": pool}
+        out.append(dep)
+    return out
+
+
+def schedule_for(kind: str, site: Site) -> dict[str, Any]:
+    """The deployment's schedule from the site's ``[SITE.schedules]`` table, in its timezone."""
+    if kind == "incremental":
+        return {"interval": site.schedules.incremental_minutes * 60, "timezone": site.timezone}
+    return {"cron": getattr(site.schedules, kind), "timezone": site.timezone}
+
+
+def prefect_file_for(sites: list[Site], pool: str, template: Path = PREFECT_FILE,
+                     ) -> dict[str, Any]:
+    spec = yaml.safe_load(template.read_text())
+    spec["deployments"] = [dep for site in sites
+                           for dep in site_deployments(spec["deployments"], site, pool)]
+    return spec
+
+
+def deploy(spec: dict[str, Any]) -> int:
+    """``prefect deploy --all`` on the per-site file, from the checkout (entrypoints are
+    relative to it)."""
+    with tempfile.TemporaryDirectory(prefix="radonc-deploy-") as tmp:
+        path = Path(tmp) / "prefect.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        return subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
+                               "--prefect-file", str(path)], cwd=PROJECT_ROOT).returncode
+
+
+def limit_site_parameter(names: list[str], known_sites: list[str]) -> int:
+    """Let the ``site`` parameter of these deployments take only the config's sites, so a
+    mistyped site is refused when the run is triggered (CLI or UI), naming the known ones."""
+    changed = 0
+    with get_client(sync_client=True) as client:
+        for dep in client.read_deployments(deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=names))):
+            schema = copy.deepcopy(dep.parameter_openapi_schema or {})
+            site = schema.get("properties", {}).get("site")
+            if site is None:
+                continue
+            site["enum"] = known_sites
+            site["description"] = ("Site name, a table of the sites file: one of "
+                                   + ", ".join(known_sites))
+            client.update_deployment(dep.id, DeploymentUpdate(
+                parameter_openapi_schema=schema, enforce_parameter_schema=True))
+            changed += 1
+    return changed
+
+
+def worker_command(pool: str, config: str | None) -> str:
+    """What a worker needs in its environment, as one command line (the service unit in
+    docs/operations.md sets the same)."""
+    env = {"PREFECT_API_URL": os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api"),
+           "RADONC_BACKUP_HOME": str(PROJECT_ROOT), CONFIG_ENV: str(config_path(config))}
+    if os.environ.get(STATE_DIR_ENV):
+        env[STATE_DIR_ENV] = os.environ[STATE_DIR_ENV]
+    prefect = Path(sys.executable).with_name("prefect")
+    return (f"cd {shlex.quote(str(PROJECT_ROOT))} && "
+            + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+            + f" {shlex.quote(str(prefect))} worker start --pool {shlex.quote(pool)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,20 +146,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="sites TOML (default: "
                         "$RADONC_BACKUP_CONFIG or config/environments.toml)")
     parser.add_argument("--site", action="append", dest="sites",
-                        help="only this site's limits (repeatable; default: every site)")
+                        help="only this site (repeatable; default: every site of the config)")
     parser.add_argument("--pool", default=WORK_POOL, help=f"work pool (default {WORK_POOL})")
     parser.add_argument("--no-deploy", action="store_true",
                         help="create the pool and limits only")
     args = parser.parse_args(argv)
     try:
+        known = site_names(args.config)
+        chosen = args.sites or known
+        sites = [load_site(name, args.config) for name in chosen]
         created = ensure_work_pool(args.pool)
         print(f"work pool {args.pool}: {'created' if created else 'exists'}")
-        for name, size in register_limits(args.config, args.sites).items():
+        for name, size in register_limits(args.config, chosen).items():
             print(f"global concurrency limit {name}: {size} association(s)")
     except BackupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0 if args.no_deploy else deploy_all()
+    if not args.no_deploy:
+        spec = prefect_file_for(sites, args.pool)
+        code = deploy(spec)
+        if code:
+            return code
+        names = [d["name"] for d in spec["deployments"]]
+        limit_site_parameter(names, known)
+        print("deployments: " + ", ".join(names))
+    print("start a worker (see docs/operations.md for the service unit):\n  "
+          + worker_command(args.pool, args.config))
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
     python -m deployments.serve --site UCLA [--config /etc/radonc/sites.toml]
 
-Serves ``incremental-backup`` every 10 minutes (never two at once), ``nightly-backup`` at
-02:00, ``plan-context-backfill`` at 03:00, ``treatment-report`` at 06:00 and
-``validation-sweep`` on Sundays at 04:00, in the site's timezone. Stop with Ctrl-C; runs and
+Serves the site's five deployments (``<site>-incremental`` every 10 minutes, never two at once;
+``<site>-nightly`` at 02:00, ``<site>-backfill`` at 03:00, ``<site>-report`` at 06:00 and
+``<site>-validation`` on Sundays at 04:00 unless the site's ``[SITE.schedules]`` says otherwise),
+in the site's timezone. Stop with Ctrl-C; runs and
 schedules show in the Prefect UI.
 """
 
@@ -31,20 +32,20 @@ def deployments_for(site: str, config: str | None = None) -> list[object]:
     once = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
     return [
         incremental_backup.to_deployment(
-            name=site.lower(), parameters=params, concurrency_limit=once,
-            schedule=Interval(600, timezone=cfg.timezone)),
+            name=f"{site.lower()}-incremental", parameters=params, concurrency_limit=once,
+            schedule=Interval(cfg.schedules.incremental_minutes * 60, timezone=cfg.timezone)),
         nightly_backup.to_deployment(
-            name=site.lower(), parameters={**params, "days": 1}, concurrency_limit=once,
-            schedule=Cron("0 2 * * *", timezone=cfg.timezone)),
+            name=f"{site.lower()}-nightly", parameters={**params, "days": 1},
+            concurrency_limit=once, schedule=Cron(cfg.schedules.nightly, timezone=cfg.timezone)),
         plan_context_backfill.to_deployment(
-            name=site.lower(), parameters=params, concurrency_limit=once,
-            schedule=Cron("0 3 * * *", timezone=cfg.timezone)),
+            name=f"{site.lower()}-backfill", parameters=params, concurrency_limit=once,
+            schedule=Cron(cfg.schedules.backfill, timezone=cfg.timezone)),
         treatment_report.to_deployment(
-            name=site.lower(), parameters=params, concurrency_limit=once,
-            schedule=Cron("0 6 * * *", timezone=cfg.timezone)),
+            name=f"{site.lower()}-report", parameters=params, concurrency_limit=once,
+            schedule=Cron(cfg.schedules.report, timezone=cfg.timezone)),
         validation_sweep.to_deployment(
-            name=site.lower(), parameters=params, concurrency_limit=once,
-            schedule=Cron("0 4 * * 0", timezone=cfg.timezone)),
+            name=f"{site.lower()}-validation", parameters=params, concurrency_limit=once,
+            schedule=Cron(cfg.schedules.validation, timezone=cfg.timezone)),
     ]
 
 

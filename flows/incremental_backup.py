@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from prefect import flow
 
 from flows.backup_run import backfill_context, raise_if_incomplete, run_backup
+from flows import naming
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from radonc_backup.lane import open_lane
@@ -31,14 +32,20 @@ def incremental_start(watermark: datetime | None, now: datetime, overlap_minutes
     return datetime.combine(first_day, datetime.min.time(), tzinfo=tz).astimezone(timezone.utc)  # type: ignore[arg-type]
 
 
-@flow(name="incremental-backup", log_prints=False, **RUN_HOOKS)
+@flow(name="incremental-backup", flow_run_name=naming.INCREMENTAL, log_prints=False,
+      **RUN_HOOKS)
 def incremental_backup(site: str, source: str | None = None, backup: str | None = None,
                        config: str | None = None, now: datetime | None = None,
                        backfill: bool = True) -> dict[str, object]:
     """Back up new RT Records from a site's R&V (default source) to its backup.
 
-    ``backfill``: then bring the plan context of the records just verified into the backup.
-    ``now`` is for replaying a past window; leave it empty in production.
+    Args:
+        site: Site name, a table of the sites file (e.g. UCLA).
+        source: R&V source alias of the site (empty: the site's default_source).
+        backup: Backup target alias of the site (empty: the site's default_backup).
+        config: Sites TOML file (empty: $RADONC_BACKUP_CONFIG, else config/environments.toml).
+        now: Replay the window ending at this time; leave empty in production.
+        backfill: Then bring the plan context of the records just verified into the backup.
     """
     lane = open_lane(site, source, backup, config)
     end = (now or utc_now()).astimezone(timezone.utc)

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from prefect import flow
 
 from flows.backup_run import backfill_context, raise_if_incomplete, run_backup
+from flows import naming
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from radonc_backup.lane import open_lane
@@ -20,13 +21,20 @@ from radonc_backup.windows import utc_now, wall, whole_days
 from tasks.limits import rv_slots
 
 
-@flow(name="nightly-backup", log_prints=False, **RUN_HOOKS)
+@flow(name="nightly-backup", flow_run_name=naming.NIGHTLY, log_prints=False, **RUN_HOOKS)
 def nightly_backup(site: str, days: int = 1, source: str | None = None,
                    backup: str | None = None, config: str | None = None,
                    now: datetime | None = None, backfill: bool = True) -> dict[str, object]:
     """Back up the RT Records of the last ``days`` whole days and today so far.
 
-    ``backfill``: then sweep every plan context that is not complete yet.
+    Args:
+        site: Site name, a table of the sites file (e.g. UCLA).
+        days: Whole past days to look back over, besides today so far.
+        source: R&V source alias of the site (empty: the site's default_source).
+        backup: Backup target alias of the site (empty: the site's default_backup).
+        config: Sites TOML file (empty: $RADONC_BACKUP_CONFIG, else config/environments.toml).
+        now: Replay as if it were this time; leave empty in production.
+        backfill: Then sweep every plan context that is not complete yet.
     """
     lane = open_lane(site, source, backup, config)
     today = wall((now or utc_now()).astimezone(timezone.utc), lane.site.tz).date()

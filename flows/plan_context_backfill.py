@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.backup_run import artifact_key
+from flows import naming
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from radonc_backup.config import within_hours
@@ -43,13 +44,27 @@ def read_mrns(path: str) -> list[str]:
     return rows
 
 
-@flow(name="plan-context-backfill", log_prints=False, **RUN_HOOKS)
+@flow(name="plan-context-backfill", flow_run_name=naming.BACKFILL, log_prints=False,
+      **RUN_HOOKS)
 def plan_context_backfill(site: str, source: str | None = None, backup: str | None = None,
                           config: str | None = None, patient_ids: list[str] | None = None,
                           start_date: date | None = None, end_date: date | None = None,
                           mrn_csv: str | None = None, record_uids: list[str] | None = None,
                           now: datetime | None = None) -> dict[str, object]:
-    """Backfill plan context for a site's backed-up RT Records (see module docstring)."""
+    """Backfill plan context for a site's backed-up RT Records (see module docstring).
+
+    Args:
+        site: Site name, a table of the sites file (e.g. UCLA).
+        source: R&V source alias of the site (empty: the site's default_source).
+        backup: Backup target alias of the site (empty: the site's default_backup).
+        config: Sites TOML file (empty: $RADONC_BACKUP_CONFIG, else config/environments.toml).
+        patient_ids: Only (and again, even if complete) the plans of these patient IDs.
+        start_date: Only records treated on or after this date (site time).
+        end_date: Only records treated on or before this date (site time).
+        mrn_csv: A CSV file of patient IDs (first column) on the worker's disk.
+        record_uids: Only the plans of these RT Record SOP Instance UIDs.
+        now: Decide off-peak hours as if it were this time; leave empty in production.
+    """
     logger = get_run_logger()
     lane = open_lane(site, source, backup, config)
     params = (site, source, backup, config)

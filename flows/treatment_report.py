@@ -1,7 +1,8 @@
 """Treatment report from the backup: every patient under treatment with the current fraction.
 
 This is what the clinic opens when the R&V is down, so it reads only the backup PACS. Defaults:
-the last 7 days up to today (site time); records whose study began up to a month before that.
+the 7 calendar days ending today (site time), over every RT Record in the backup whatever the
+age of its study (``study_start_date`` narrows that only when given).
 Each record is parsed once and cached by SOP Instance UID, so a rerun fetches only new records.
 Writes a UTF-8 CSV (default ``reports/treatment-report-<site>-<end date>.csv`` in the checkout),
 a table artifact ``treatment-report-<site>`` and a markdown summary.
@@ -18,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.backup_run import artifact_key
+from flows import naming
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from radonc_backup.config import PROJECT_ROOT, load_site
@@ -32,18 +34,28 @@ PARSE_BATCH = 1000  # records per task run: 15,000 records are 15 task runs, not
 PARALLEL_BATCHES = 3  # batches in flight; their chunks keep every worker process busy
 
 
-@flow(name="treatment-report", log_prints=False, **RUN_HOOKS,
+@flow(name="treatment-report", flow_run_name=naming.REPORT, log_prints=False, **RUN_HOOKS,
       task_runner=ThreadPoolTaskRunner(max_workers=PARALLEL_BATCHES))
 def treatment_report(site: str, treatment_start_date: date | None = None,
                      end_date: date | None = None, study_start_date: date | None = None,
                      out: str | None = None, backup: str | None = None,
                      config: str | None = None) -> dict[str, object]:
-    """Report every patient treated between the two dates, one row per patient per plan."""
+    """Report every patient treated between the two dates, one row per patient per plan.
+
+    Args:
+        site: Site name, a table of the sites file (e.g. UCLA).
+        treatment_start_date: First day of the window (default: 6 days before the end date).
+        end_date: Last day of the window (default: today, site time).
+        study_start_date: Optional narrowing: only studies that began on or after this date.
+        out: CSV path on the worker (default: reports/treatment-report-<site>-<end>.csv).
+        backup: Backup target alias of the site (empty: the site's default_backup).
+        config: Sites TOML file (empty: $RADONC_BACKUP_CONFIG, else config/environments.toml).
+    """
     logger = get_run_logger()
     cfg = load_site(site, config)
     end = end_date or wall(utc_now(), cfg.tz).date()
-    start = treatment_start_date or end - timedelta(days=7)
-    study_start = study_start_date or start - timedelta(days=30)
+    start = treatment_start_date or end - timedelta(days=6)  # 7 calendar days with the end
+    study_start = study_start_date  # a narrowing only when asked: a course can last months
     params = (site, backup, config)
     target, cache = report_backup(*params)
     start_workers()

@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.backup_run import artifact_key
+from flows import naming
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from radonc_backup.errors import BackupIncomplete
@@ -23,10 +24,18 @@ from tasks.backup import validate_backup, with_site_retries
 SHOW = 20
 
 
-@flow(name="validation-sweep", log_prints=False, **RUN_HOOKS)
+@flow(name="validation-sweep", flow_run_name=naming.VALIDATION, log_prints=False,
+      **RUN_HOOKS)
 def validation_sweep(site: str, source: str | None = None, backup: str | None = None,
                      config: str | None = None) -> dict[str, object]:
-    """Check every verified record and plan-context object of a lane against the backup."""
+    """Check every verified record and plan-context object of a lane against the backup.
+
+    Args:
+        site: Site name, a table of the sites file (e.g. UCLA).
+        source: R&V source alias of the site (empty: the site's default_source).
+        backup: Backup target alias of the site (empty: the site's default_backup).
+        config: Sites TOML file (empty: $RADONC_BACKUP_CONFIG, else config/environments.toml).
+    """
     lane = open_lane(site, source, backup, config)
     result = with_site_retries(validate_backup, lane.site.settings)(site, source, backup, config)
     create_table_artifact(

@@ -206,6 +206,28 @@ class Notify(_Strict):
     timeout: float = Field(default=30.0, gt=0)
 
 
+_CRON = re.compile(r"^\S+( \S+){4}$")
+
+
+class Schedules(_Strict):
+    """When a site's deployments run, in the site's timezone (``deployments.register`` and
+    ``deployments.serve`` read this table)."""
+
+    incremental_minutes: int = Field(default=10, ge=1, le=1440)
+    """The incremental backup's interval; a run never overlaps the one before (CANCEL_NEW)."""
+    nightly: str = "0 2 * * *"
+    backfill: str = "0 3 * * *"
+    report: str = "0 6 * * *"
+    validation: str = "0 4 * * 0"
+
+    @field_validator("nightly", "backfill", "report", "validation")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if not _CRON.match(value.strip()):
+            raise ValueError(f"{value!r} is not a cron line of five fields (e.g. \"0 2 * * *\")")
+        return value.strip()
+
+
 class Site(_Strict):
     name: str
     description: str = ""
@@ -216,6 +238,7 @@ class Site(_Strict):
     sources: dict[str, Source]
     backup_targets: dict[str, BackupTarget]
     settings: Settings = Settings()
+    schedules: Schedules = Schedules()
     notify: Notify | None = None
     config_path: str = ""
 

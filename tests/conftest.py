@@ -56,3 +56,27 @@ def make_site(tmp_path: Path) -> Iterator[Callable[..., DemoSite]]:
 def load(site: DemoSite, *courses: Course, records_only: bool = False) -> int:
     objects = [ds for c in courses for ds in (c.records if records_only else c.all())]
     return site.rv.upload([to_bytes(ds) for ds in objects])
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Any]:
+    """A real `prefect server start` with its scheduler off (only triggered runs happen)."""
+    from tests.prefect_procs import Server
+
+    home = tmp_path / "prefect-server"
+    home.mkdir()
+    srv = Server(home)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def scheduling_server(tmp_path: Path) -> Iterator[Any]:
+    """A real `prefect server start` as production runs it: every service on, the scheduler too."""
+    from tests.prefect_procs import Server
+
+    home = tmp_path / "prefect-server"
+    home.mkdir()
+    srv = Server(home, scheduler=True)
+    yield srv
+    srv.stop()

@@ -1,20 +1,27 @@
-"""Deployment definitions: entrypoints exist, schedules use the site's clock, runs never overlap."""
+"""Deployment definitions: entrypoints exist, per-site names, the site's clock, no overlap."""
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
 
+import pytest
 import yaml
 
+from deployments.register import prefect_file_for, site_deployments, worker_command
 from deployments.serve import deployments_for
+from radonc_backup.config import load_site
+from radonc_backup.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
+KINDS = ["incremental", "nightly", "backfill", "report", "validation"]
 
 
 def test_prefect_yaml_entrypoints_and_schedules() -> None:
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    assert spec["pull"], "explicit pull steps"
+    [check, chdir] = spec["pull"]
+    assert "RADONC_BACKUP_HOME" in check["prefect.deployments.steps.run_shell_script"]["script"]
+    assert "set_working_directory" in next(iter(chdir))
     flows = set()
     for dep in spec["deployments"]:
         path, func = dep["entrypoint"].split(":")
@@ -22,12 +29,50 @@ def test_prefect_yaml_entrypoints_and_schedules() -> None:
         flows.add(getattr(module, func).name)
         assert dep["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
         assert all(s["timezone"] == "America/New_York" for s in dep["schedules"])
+    assert [d["name"] for d in spec["deployments"]] == [f"demo-{k}" for k in KINDS]
     assert flows == {"incremental-backup", "nightly-backup", "plan-context-backfill",
                      "treatment-report", "validation-sweep"}
 
 
+def test_register_deploys_the_set_once_per_site_in_its_timezone() -> None:
+    sites = [load_site("DEMO"), load_site("UCLA")]
+    spec = prefect_file_for(sites, "radonc-backup")
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    assert list(by_name) == [f"{s}-{k}" for s in ("demo", "ucla") for k in KINDS]
+    ucla = by_name["ucla-incremental"]
+    assert ucla["parameters"] == {"site": "UCLA"}
+    assert ucla["schedules"] == [{"interval": 600, "timezone": "America/Los_Angeles"}]
+    assert ucla["description"].endswith("(site UCLA)") and ucla["tags"] == ["site-UCLA"]
+    assert by_name["ucla-nightly"]["parameters"] == {"site": "UCLA", "days": 1}
+    assert by_name["ucla-report"]["schedules"] == [{"cron": "0 6 * * *",
+                                                    "timezone": "America/Los_Angeles"}]
+    assert by_name["ucla-validation"]["schedules"][0]["cron"] == "0 4 * * 0"
+    assert {d["work_pool"]["name"] for d in spec["deployments"]} == {"radonc-backup"}
+
+
+def test_a_site_sets_its_own_schedules(tmp_path: Path) -> None:
+    text = (ROOT / "config" / "environments.toml").read_text()
+    path = tmp_path / "sites.toml"
+    path.write_text(text + '\n[DEMO.schedules]\nincremental_minutes = 5\nreport = "30 5 * * 1-5"\n')
+    template = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    deps = {d["name"]: d for d in site_deployments(template, load_site("DEMO", path), "p")}
+    assert deps["demo-incremental"]["schedules"][0]["interval"] == 300
+    assert deps["demo-report"]["schedules"][0]["cron"] == "30 5 * * 1-5"
+    path.write_text(text + '\n[DEMO.schedules]\nreport = "every morning"\n')
+    with pytest.raises(ConfigError, match="schedules.report"):
+        load_site("DEMO", path)
+
+
+def test_worker_command_carries_what_a_worker_needs() -> None:
+    line = worker_command("radonc-backup", None)
+    assert f"RADONC_BACKUP_HOME={ROOT}" in line
+    assert f"RADONC_BACKUP_CONFIG={ROOT / 'config' / 'environments.toml'}" in line
+    assert "PREFECT_API_URL=" in line and line.endswith("worker start --pool radonc-backup")
+
+
 def test_serve_builds_site_schedules_in_its_timezone() -> None:
     incremental, nightly, backfill, report, validation = deployments_for("DEMO")
+    assert incremental.name == "demo-incremental"  # type: ignore[attr-defined]
     assert validation.schedules[0].schedule.cron == "0 4 * * 0"  # type: ignore[attr-defined]
     assert report.schedules[0].schedule.cron == "0 6 * * *"  # type: ignore[attr-defined]
     assert backfill.flow_name == "plan-context-backfill"  # type: ignore[attr-defined]
@@ -37,3 +82,12 @@ def test_serve_builds_site_schedules_in_its_timezone() -> None:
     assert nightly.schedules[0].schedule.timezone == "America/New_York"  # type: ignore[attr-defined]
     assert incremental.concurrency_limit == 1  # type: ignore[attr-defined]
     assert incremental.parameters["site"] == "DEMO"  # type: ignore[attr-defined]
+
+
+def test_flow_parameters_are_described_for_the_run_form() -> None:
+    from flows.incremental_backup import incremental_backup
+    from flows.treatment_report import treatment_report
+
+    for flow_obj in (incremental_backup, treatment_report):
+        props = flow_obj.parameters.model_dump()["properties"]
+        assert all(p.get("description") for p in props.values()), flow_obj.name

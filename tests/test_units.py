@@ -1,0 +1,122 @@
+"""The documented systemd units, run as systemd would run them: their environment, their
+ExecStart, their KillSignal. A server whose UI can reach its API from another machine, a worker
+that runs a triggered deployment, and both stopping within 10 s of the signal systemd sends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from demo.orthanc import free_port
+from demo.site import DemoSite
+from demo.synthetic import to_bytes
+from tests.prefect_procs import todays_course, uids
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "deployments" / "systemd"
+
+
+class Unit:
+    """The [Service] of a unit file with the install paths replaced by this test's."""
+
+    def __init__(self, name: str, replace: dict[str, str]) -> None:
+        text = (UNITS / name).read_text()
+        for old, new in replace.items():
+            text = text.replace(old, new)
+        self.env: dict[str, str] = {}
+        self.kill = signal.SIGTERM  # systemd's default
+        for line in text.splitlines():
+            key, _, value = line.partition("=")
+            if key == "Environment":
+                name_, _, val = value.partition("=")
+                self.env[name_] = val
+            elif key == "ExecStart":
+                self.argv = value.split()
+            elif key == "KillSignal":
+                self.kill = signal.Signals[value]
+            elif key == "WorkingDirectory":
+                self.cwd = value
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, log: Path, extra_env: dict[str, str]) -> None:
+        keep = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        self.proc = subprocess.Popen(self.argv, env={**keep, **self.env, **extra_env},
+                                     cwd=getattr(self, "cwd", str(ROOT)), stdout=log.open("w"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self) -> float:
+        """Send the unit's KillSignal as systemd does (to the main process); seconds to exit."""
+        assert self.proc is not None
+        began = time.monotonic()
+        self.proc.send_signal(self.kill)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        return time.monotonic() - began
+
+
+def test_server_and_worker_units_run_a_deployment_and_stop_on_their_signal(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    site = make_site()
+    course = todays_course("UNIT01")
+
+    site.rv.upload([to_bytes(ds) for ds in course.all()])
+
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    replace = {"/opt/radonc-backup/.venv/bin": bin_dir, "/opt/radonc-backup": str(ROOT),
+               "/var/lib/radonc-backup": str(tmp_path / "var"),
+               "/etc/radonc-backup/sites.toml": str(site.config_path),
+               "radonc-backup.example.org": "127.0.0.1", ":4200": f":{port}",
+               "--port 4200": f"--port {port}", "%i": "w1", "--host 0.0.0.0": "--host 127.0.0.1"}
+    server, worker = Unit("prefect-server.service", replace), Unit("radonc-worker@.service",
+                                                                   replace)
+    assert server.env["PREFECT_UI_API_URL"] == f"http://127.0.0.1:{port}/api"
+    assert worker.env["RADONC_BACKUP_HOME"] == str(ROOT)
+    api = f"http://127.0.0.1:{port}/api"
+    Path(server.env["PREFECT_HOME"]).mkdir(parents=True)  # the radonc user's home, per the docs
+    server.start(tmp_path / "server.log", {})
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{api}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and server.proc and server.proc.poll() is None, \
+                (tmp_path / "server.log").read_text()[-2000:]
+            time.sleep(0.3)
+        ui = httpx.get(f"http://127.0.0.1:{port}/ui-settings", timeout=10).json()
+        assert ui["api_url"] == server.env["PREFECT_UI_API_URL"]
+
+        cli_env = {**os.environ, "PREFECT_API_URL": api}
+        reg = subprocess.run([sys.executable, "-m", "deployments.register", "--config",
+                              str(site.config_path)], env=cli_env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+        assert reg.returncode == 0, reg.stdout[-2000:] + reg.stderr[-2000:]
+        # EnvironmentFile=/etc/radonc-backup/env holds the secrets named by the sites file.
+        worker.start(tmp_path / "worker.log",
+                     {"RADONC_DEMO_BACKUP_PASSWORD": site.backup.password})
+        try:
+            run = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run",
+                                  "incremental-backup/demo-incremental", "--watch"],
+                                 env=cli_env, cwd=ROOT, capture_output=True, text=True,
+                                 timeout=300)
+        finally:
+            worker_stop = worker.stop()
+        assert run.returncode == 0, run.stdout[-3000:] + (tmp_path / "worker.log").read_text()
+        assert site.backup.sop_instance_uids() >= uids(course)
+        assert worker_stop < 10, f"worker took {worker_stop:.1f} s to stop"
+    finally:
+        server_stop = server.stop()
+    assert server_stop < 10, f"server took {server_stop:.1f} s to stop"
