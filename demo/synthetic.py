@@ -350,11 +350,13 @@ def make_rtdose(study: Study, plan: Dataset, images: Series, key: str = "dose1")
 
 def make_treatment_record(study: Study, plan: Dataset, fraction: int, when: datetime,
                           series_uid: str | None = None, beam_fractions: list[int] | None = None,
-                          key: str = "") -> Dataset:
+                          key: str = "", termination: str = "NORMAL") -> Dataset:
     """One RT Beams Treatment Record: the session that delivered ``fraction`` at ``when``.
 
     ``beam_fractions`` overrides CurrentFractionNumber per beam (R&V systems do record beams of one
-    session under different fraction numbers, e.g. after a make-up session).
+    session under different fraction numbers, e.g. after a make-up session). ``termination``
+    other than NORMAL ends the last beam early (half its meterset delivered), as an interlock or
+    the therapist would.
     """
     plan_uid = plan.SOPInstanceUID
     series_uid = series_uid or uid(plan_uid, "records")
@@ -381,16 +383,19 @@ def make_treatment_record(study: Study, plan: Dataset, fraction: int, when: date
     ds.NumberOfFractionsPlanned = fg.NumberOfFractionsPlanned
     ds.PrimaryDosimeterUnit = "MU"
     ds.TreatmentSessionBeamSequence = Sequence()
+    last = len(plan.BeamSequence) - 1
     for i, beam in enumerate(plan.BeamSequence):
         number = beam_fractions[i] if beam_fractions else fraction
         ds.TreatmentSessionBeamSequence.append(
             _session_beam(beam, fg.ReferencedBeamSequence[i].BeamMeterset, number,
-                          when + timedelta(minutes=2 * i))
+                          when + timedelta(minutes=2 * i),
+                          termination if i == last else "NORMAL")
         )
     return ds
 
 
-def _session_beam(beam: Dataset, meterset: float, fraction: int, when: datetime) -> Dataset:
+def _session_beam(beam: Dataset, meterset: float, fraction: int, when: datetime,
+                  termination: str = "NORMAL") -> Dataset:
     sb = Dataset()
     sb.ReferencedBeamNumber = beam.BeamNumber
     sb.BeamName = beam.BeamName
@@ -409,10 +414,10 @@ def _session_beam(beam: Dataset, meterset: float, fraction: int, when: datetime)
     sb.BeamLimitingDeviceLeafPairsSequence = leaf_pairs
     sb.CurrentFractionNumber = fraction
     sb.TreatmentDeliveryType = "TREATMENT"
-    sb.TreatmentTerminationStatus = "NORMAL"
+    sb.TreatmentTerminationStatus = termination
     sb.TreatmentVerificationStatus = "VERIFIED_OVR"
     sb.SpecifiedPrimaryMeterset = meterset
-    sb.DeliveredPrimaryMeterset = meterset
+    sb.DeliveredPrimaryMeterset = meterset if termination == "NORMAL" else round(meterset / 2, 2)
     sb.NumberOfControlPoints = 2
     cps = Sequence()
     for index, weight in ((0, 0.0), (1, 1.0)):

@@ -2,17 +2,26 @@
 
 Options are built from the flow's own signature, so the CLI and the Prefect UI take the same
 parameters. Exit code 0 when the run completed, 1 when it failed, 2 for bad arguments.
+
+The Prefect server named by ``PREFECT_API_URL`` may be down with everything else on the day of a
+network-wide outage. A flow that reads only the backup (the treatment report) then runs with a
+temporary local Prefect and says so; the others stop with one line, since their R&V load limits
+and run history live on the server.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import sys
 import typing
 from datetime import date, datetime
 from typing import Any
+
+import httpx
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from radonc_backup.config import load_site
 from radonc_backup.errors import BackupError
@@ -51,12 +60,37 @@ def build_parser(flow_obj: Any, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run_cli(flow_obj: Any, description: str, argv: list[str] | None = None) -> int:
-    args = build_parser(flow_obj, description).parse_args(argv)
+def server_unreachable(api: str) -> str | None:
+    """Why the Prefect API at ``api`` cannot be used, or None when it answers."""
     try:
-        # An ad-hoc run may be the first on this Prefect server: create missing R&V limits.
-        ensure_rv_limits(load_site(args.site, args.config))
-        result = flow_obj(**vars(args))
+        response = httpx.get(api.rstrip("/") + "/health", timeout=5)
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
+    return None if response.status_code == 200 else f"HTTP {response.status_code}"
+
+
+def run_cli(flow_obj: Any, description: str, argv: list[str] | None = None, *,
+            uses_rv: bool = True, runs_without_server: bool = False) -> int:
+    args = build_parser(flow_obj, description).parse_args(argv)
+    local = contextlib.nullcontext()
+    try:
+        site = load_site(args.site, args.config)
+        api = str(PREFECT_API_URL.value() or "")
+        down = server_unreachable(api) if api else None
+        if down and not runs_without_server:
+            print(f"FAILED: site {site.name}: Prefect server {api} is unreachable ({down}): "
+                  "start it (docs/operations.md), or unset PREFECT_API_URL to run with a "
+                  "temporary local Prefect", file=sys.stderr)
+            return 1
+        if down:
+            print(f"site {site.name}: Prefect server {api} is unreachable ({down}): running "
+                  f"{flow_obj.name} with a temporary local Prefect instead; this run will not "
+                  "be in the server's run history", file=sys.stderr)
+            local = temporary_settings(updates={PREFECT_API_URL: None})
+        with local:
+            if uses_rv:  # an ad-hoc run may be the first on this server: create missing limits
+                ensure_rv_limits(site)
+            result = flow_obj(**vars(args))
     except BackupError as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1

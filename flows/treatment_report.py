@@ -4,8 +4,10 @@ This is what the clinic opens when the R&V is down, so it reads only the backup 
 the 7 calendar days ending today (site time), over every RT Record in the backup whatever the
 age of its study (``study_start_date`` narrows that only when given).
 Each record is parsed once and cached by SOP Instance UID, so a rerun fetches only new records.
-Writes a UTF-8 CSV (default ``reports/treatment-report-<site>-<end date>.csv`` in the checkout),
-a table artifact ``treatment-report-<site>`` and a markdown summary.
+Writes a CSV for spreadsheets (UTF-8 with BOM; default
+``reports/treatment-report-<site>-<end date>.csv`` in the checkout), a print view beside it
+(``.html``), copies of both in the site's ``report_share`` if set, a table artifact
+``treatment-report-<site>`` and a markdown summary that links the copies.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from radonc_backup.config import PROJECT_ROOT, load_site
 from radonc_backup.errors import BackupIncomplete
+from radonc_backup.report_print import render_html, write_html
+from radonc_backup.report_share import share_copies, where_to_open
 from radonc_backup.treatment_report import COLUMNS, UnreadableRecord, build_report
 from radonc_backup.windows import utc_now, wall
 from tasks.backup import with_site_retries
@@ -81,7 +85,11 @@ def treatment_report(site: str, treatment_start_date: date | None = None,
     report = build_report(facts, plans, start, end, lost)
     path = Path(out) if out else PROJECT_ROOT / "reports" / f"treatment-report-{site}-{end}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    report.to_csv(path, index=False, encoding="utf-8")
+    # utf-8-sig: Excel reads a CSV without a byte-order mark as cp1252 and garbles 'Müller'.
+    report.to_csv(path, index=False, encoding="utf-8-sig")
+    printable = write_html(path.with_suffix(".html"), render_html(
+        report, site, target.alias, start, end, wall(utc_now(), cfg.tz)))
+    shared = share_copies(cfg.settings.report_share, [path, printable])
     key = artifact_key("treatment-report", site)
     table = report.astype(object).where(report.notna(), "").to_dict(orient="records")
     create_table_artifact(key=key, table=table or [{c: "" for c in COLUMNS}],
@@ -95,7 +103,8 @@ def treatment_report(site: str, treatment_start_date: date | None = None,
     create_markdown_artifact(key=f"{key}-summary", markdown=(
         f"# Treatment report: site {site}\n\n{message}.\n\n"
         f"Records listed {len(resources)}, fetched this run {len(new)}, unreadable "
-        f"{len(unreadable)}; rows with warnings {warned}.\n\nCSV: `{path}`\n"))
+        f"{len(unreadable)}; rows with warnings {warned}.\n\n"
+        + where_to_open(cfg.settings.report_share_url, shared, [path, printable])))
     logger.info("site %s: %s; %d records listed, %d fetched, CSV %s", site, message,
                 len(resources), len(new), path)
     if lost:
@@ -107,8 +116,8 @@ def treatment_report(site: str, treatment_start_date: date | None = None,
     return {"site": site, "start": str(start), "end": str(end), "rows": courses,
             "records_listed": len(resources), "records_fetched": len(new),
             "unreadable": unreadable, "rows_with_warnings": warned, "csv": str(path),
-            "message": message}
+            "html": str(printable), "shared": [str(p) for p in shared], "message": message}
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(treatment_report, __doc__ or ""))
+    sys.exit(run_cli(treatment_report, __doc__ or "", uses_rv=False, runs_without_server=True))

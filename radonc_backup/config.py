@@ -188,6 +188,12 @@ class Settings(_Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_max_mb: float = Field(default=10.0, gt=0)
     log_backups: int = Field(default=10, ge=1)
+    report_share: str = ""
+    """A folder (e.g. a mounted file share) the treatment report's CSV and print view are also
+    copied to; empty: none."""
+    report_share_url: str = ""
+    """How people open ``report_share`` (e.g. ``file://fileserver/radonc/reports`` or an
+    intranet URL); the report's summary links the copies there."""
 
 
 class Notify(_Strict):

@@ -53,17 +53,22 @@ def _integer(value: object, name: str, warnings: list[str]) -> int | None:
 
 
 BEAM_SEQUENCE = 0x30080020  # TreatmentSessionBeamSequence
+ION_BEAM_SEQUENCE = 0x30080021  # TreatmentSessionIonBeamSequence (RT Ion Beams Treatment Record)
 FRACTION_NUMBER = 0x30080022  # CurrentFractionNumber (IS)
+TERMINATION_STATUS = 0x3008002A  # TreatmentTerminationStatus (CS): NORMAL, OPERATOR, MACHINE...
+DELIVERED_METERSET = 0x30080036  # DeliveredPrimaryMeterset (DS), MU of the beam this session
 PLAN_SEQUENCE = 0x300C0002  # ReferencedRTPlanSequence
 REFERENCED_UID = 0x00081155  # ReferencedSOPInstanceUID (UI)
-_CONVERTERS = {"IS": convert_IS_string, "UI": convert_UI}  # ASCII-only VRs: no character set
+_CONVERTERS = {"IS": convert_IS_string, "UI": convert_UI,  # ASCII-only VRs: no character set
+               "DS": lambda raw, _: float(raw.decode("ascii").strip(" \0")),
+               "CS": lambda raw, _: raw.decode("ascii").strip(" \0")}
 _ITEM, _UNDEFINED = (0xFFFE, 0xE000), 0xFFFFFFFF
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT",
              b"SV", b"UV"}
 
 
 def item_values(ds: Dataset, sequence: int, element: int, vr: str) -> list[object]:
-    """One IS or UI element of every item of a sequence, e.g. the fraction number of every beam.
+    """One element of every item of a sequence, e.g. the fraction number of every beam.
 
     The beam sequence is most of a record, and pydicom builds a dataset for every item and
     converts every value it is asked for (~60 us an item). In the form almost every file has
@@ -71,11 +76,24 @@ def item_values(ds: Dataset, sequence: int, element: int, vr: str) -> list[objec
     and converts only the one value; any other form goes through pydicom's datasets, with the
     same result (tests compare both).
     """
-    fast = _scan_items(ds, sequence, element)
+    return [values[element] for values in items_values(ds, sequence, {element: vr})]
+
+
+def items_values(ds: Dataset, sequence: int, elements: dict[int, str],
+                 ) -> list[dict[int, object]]:
+    """Several elements (tag: VR) of every item of a sequence, in one pass over its bytes."""
+    fast = _scan_items(ds, sequence, set(elements))
     if fast is not None:
-        return [_convert(raw, vr) for raw in fast]
+        return [{tag: _convert(found.get(tag), vr) for tag, vr in elements.items()}
+                for found in fast]
     items = ds[sequence].value if sequence in ds else None
-    return [item[element].value if element in item else None for item in items or []]
+    return [{tag: _value(item[tag].value) if tag in item else None for tag in elements}
+            for item in items or []]
+
+
+def _value(value: object) -> object:
+    """pydicom's DSfloat/DSdecimal as float, like the in-place reader gives."""
+    return float(value) if type(value).__name__ in ("DSfloat", "DSdecimal") else value
 
 
 def _convert(raw: bytes | None, vr: str) -> object:
@@ -88,8 +106,10 @@ def _convert(raw: bytes | None, vr: str) -> object:
         return raw.decode("ascii", "replace").strip(" \0")
 
 
-def _scan_items(ds: Dataset, sequence: int, element: int) -> list[bytes | None] | None:
-    """Raw bytes of ``element`` in each item, or None when the sequence is not in simple form."""
+def _scan_items(ds: Dataset, sequence: int, wanted: set[int],
+                ) -> list[dict[int, bytes]] | None:
+    """Raw bytes of the wanted elements in each item, or None when the sequence is not in
+    simple form."""
     raw = ds.get_item(sequence) if sequence in ds else None
     if raw is None:
         return []
@@ -104,35 +124,36 @@ def _scan_items(ds: Dataset, sequence: int, element: int) -> list[bytes | None] 
         group, elem, length = struct.unpack_from("<HHL", data, pos)
         if (group, elem) != _ITEM or length == _UNDEFINED or pos + 8 + length > len(data):
             return None
-        value = _find_element(data, pos + 8, pos + 8 + length, element)
-        if value is False:
+        values = _find_elements(data, pos + 8, pos + 8 + length, wanted)
+        if values is None:
             return None
-        found.append(value)
+        found.append(values)
         pos += 8 + length
     return found
 
 
-def _find_element(data: bytes, pos: int, end: int, wanted: int) -> bytes | None | bool:
-    """The value of ``wanted`` in one item's explicit VR LE elements; False if not readable."""
-    while pos < end:
+def _find_elements(data: bytes, pos: int, end: int, wanted: set[int]) -> dict[int, bytes] | None:
+    """The values of ``wanted`` in one item's explicit VR LE elements; None if not readable."""
+    found: dict[int, bytes] = {}
+    while pos < end and len(found) < len(wanted):
         if end - pos < 8:
-            return False
+            return None
         group, elem = struct.unpack_from("<HH", data, pos)
         vr = data[pos + 4:pos + 6]
         if vr in _LONG_VRS:
             if end - pos < 12:
-                return False
+                return None
             length, header = struct.unpack_from("<L", data, pos + 8)[0], 12
         elif vr.isalpha() and vr.isupper():
             length, header = struct.unpack_from("<H", data, pos + 6)[0], 8
         else:
-            return False  # not explicit VR after all
+            return None  # not explicit VR after all
         if length == _UNDEFINED or pos + header + length > end:
-            return False
-        if (group << 16) | elem == wanted:
-            return data[pos + header:pos + header + length]
+            return None
+        if (group << 16) | elem in wanted:
+            found[(group << 16) | elem] = data[pos + header:pos + header + length]
         pos += header + length
-    return None
+    return found
 
 
 @dataclass(frozen=True)
@@ -150,6 +171,8 @@ class RecordFacts:
     treated: str  # ISO date-time, local, '' if unknown
     fraction: int | None
     fractions_planned: int | None
+    meterset: float | None = None  # MU delivered in this session, all beams
+    termination: str = ""  # NORMAL when every beam ended normally, else the first other status
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -165,13 +188,21 @@ def record_facts(ds: Dataset) -> RecordFacts:
     machine = str(machines[0].get("TreatmentMachineName", "")) if machines else ""
     if not machine:
         warnings.append("no treatment machine")
-    fractions = []
-    for number in item_values(ds, BEAM_SEQUENCE, FRACTION_NUMBER, "IS"):
-        value = _integer(number, "CurrentFractionNumber", warnings)
+    fractions, metersets, statuses = [], [], []
+    beams_tag = ION_BEAM_SEQUENCE if ION_BEAM_SEQUENCE in ds and BEAM_SEQUENCE not in ds \
+        else BEAM_SEQUENCE
+    for beam in items_values(ds, beams_tag, {FRACTION_NUMBER: "IS", DELIVERED_METERSET: "DS",
+                                             TERMINATION_STATUS: "CS"}):
+        value = _integer(beam[FRACTION_NUMBER], "CurrentFractionNumber", warnings)
         if value is not None:
             fractions.append(value)
+        if isinstance(beam[DELIVERED_METERSET], (int, float)):
+            metersets.append(float(beam[DELIVERED_METERSET]))
+        statuses.append(str(beam[TERMINATION_STATUS] or "").strip())
     if not fractions:
         warnings.append("no CurrentFractionNumber")
+    abnormal = [st for st in statuses if st != "NORMAL"]
+    termination = (abnormal[0] or "not recorded") if abnormal else ("NORMAL" if statuses else "")
     day = _iso_date(ds.get("TreatmentDate"))
     if not day:
         warnings.append("no TreatmentDate")
@@ -196,6 +227,8 @@ def record_facts(ds: Dataset) -> RecordFacts:
         treated=treated,
         fraction=max(fractions) if fractions else None,
         fractions_planned=planned,
+        meterset=round(sum(metersets), 3) if metersets else None,
+        termination=termination,
         warnings=tuple(warnings),
     )
 

@@ -19,10 +19,12 @@ import pandas as pd
 
 from .report_facts import PlanFacts, RecordFacts
 
+# In the order the people who act on it read: who, which plan on which machine, where in the
+# course, when last, whether it needs a look; then the rest, and the UID last (it is long).
 COLUMNS = [
-    "PatientID", "PatientName", "BirthDate", "Sex", "Physician", "RTPlanLabel", "PlanUID",
-    "Machine", "FirstTreatment", "LastTreatment", "CurrentFraction", "FractionsPlanned",
-    "FractionsRemaining", "SessionsInWindow", "Status", "Warnings",
+    "PatientID", "PatientName", "RTPlanLabel", "Machine", "CurrentFraction", "FractionsPlanned",
+    "FractionsRemaining", "LastTreatment", "LastMeterset", "LastTermination", "Status",
+    "Warnings", "SessionsInWindow", "FirstTreatment", "BirthDate", "Sex", "Physician", "PlanUID",
 ]
 
 
@@ -133,6 +135,11 @@ def build_report(records: Iterable[RecordFacts], plans: dict[str, PlanFacts], st
                               kind="stable").reset_index(drop=True)
 
 
+def _minutes(treated: str) -> str:
+    """'2026-11-18T08:00:00' as '2026-11-18 08:00', which spreadsheets open as a date-time."""
+    return treated.replace("T", " ")[:16]
+
+
 def _course_rows(records: Iterable[RecordFacts], plans: dict[str, PlanFacts], start: date,
                  end: date) -> pd.DataFrame:
     frame = pd.DataFrame([asdict(r) for r in records])
@@ -147,10 +154,13 @@ def _course_rows(records: Iterable[RecordFacts], plans: dict[str, PlanFacts], st
                                                            sort=False):
         course = courses[(patient_id, plan_uid)]
         latest = sessions.sort_values("treated").iloc[-1]
+        termination = latest["termination"] if "termination" in latest else ""
         plan = plans.get(plan_uid)
         warnings = sorted({w for ws in course["warnings"] for w in ws})
         if plan_uid and plan is None:
             warnings.append("plan not in the backup")
+        if termination and termination != "NORMAL":
+            warnings.append(f"last session not completed normally ({termination})")
         fractions = course["fraction"].dropna()
         current = int(fractions.max()) if not fractions.empty else None
         planned_values = course["fractions_planned"].dropna()
@@ -167,8 +177,10 @@ def _course_rows(records: Iterable[RecordFacts], plans: dict[str, PlanFacts], st
             "RTPlanLabel": plan.label if plan else "",
             "PlanUID": plan_uid,
             "Machine": latest["machine"],
-            "FirstTreatment": sessions["treated"].min(),
-            "LastTreatment": sessions["treated"].max(),
+            "FirstTreatment": _minutes(sessions["treated"].min()),
+            "LastTreatment": _minutes(latest["treated"]),
+            "LastMeterset": latest["meterset"] if pd.notna(latest["meterset"]) else None,
+            "LastTermination": termination,
             "CurrentFraction": current,
             "FractionsPlanned": planned,
             "FractionsRemaining": remaining,

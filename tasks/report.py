@@ -29,7 +29,7 @@ def report_backup(site: str, backup: str | None, config: str | None,
     if not isinstance(target, OrthancBackup):
         raise ConfigError(f"site {site}: the treatment report reads the backup over Orthanc's "
                           f"REST API; backup {target.alias} is a plain DICOM SCP")
-    return target, FactCache(cfg.state_dir / "report-cache.sqlite")
+    return target, FactCache(cfg.state_dir / "report-cache-v2.sqlite")  # v2: meterset, termination
 
 
 @task(name="list-records-in-backup", cache_policy=NO_CACHE)

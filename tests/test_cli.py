@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from demo.orthanc import free_port
 from demo.site import DemoSite
 from demo.synthetic import Patient, make_course, to_bytes
 from datetime import datetime, timedelta
@@ -73,17 +75,34 @@ def test_backfill_cli_on_demand_for_one_patient(make_site: Callable[..., DemoSit
     assert site.backup.sop_instance_uids() == {ds.SOPInstanceUID for ds in c.all()}
 
 
-def test_report_cli_writes_the_csv(make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+def test_report_cli_writes_the_csv_even_with_the_prefect_server_down(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    """On the day of a network-wide outage the Prefect server may be down with the R&V: the
+    report still comes out, with a temporary local Prefect, and says so in one line."""
     site = make_site()
     now = datetime.now(ZoneInfo("America/New_York")).replace(tzinfo=None)
     c = make_course(Patient("CLI003", "Cli^Report"), now - timedelta(days=2), delivered=3,
                     fractions=5, slices=1)
     site.backup.upload([to_bytes(ds) for ds in [c.plan, *c.records]])
     out = tmp_path / "report.csv"
+    down = f"http://127.0.0.1:{free_port()}/api"
     result = cli("flows.treatment_report", "--site", "DEMO", "--config", str(site.config_path),
-                 "--out", str(out), env={"PREFECT_HOME": str(tmp_path / "prefect")})
+                 "--out", str(out), env={"PREFECT_HOME": str(tmp_path / "prefect"),
+                                         "PREFECT_API_URL": down})
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = out.read_text(encoding="utf-8").splitlines()
-    assert lines[0].startswith("PatientID,PatientName") and len(lines) == 2
-    assert lines[1].startswith('CLI003,"Cli, Report",')
-    assert ",3,5,2,3,on treatment," in lines[1]
+    assert f"Prefect server {down} is unreachable" in result.stderr
+    assert "running treatment-report with a temporary local Prefect" in result.stderr
+    assert "Traceback" not in result.stderr
+    with out.open(encoding="utf-8-sig", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert (row["PatientID"], row["PatientName"]) == ("CLI003", "Cli, Report")
+    assert (row["CurrentFraction"], row["FractionsPlanned"], row["FractionsRemaining"],
+            row["SessionsInWindow"], row["Status"]) == ("3", "5", "2", "3", "on treatment")
+    assert out.with_suffix(".html").exists()
+
+    backup = cli("flows.incremental_backup", "--site", "DEMO", "--config",
+                 str(site.config_path), env={"PREFECT_API_URL": down})
+    assert backup.returncode == 1
+    assert backup.stderr.strip().splitlines() == [
+        f"FAILED: site DEMO: Prefect server {down} is unreachable (ConnectError): start it "
+        "(docs/operations.md), or unset PREFECT_API_URL to run with a temporary local Prefect"]

@@ -118,3 +118,27 @@ def test_a_beam_without_a_fraction_number_and_no_beams_at_all(
     fast, slow, _ = both_ways(encoded(ds), monkeypatch)
     assert fast == slow and fast.fraction is None and fast.plan_uid == ""
     assert {"no CurrentFractionNumber", "no referenced RT Plan"} <= set(fast.warnings)
+
+
+def test_an_ion_record_reads_like_a_beams_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RT Ion Beams Treatment Records carry TreatmentSessionIonBeamSequence (3008,0021)."""
+    ds = a_record([6, 6, 7])
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.9"
+    ds.TreatmentSessionIonBeamSequence = ds.TreatmentSessionBeamSequence
+    del ds.TreatmentSessionBeamSequence
+    fast, slow, took_fast_path = both_ways(encoded(ds), monkeypatch)
+    beams = both_ways(encoded(a_record([6, 6, 7])), monkeypatch)[0]
+    assert took_fast_path and fast == slow and fast.fraction == 7 and not fast.warnings
+    assert fast.meterset == beams.meterset and fast.termination == "NORMAL"
+
+
+def test_an_interrupted_session_shows_its_status_and_what_was_delivered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    study = Study(Patient("F002", "Cut^Short"), study_date="20261101")
+    ct = make_image_series(study, "ct", slices=1)
+    plan = make_rtplan(study, make_rtstruct(study, ct), ct.frame_of_reference_uid)
+    planned = [float(b.BeamMeterset) for b in plan.FractionGroupSequence[0].ReferencedBeamSequence]
+    ds = make_treatment_record(study, plan, 3, datetime(2026, 11, 18, 9), termination="OPERATOR")
+    fast, slow, took_fast_path = both_ways(encoded(ds), monkeypatch)
+    assert took_fast_path and fast == slow and fast.termination == "OPERATOR"
+    assert fast.meterset == round(sum(planned[:-1]) + round(planned[-1] / 2, 2), 3)

@@ -16,6 +16,7 @@ from demo.synthetic import Patient, Study, make_image_series, make_rtplan, make_
     make_treatment_record, to_bytes
 from flows.treatment_report import treatment_report
 from radonc_backup.report_facts import readable_name
+from radonc_backup.treatment_report import COLUMNS
 
 pytestmark = pytest.mark.usefixtures("prefect")
 
@@ -28,8 +29,8 @@ class Clinic:
         self.plans: dict[str, Dataset] = {}
 
     def plan(self, pid: str, name: str, key: str, label: str, fractions: int,
-             machine: str = "TrueBeam1") -> tuple[Study, Dataset]:
-        study = Study(Patient(pid, name, "19600101", "F"), study_date="20261101")
+             machine: str = "TrueBeam1", study_date: str = "20261101") -> tuple[Study, Dataset]:
+        study = Study(Patient(pid, name, "19600101", "F"), study_date=study_date)
         ct = make_image_series(study, "ct", slices=1)
         struct = make_rtstruct(study, ct, key=f"ss-{key}")
         plan = make_rtplan(study, struct, ct.frame_of_reference_uid, key=key, label=label,
@@ -59,13 +60,13 @@ def build_clinic() -> tuple[Clinic, dict[tuple[str, str], dict[str, object]]]:
     s, p = c.plan("R002", "Smith^John", "p", "LUNG", 25)
     c.deliver(s, p, 21, 25, at8(14))  # last fraction on the 18th: stays in the report
     truth[("R002", "LUNG")] = dict(CurrentFraction=25, FractionsRemaining=0, SessionsInWindow=5,
-                                   Status="completed in window", LastTreatment="2026-11-18T08:00:00")
+                                   Status="completed in window", LastTreatment="2026-11-18 08:00")
     s, p = c.plan("R003", "Old^Finished", "p", "BRAIN", 5)
     c.deliver(s, p, 1, 5, at8(6))  # finished on the 10th: not in the report
     s, p = c.plan("R004", "New^Start", "p", "BREAST", 15)
     c.deliver(s, p, 1, 2, at8(19))
     truth[("R004", "BREAST")] = dict(CurrentFraction=2, SessionsInWindow=2,
-                                     FirstTreatment="2026-11-19T08:00:00")
+                                     FirstTreatment="2026-11-19 08:00")
     s, a = c.plan("R005", "Müller^Jürgen", "a", "HN", 30)
     _, b = c.plan("R005", "Müller^Jürgen", "b", "HN_R1", 30)
     c.deliver(s, a, 1, 5, at8(10))  # revised after the 14th
@@ -82,6 +83,23 @@ def build_clinic() -> tuple[Clinic, dict[tuple[str, str], dict[str, object]]]:
     s, p = c.plan("R007", "Split^Beams", "p", "PELVIS", 20)
     c.deliver(s, p, 3, 3, datetime(2026, 11, 18, 10), beam_fractions=[3, 3, 4])
     truth[("R007", "PELVIS")] = dict(CurrentFraction=4)
+    # Mid-course in a study that began 50 days before the window: an 8-week course is ordinary.
+    s, p = c.plan("R008", "Long^Course", "p", "PROSTATE_78GY", 39, study_date="20260925")
+    c.deliver(s, p, 30, 35, at8(15))
+    truth[("R008", "PROSTATE_78GY")] = dict(CurrentFraction=35, FractionsRemaining=4,
+                                            SessionsInWindow=6, Status="on treatment")
+    # The last session was interrupted by the machine: the row says so.
+    s, p = c.plan("R009", "Cut^Short", "p", "BLADDER", 20)
+    c.deliver(s, p, 1, 3, at8(16))
+    c.deliver(s, p, 4, 4, at8(19), termination="MACHINE")
+    planned_mu = sum(float(b.BeamMeterset) for b in p.FractionGroupSequence[0]
+                     .ReferencedBeamSequence)
+    last_mu = planned_mu - round(float(p.FractionGroupSequence[0].ReferencedBeamSequence[-1]
+                                       .BeamMeterset) / 2, 2)
+    truth[("R009", "BLADDER")] = dict(CurrentFraction=4, LastTermination="MACHINE",
+                                      LastMeterset=round(last_mu, 3),
+                                      Warnings="last session not completed normally (MACHINE)")
+    truth[("R001", "PROSTATE")].update(LastTermination="NORMAL", LastMeterset=round(planned_mu, 3))
     return c, truth
 
 
@@ -93,7 +111,8 @@ def run(site: DemoSite, tmp_path: Path, **params: object) -> dict[str, object]:
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(encoding="utf-8", newline="") as fh:
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf"), "a BOM, for Excel"
+    with path.open(encoding="utf-8-sig", newline="") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -119,10 +138,14 @@ def test_report_from_the_backup_alone_matches_the_truth(make_site: Callable[...,
     assert by_key[("R004", "?")]["FractionsPlanned"] == "15"  # from the record itself
     names = [r["PatientName"] for r in rows]
     assert names == sorted(names, key=str.casefold)
-    assert list(rows[0]) == ["PatientID", "PatientName", "BirthDate", "Sex", "Physician",
-                             "RTPlanLabel", "PlanUID", "Machine", "FirstTreatment",
-                             "LastTreatment", "CurrentFraction", "FractionsPlanned",
-                             "FractionsRemaining", "SessionsInWindow", "Status", "Warnings"]
+    assert list(rows[0]) == COLUMNS
+    assert COLUMNS[:12] == ["PatientID", "PatientName", "RTPlanLabel", "Machine",
+                            "CurrentFraction", "FractionsPlanned", "FractionsRemaining",
+                            "LastTreatment", "LastMeterset", "LastTermination", "Status",
+                            "Warnings"] and COLUMNS[-1] == "PlanUID"
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "Müller, Jürgen" in page and "Cut, Short" in page and 'class="attention"' in page
+    assert str(clinic.plans["R001/p"].SOPInstanceUID) not in page, "UIDs stay in the CSV"
     assert rows[0]["BirthDate"] == "1960-01-01"
     assert {r["Physician"] for r in rows} == {"Curie, Marie"}
     assert result["records_listed"] == len(clinic.objects)
@@ -159,12 +182,8 @@ def test_rerun_fetches_only_new_records_and_empty_window_has_headers(
     empty = run(site, tmp_path, treatment_start_date=date(2020, 1, 1),
                 end_date=date(2020, 1, 7), study_start_date=date(2019, 1, 1))
     assert empty["rows"] == 0 and "No RT Records" in str(empty["message"])
-    lines = (tmp_path / "report.csv").read_text(encoding="utf-8").splitlines()
-    assert lines == [",".join(["PatientID", "PatientName", "BirthDate", "Sex", "Physician",
-                               "RTPlanLabel", "PlanUID", "Machine", "FirstTreatment",
-                               "LastTreatment", "CurrentFraction", "FractionsPlanned",
-                               "FractionsRemaining", "SessionsInWindow", "Status",
-                               "Warnings"])]
+    lines = (tmp_path / "report.csv").read_text(encoding="utf-8-sig").splitlines()
+    assert lines == [",".join(COLUMNS)]
 
 
 def test_record_with_missing_fields_gives_a_row_with_warnings(
