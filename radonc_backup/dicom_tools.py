@@ -17,6 +17,9 @@ Output never shows a patient name unless asked for with ``-k PatientName``.
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
+import logging
 import re
 import sys
 import time
@@ -24,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.datadict import keyword_dict, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -82,7 +86,12 @@ def parse_keys(pairs: Sequence[str], level: str) -> Dataset:
     keys: dict[str, str] = {k: "" for k in RETURN_KEYS[level]}
     for pair in pairs:
         name, _, value = pair.partition("=")
-        keys[name.strip()] = value
+        name = name.strip()
+        if tag_for_keyword(name) is None:  # pydicom would keep it as a plain attribute, unsent
+            close = difflib.get_close_matches(name, keyword_dict.keys(), n=1)
+            raise UsageError(f"-k {name}: not a DICOM keyword"
+                             + (f" (did you mean {close[0]}?)" if close else ""))
+        keys[name] = value
     try:
         return identifier(level, **keys)
     except (AttributeError, ValueError) as exc:
@@ -95,6 +104,25 @@ def table(rows: list[dict[str, str]], columns: list[str]) -> str:
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(r.get(c, "").ljust(w) for c, w in zip(columns, widths)) for r in rows]
     return "\n".join(lines)
+
+
+def emit(args: argparse.Namespace, text: str, data: object) -> None:
+    """What a command prints: text for people, or with ``--json`` the same facts for scripts."""
+    print(json.dumps(data, indent=2) if getattr(args, "json", False) else text)
+
+
+_SAFE_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def file_name_for(uid: object) -> str:
+    """A file name from a SOP Instance UID sent by a peer: only a well-formed UID is used as is
+    (a peer's ``../../x`` must not write outside the folder)."""
+    text = str(uid or "")
+    if _SAFE_UID.match(text) and len(text) <= 64:
+        return f"{text}.dcm"
+    import hashlib
+
+    return f"invalid-uid-{hashlib.sha256(text.encode('utf-8', 'replace')).hexdigest()[:16]}.dcm"
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -111,8 +139,9 @@ def cmd_echo(args: argparse.Namespace, site: Site | None) -> int:
     start = time.perf_counter()
     status = client.echo()
     took = (time.perf_counter() - start) * 1000
-    print(f"C-ECHO {client.calling_ae} -> {client.peer.label}: status 0x{status:04X} "
-          f"({took:.0f} ms)")
+    emit(args, f"C-ECHO {client.calling_ae} -> {client.peer.label}: status 0x{status:04X} "
+         f"({took:.0f} ms)", {"peer": client.peer.label, "calling_ae": client.calling_ae,
+                              "status": status, "ms": round(took)})
     return OK if status == 0 else REFUSED
 
 
@@ -121,8 +150,9 @@ def cmd_find(args: argparse.Namespace, site: Site | None) -> int:
     query = parse_keys(args.key, args.level)
     columns = [e.keyword for e in query if e.keyword != "QueryRetrieveLevel"]
     rows = [{c: _text(m, c) for c in columns} for m in client.find(query)]
-    print(table(rows, columns))
-    print(f"{len(rows)} match(es) at {args.level} level from {client.peer.label}")
+    emit(args, table(rows, columns) + f"\n{len(rows)} match(es) at {args.level} level from "
+         f"{client.peer.label}", {"peer": client.peer.label, "level": args.level,
+                                  "matches": rows})
     return OK
 
 
@@ -130,11 +160,14 @@ def cmd_move(args: argparse.Namespace, site: Site | None) -> int:
     client = make_client(args, site)
     query = parse_keys(args.key, args.level)
     [result] = client.move([query], args.dest)
-    print(f"C-MOVE {client.peer.label} -> {args.dest}: status 0x{result.status:04X}, "
-          f"completed {result.completed}, failed {result.failed}, warning {result.warning}")
-    for uid in result.failed_uids:
-        print(f"  failed: {uid}")
-    print("(a move status is not proof of arrival: check the destination)")
+    emit(args, "\n".join([
+        f"C-MOVE {client.peer.label} -> {args.dest}: status 0x{result.status:04X}, "
+        f"completed {result.completed}, failed {result.failed}, warning {result.warning}",
+        *(f"  failed: {uid}" for uid in result.failed_uids),
+        "(a move status is not proof of arrival: check the destination)"]),
+        {"peer": client.peer.label, "destination": args.dest, "status": result.status,
+         "completed": result.completed, "failed": result.failed, "warning": result.warning,
+         "failed_uids": list(result.failed_uids)})
     return OK if result.claims_success else PARTIAL
 
 
@@ -146,14 +179,17 @@ def cmd_get(args: argparse.Namespace, site: Site | None) -> int:
     written: list[Path] = []
 
     def save(ds: Dataset) -> None:
-        path = out / f"{ds.SOPInstanceUID}.dcm"
+        path = out / file_name_for(ds.get("SOPInstanceUID"))
         ds.save_as(path, enforce_file_format=True)
         written.append(path)
 
     result = client.get(query, save)
-    print(f"C-GET {client.peer.label}: status 0x{result.status:04X}, completed "
-          f"{result.completed}, failed {result.failed}, warning {result.warning}; "
-          f"{len(written)} file(s) written to {out}")
+    emit(args, f"C-GET {client.peer.label}: status 0x{result.status:04X}, completed "
+         f"{result.completed}, failed {result.failed}, warning {result.warning}; "
+         f"{len(written)} file(s) written to {out}",
+         {"peer": client.peer.label, "status": result.status, "completed": result.completed,
+          "failed": result.failed, "warning": result.warning,
+          "files": [str(p) for p in written]})
     if result.status >> 12 == 0xC and not written:
         return REFUSED
     return OK if result.claims_success else PARTIAL
@@ -184,11 +220,13 @@ def cmd_store(args: argparse.Namespace, site: Site | None) -> int:
     rows = [{"SOPInstanceUID": r.sop_instance_uid,
              "status": "-" if r.status is None else f"0x{r.status:04X}",
              "result": "stored" if r.ok else r.error} for r in results]
-    print(table(rows, ["SOPInstanceUID", "status", "result"]))
-    for line in unreadable:
-        print(f"skipped {line}")
     stored = sum(r.ok for r in results)
-    print(f"{stored} of {len(results) + len(unreadable)} file(s) stored at {client.peer.label}")
+    emit(args, "\n".join([table(rows, ["SOPInstanceUID", "status", "result"]),
+                          *(f"skipped {line}" for line in unreadable),
+                          f"{stored} of {len(results) + len(unreadable)} file(s) stored at "
+                          f"{client.peer.label}"]),
+         {"peer": client.peer.label, "stored": stored, "results": rows,
+          "skipped": unreadable})
     if stored == len(results) and not unreadable:
         return OK
     return PARTIAL if stored else REFUSED
@@ -254,14 +292,19 @@ def cmd_check(args: argparse.Namespace, site: Site | None) -> int:
     if site is None:
         raise UsageError("check needs --site")
     rows = check_site(site)
-    print(table(rows, ["peer", "kind", "address", "ok", "result"]))
     failing = [r["peer"] for r in rows if r["ok"] != "yes"]
-    print(f"site {site.name}: {len(rows) - len(failing)} of {len(rows)} checks answer"
-          + (f"; not answering: {', '.join(failing)}" if failing else ""))
+    emit(args, table(rows, ["peer", "kind", "address", "ok", "result"])
+         + f"\nsite {site.name}: {len(rows) - len(failing)} of {len(rows)} checks answer"
+         + (f"; not answering: {', '.join(failing)}" if failing else ""),
+         {"site": site.name, "checks": rows, "not_answering": failing})
     return OK if not failing else UNREACHABLE
 
 
 def _common(parser: argparse.ArgumentParser, peer: bool = True) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log the DIMSE exchange to stderr (-vv: every PDU, identifiers "
+                             "included)")
     parser.add_argument("--site", help="site table in the config (enables peer aliases)")
     parser.add_argument("--config", help="sites TOML (default: $RADONC_BACKUP_CONFIG or "
                                          "config/environments.toml)")
@@ -316,6 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    dimse = logging.getLogger("pynetdicom")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    level = dimse.level
+    if args.verbose:
+        dimse.addHandler(handler)
+        dimse.setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
+    try:
+        return _run(args)
+    finally:
+        dimse.removeHandler(handler)
+        dimse.setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         site = load_site(args.site, args.config) if args.site else None
         return int(args.run(args, site))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,7 +14,8 @@ import pytest
 from demo.orthanc import free_port
 from demo.site import DemoSite
 from demo.synthetic import Patient, make_course
-from radonc_backup.dicom_tools import OK, PARTIAL, REFUSED, UNREACHABLE, USAGE, main
+from radonc_backup.dicom_tools import OK, PARTIAL, REFUSED, UNREACHABLE, USAGE, file_name_for, \
+    main
 from tests.conftest import load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,3 +116,29 @@ def test_help_and_exit_code_from_the_shell(make_site: Callable[..., DemoSite]) -
                               f"NOT_RV@127.0.0.1:{site.rv.dicom_port}", "-k", "PatientID=X"],
                              cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == REFUSED and "NOT_RV" in refused.stderr
+
+
+def test_a_misspelled_key_is_refused_and_json_and_verbose_output(
+        make_site: Callable[..., DemoSite], capsys: pytest.CaptureFixture[str]) -> None:
+    site = make_site()
+    load(site, COURSE)
+    cfg = ("--site", "DEMO", "--config", str(site.config_path))
+    code, out, err = run(capsys, "find", "aria", *cfg, "-k", "PatientNme=X")
+    assert code == USAGE and out == ""
+    assert "-k PatientNme: not a DICOM keyword (did you mean PatientName?)" in err
+
+    code, out, _ = run(capsys, "find", "aria", *cfg, "--json", "-k", "PatientID=TOOL001")
+    found = json.loads(out)
+    assert code == OK and [m["PatientID"] for m in found["matches"]] == ["TOOL001"]
+    assert found["matches"][0]["StudyInstanceUID"] == str(COURSE.plan.StudyInstanceUID)
+
+    code, out, err = run(capsys, "echo", "aria", *cfg, "--json", "-v")
+    assert code == OK and json.loads(out)["status"] == 0
+    assert "Association Accepted" in err or "Requesting Association" in err, err[-1000:]
+
+
+def test_a_peer_uid_never_names_a_file_outside_the_folder() -> None:
+    assert file_name_for("1.2.840.10008.1") == "1.2.840.10008.1.dcm"
+    for hostile in ("../../x", "/etc/passwd", "1.2/../3", "", "1." + "2" * 80):
+        name = file_name_for(hostile)
+        assert name.startswith("invalid-uid-") and "/" not in name and ".." not in name
