@@ -21,6 +21,7 @@ from flows.backup_run import artifact_key
 from flows import naming
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
+from flows.progress import PLANS_FROM, Progress
 from radonc_backup.config import within_hours
 from radonc_backup.errors import BackupIncomplete, ConfigError
 from radonc_backup.lane import OpenLane, open_lane
@@ -89,8 +90,11 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
             unreadable.update(with_site_retries(link_new_records, retrying)(*params, chosen))
             record_uids = [r.sop_instance_uid for r in chosen]
         links = lane.ledger.plans(lane.lane, record_uids, pending_only=not on_demand)
-        for link in links:
+        progress = Progress(f"plan contexts, site {site}", len(links), PLANS_FROM)
+        for done, link in enumerate(links, 1):
             outcomes.append(walk_one(lane, params, link, images_now))
+            moved = sum(sum(o.moved.values()) for o in outcomes)
+            progress.update(done, f"{moved} object(s) moved")
 
     summary = summarize(site, lane.lane.source, outcomes, totals(lane.ledger, lane.lane))
     summary["unreadable_records"] = unreadable

@@ -24,6 +24,7 @@ from flows.backup_run import artifact_key
 from flows import naming
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
+from flows.progress import RECORDS_FROM, Progress
 from radonc_backup.config import PROJECT_ROOT, load_site
 from radonc_backup.errors import BackupIncomplete
 from radonc_backup.report_print import render_html, write_html
@@ -71,8 +72,10 @@ def treatment_report(site: str, treatment_start_date: date | None = None,
     parse = with_site_retries(parse_records, cfg.settings)
     batches = [parse.submit(*params, new[i:i + PARSE_BATCH])
                for i in range(0, len(new), PARSE_BATCH)]
-    for batch in batches:
+    progress = Progress(f"records read, site {site}", len(new), RECORDS_FROM)
+    for done, batch in enumerate(batches, 1):
         unreadable.update(batch.result())
+        progress.update(min(done * PARSE_BATCH, len(new)))
     facts = cache.records(resources)
     plans = cache.plans()
     missing_plans = sorted({f.plan_uid for f in facts if f.plan_uid and f.plan_uid not in plans})

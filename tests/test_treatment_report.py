@@ -263,3 +263,29 @@ def test_a_record_the_backup_cannot_serve_gets_its_own_row_and_fails_the_run(
     assert rows["R013"]["Status"] == "record unreadable"
     assert rows["R013"]["PatientName"] == "Bad, Storage" and rows["R013"]["CurrentFraction"] == ""
     assert str(bad.SOPInstanceUID) in rows["R013"]["Warnings"]
+
+
+def test_a_long_report_shows_its_progress_in_the_ui(make_site: Callable[..., DemoSite],
+                                                     tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past RECORDS_FROM records (300) a report shows a progress artifact; lowered here to the
+    clinic's 40-odd records so the test stays small."""
+    import flows.treatment_report as report_flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, \
+        ArtifactFilterType
+
+    monkeypatch.setattr(report_flow, "RECORDS_FROM", 1)
+    site = make_site()
+    clinic, _ = build_clinic()
+    site.backup.upload([to_bytes(ds) for ds in [*clinic.objects, *clinic.plans.values()]])
+    state = treatment_report(site="DEMO", config=str(site.config_path), return_state=True,
+                             out=str(tmp_path / "report.csv"), treatment_start_date=START,
+                             end_date=END)
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        [progress] = client.read_artifacts(artifact_filter=ArtifactFilter(
+            type=ArtifactFilterType(any_=["progress"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert float(progress.data) == 100.0  # type: ignore[arg-type]
+    assert f"{len(clinic.objects)} of {len(clinic.objects)}" in str(progress.description)
