@@ -9,7 +9,9 @@
    ``<site>-nightly``, ``<site>-backfill``, ``<site>-report`` and ``<site>-validation``, in the
    site's timezone, with the ``site`` parameter limited to the sites of the config (skip with
    ``--no-deploy``);
-4. prints the command that starts a worker, with the environment it needs.
+4. deploys ``crash-notice`` and an automation that starts it for every run that ends Crashed
+   (a killed process cannot run its own failure hook, so this sends the site's e-mail);
+5. prints the command that starts a worker, with the environment it needs.
 
 Run it again after changing the config or ``prefect.yaml``; it only creates or updates.
 """
@@ -69,6 +71,8 @@ def site_deployments(template: list[dict[str, Any]], site: Site, pool: str,
     prefix = TEMPLATE_SITE.lower() + "-"
     out = []
     for dep in template:
+        if "site" not in dep.get("parameters", {}):
+            continue  # not a per-site deployment (crash-notice)
         dep = copy.deepcopy(dep)
         kind = dep["name"].removeprefix(prefix)
         dep["name"] = f"{site.name.lower()}-{kind}"
@@ -91,10 +95,41 @@ def schedule_for(kind: str, site: Site) -> dict[str, Any]:
 
 def prefect_file_for(sites: list[Site], pool: str, template: Path = PREFECT_FILE,
                      ) -> dict[str, Any]:
+    """Every site's set of the per-site deployments, and once each of the others."""
     spec = yaml.safe_load(template.read_text())
+    per_site = [d for d in spec["deployments"] if "site" in d.get("parameters", {})]
+    shared = [{**d, "work_pool": {**d.get("work_pool", {}), "name": pool}}
+              for d in spec["deployments"] if d not in per_site]
     spec["deployments"] = [dep for site in sites
-                           for dep in site_deployments(spec["deployments"], site, pool)]
+                           for dep in site_deployments(per_site, site, pool)] + shared
     return spec
+
+
+CRASH_AUTOMATION = "radonc-backup: mail the site about a crashed run"
+
+
+def ensure_crash_automation() -> None:
+    """Every run of the five flows that ends Crashed starts ``crash-notice/crash-notice``."""
+    from prefect.events.actions import RunDeployment
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    from flows.crash_notice import BACKUP_FLOWS
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("crash-notice/crash-notice")
+        for old in client.read_automations_by_name(CRASH_AUTOMATION):
+            client.delete_automation(old.id)
+        client.create_automation(AutomationCore(
+            name=CRASH_AUTOMATION,
+            description="Sends the failure e-mail of a run whose process died (its own "
+                        "on_crashed hook cannot run then)",
+            trigger=EventTrigger(
+                match={"prefect.resource.id": "prefect.flow-run.*"},
+                match_related={"prefect.resource.role": "flow",
+                               "prefect.resource.name": BACKUP_FLOWS},
+                expect={"prefect.flow-run.Crashed"}, posture=Posture.Reactive, threshold=1),
+            actions=[RunDeployment(source="selected", deployment_id=deployment.id,
+                                   parameters={"flow_run_id": "{{ event.resource.id }}"})]))
 
 
 def deploy(spec: dict[str, Any]) -> int:
@@ -169,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             return code
         names = [d["name"] for d in spec["deployments"]]
         limit_site_parameter(names, known)
+        ensure_crash_automation()
         print("deployments: " + ", ".join(names))
+        print(f"automation: {CRASH_AUTOMATION}")
     print("start a worker (see docs/operations.md for the service unit):\n  "
           + worker_command(args.pool, args.config))
     return 0

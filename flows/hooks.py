@@ -19,6 +19,9 @@ from radonc_backup.logfile import SiteLogHandler, close_site_log, open_site_log
 from radonc_backup.notify import RunFailure, failure_message, run_link, send
 
 
+MAIL_SENT = "failure e-mail sent"
+
+
 def _deployment_and_reports(flow_run: Any) -> tuple[str, list[str]]:
     """The run's deployment name and its markdown artifacts (window and counts)."""
     with get_client(sync_client=True) as client:
@@ -60,7 +63,7 @@ def notify_failure(flow: Any, flow_run: Any, state: Any) -> None:
     except BackupError as exc:
         logger.error("%s", exc)
         return
-    logger.info("failure e-mail sent to %d recipient(s)", len(site.notify.recipients))
+    logger.info("%s to %d recipient(s)", MAIL_SENT, len(site.notify.recipients))
 
 
 _open_logs: dict[str, SiteLogHandler] = {}

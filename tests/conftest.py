@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from email import message_from_bytes
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+from aiosmtpd.controller import Controller  # noqa: E402
+
+from demo.orthanc import free_port  # noqa: E402
 from demo.site import DemoSite, start_demo_site  # noqa: E402
 from demo.synthetic import Course, to_bytes  # noqa: E402
 
@@ -80,3 +85,30 @@ def scheduling_server(tmp_path: Path) -> Iterator[Any]:
     srv = Server(home, scheduler=True)
     yield srv
     srv.stop()
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append(message_from_bytes(envelope.content))
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Inbox, int]]:
+    inbox, port = Inbox(), free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield inbox, port
+    controller.stop()
+
+
+def add_notify(site: DemoSite, port: int) -> None:
+    cfg = Path(site.config_path)
+    cfg.write_text(cfg.read_text() + (
+        f'\n[DEMO.notify]\nsmtp_host = "127.0.0.1"\nsmtp_port = {port}\n'
+        'sender = "radonc-backup@clinic.test"\n'
+        'recipients = ["physics-oncall@clinic.test", "it@clinic.test"]\n'
+        'ui_url = "http://prefect.clinic.test:4200"\n'))

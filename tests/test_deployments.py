@@ -23,13 +23,14 @@ def test_prefect_yaml_entrypoints_and_schedules() -> None:
     assert "RADONC_BACKUP_HOME" in check["prefect.deployments.steps.run_shell_script"]["script"]
     assert "set_working_directory" in next(iter(chdir))
     flows = set()
-    for dep in spec["deployments"]:
+    per_site = [d for d in spec["deployments"] if d["name"] != "crash-notice"]
+    for dep in per_site:
         path, func = dep["entrypoint"].split(":")
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         flows.add(getattr(module, func).name)
         assert dep["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
         assert all(s["timezone"] == "America/New_York" for s in dep["schedules"])
-    assert [d["name"] for d in spec["deployments"]] == [f"demo-{k}" for k in KINDS]
+    assert [d["name"] for d in per_site] == [f"demo-{k}" for k in KINDS]
     assert flows == {"incremental-backup", "nightly-backup", "plan-context-backfill",
                      "treatment-report", "validation-sweep"}
 
@@ -38,7 +39,9 @@ def test_register_deploys_the_set_once_per_site_in_its_timezone() -> None:
     sites = [load_site("DEMO"), load_site("UCLA")]
     spec = prefect_file_for(sites, "radonc-backup")
     by_name = {d["name"]: d for d in spec["deployments"]}
-    assert list(by_name) == [f"{s}-{k}" for s in ("demo", "ucla") for k in KINDS]
+    assert list(by_name) == [f"{s}-{k}" for s in ("demo", "ucla") for k in KINDS] + [
+        "crash-notice"]
+    assert "parameters" not in by_name["crash-notice"]
     ucla = by_name["ucla-incremental"]
     assert ucla["parameters"] == {"site": "UCLA"}
     assert ucla["schedules"] == [{"interval": 600, "timezone": "America/Los_Angeles"}]

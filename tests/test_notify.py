@@ -2,49 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from email import message_from_bytes
-from email.message import Message
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 
 from demo.orthanc import free_port
 from demo.site import DemoSite
 from demo.synthetic import Patient, make_course
 from flows.incremental_backup import incremental_backup
+from tests.conftest import Inbox, add_notify
 from tests.test_backup_flows import at, push, refuse_patient_lua, run, uids
 
 pytestmark = pytest.mark.usefixtures("prefect")
-
-
-class Inbox:
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.messages.append(message_from_bytes(envelope.content))
-        return "250 OK"
-
-
-@pytest.fixture
-def smtp() -> Iterator[tuple[Inbox, int]]:
-    inbox, port = Inbox(), free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield inbox, port
-    controller.stop()
-
-
-def add_notify(site: DemoSite, port: int) -> None:
-    cfg = Path(site.config_path)
-    cfg.write_text(cfg.read_text() + (
-        f'\n[DEMO.notify]\nsmtp_host = "127.0.0.1"\nsmtp_port = {port}\n'
-        'sender = "radonc-backup@clinic.test"\n'
-        'recipients = ["physics-oncall@clinic.test", "it@clinic.test"]\n'
-        'ui_url = "http://prefect.clinic.test:4200"\n'))
 
 
 def test_a_failed_run_mails_the_site_once_without_patient_names(

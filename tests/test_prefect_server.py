@@ -9,11 +9,15 @@ and sees scheduled runs created and run by a worker.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from demo.site import DemoSite
 from radonc_backup.ledger import Lane, Ledger
+from tests.conftest import Inbox, add_notify
 from tests.prefect_procs import Server, Workers, register, todays_course, uids
 from tests.test_backup_flows import refuse_patient_lua
 
@@ -27,10 +31,10 @@ def test_deployment_run_from_the_cli_on_a_real_server_and_worker(
     register(server, site, course.all())
 
     deployments = server.post("/deployments/filter")
-    assert len(deployments) == 5 and all(d["work_pool_name"] == "radonc-backup"
+    assert len(deployments) == 6 and all(d["work_pool_name"] == "radonc-backup"
                                          for d in deployments)
     schedules = {d["entrypoint"].split(":")[1]: d["schedules"][0]["schedule"]
-                 for d in server.post("/deployments/filter")}
+                 for d in server.post("/deployments/filter") if d["schedules"]}
     assert schedules["incremental_backup"]["interval"] == 600
     assert schedules["nightly_backup"]["cron"] == "0 2 * * *"
     assert schedules["nightly_backup"]["timezone"] == "America/New_York"
@@ -149,3 +153,45 @@ def test_a_worker_without_radonc_backup_home_fails_the_run_with_one_plain_line(
     assert flow_run["state"]["type"] in {"CRASHED", "FAILED"}
     assert "RADONC_BACKUP_HOME is 'unset': set it in the worker's environment" \
         in workers.submitted("w1")
+
+
+def _flow_process(run_id: str, timeout: float = 60) -> int:
+    """The PID of the process a worker opened for this flow run (found by its environment)."""
+    deadline = time.monotonic() + timeout
+    marker = f"PREFECT__FLOW_RUN_ID={run_id}".encode()
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and marker in (proc / "environ").read_bytes():
+                    return int(proc.name)
+            except OSError:
+                continue
+        time.sleep(0.1)
+    raise AssertionError(f"no process for flow run {run_id}")
+
+
+def test_a_killed_run_ends_crashed_and_mails_the_site(
+        server: Server, make_site: Callable[..., DemoSite], tmp_path: Path,
+        smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    site = make_site()
+    add_notify(site, port)
+    register(server, site, todays_course("SRV005").records)
+    workers = Workers(server, site, ["w1"], tmp_path)
+    try:
+        out = server.prefect("deployment", "run", "incremental-backup/demo-incremental")
+        assert out.returncode == 0, out.stderr
+        [run_id] = [line.split()[-1] for line in out.stdout.splitlines()
+                    if line.strip().startswith("└── UUID:")]
+        os.kill(_flow_process(run_id), signal.SIGKILL)  # the OOM killer, a reboot, kill -9
+        runs = server.wait_terminal([run_id], timeout=120)
+        deadline = time.monotonic() + 60
+        while not inbox.messages and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        workers.stop()
+    assert runs[run_id]["state"]["type"] == "CRASHED"
+    [mail] = inbox.messages
+    assert "DEMO" in mail["Subject"] and "Crashed" in mail["Subject"], mail["Subject"]
+    assert run_id in mail.get_payload()  # type: ignore[operator]
+    assert "Server^Test" not in mail.as_string() and "Server, Test" not in mail.as_string()

@@ -34,7 +34,7 @@ def test_scheduler_creates_runs_and_a_worker_completes_the_next_one(
     site = make_site(schedules={"incremental_minutes": 1})
     course = todays_course("SCH001")
     printed = register(server, site, course.all())
-    assert "deployments: " + ", ".join(f"demo-{k}" for k in KINDS) in printed
+    assert "deployments: " + ", ".join(f"demo-{k}" for k in KINDS) + ", crash-notice" in printed
     assert f"RADONC_BACKUP_HOME={Path(__file__).resolve().parent.parent}" in printed
     assert "worker start --pool radonc-backup" in printed
 
