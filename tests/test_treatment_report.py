@@ -265,18 +265,21 @@ def test_a_record_the_backup_cannot_serve_gets_its_own_row_and_fails_the_run(
     assert str(bad.SOPInstanceUID) in rows["R013"]["Warnings"]
 
 
-def test_a_long_report_shows_its_progress_in_the_ui(make_site: Callable[..., DemoSite],
-                                                     tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_long_report_shows_progress_and_links_its_copies_on_the_share(
+        make_site: Callable[..., DemoSite], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Past RECORDS_FROM records (300) a report shows a progress artifact; lowered here to the
-    clinic's 40-odd records so the test stays small."""
+    clinic's 40-odd records so the test stays small. With a share, the CSV and the print view
+    are copied there and the summary links them by the address people open."""
     import flows.treatment_report as report_flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, \
         ArtifactFilterType
 
     monkeypatch.setattr(report_flow, "RECORDS_FROM", 1)
-    site = make_site()
+    share = tmp_path / "share"
+    site = make_site(settings={"report_share": str(share),
+                               "report_share_url": "file://fileserver/radonc reports"})
     clinic, _ = build_clinic()
     site.backup.upload([to_bytes(ds) for ds in [*clinic.objects, *clinic.plans.values()]])
     state = treatment_report(site="DEMO", config=str(site.config_path), return_state=True,
@@ -287,5 +290,13 @@ def test_a_long_report_shows_its_progress_in_the_ui(make_site: Callable[..., Dem
         [progress] = client.read_artifacts(artifact_filter=ArtifactFilter(
             type=ArtifactFilterType(any_=["progress"]),
             flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        summary = client.read_artifacts(artifact_filter=ArtifactFilter(
+            type=ArtifactFilterType(any_=["markdown"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     assert float(progress.data) == 100.0  # type: ignore[arg-type]
     assert f"{len(clinic.objects)} of {len(clinic.objects)}" in str(progress.description)
+    assert (share / "report.csv").read_bytes() == (tmp_path / "report.csv").read_bytes()
+    assert (share / "report.html").exists()
+    text = "".join(str(a.data) for a in summary)
+    assert "[report.csv](file://fileserver/radonc reports/report.csv)" in text
+    assert "[report.html](file://fileserver/radonc reports/report.html)" in text
