@@ -36,10 +36,15 @@ class DayQuery:
 
     @property
     def treatment_time(self) -> str:
-        """Empty for a whole day, so records without a TreatmentTime still match."""
+        """Empty for a whole day, so records without a TreatmentTime still match.
+
+        Bounds are whole seconds and both inclusive; the upper one reaches to the end of its
+        second (``.999999``): TM allows fractions, and a record at 23:59:59.6, or at hh:mm:ss.5
+        where a capped window was split, must fall inside some query.
+        """
         if self.whole_day:
             return ""
-        return f"{self.start.strftime('%H%M%S')}-{self.end.strftime('%H%M%S')}"
+        return f"{self.start.strftime('%H%M%S')}-{self.end.strftime('%H%M%S')}.999999"
 
     def split(self) -> tuple["DayQuery", "DayQuery"] | None:
         """Halves, for a peer that capped its answer; None when down to one second."""

@@ -283,3 +283,22 @@ def test_backup_password_from_a_prefect_secret_block(make_site: Callable[..., De
     state = run(incremental_backup, site, at(0, 16))
     assert state.is_completed(), state.message
     assert site.backup.sop_instance_uids() == uids(*c.records)
+
+
+def test_a_record_in_the_last_fraction_of_a_second_of_a_day_is_backed_up(
+        make_site: Callable[..., DemoSite]) -> None:
+    """TM allows fractions: 23:59:59.6 was outside every window when a day's query ended at
+    235959; the incremental queries now reach to 235959.999999 (and Orthanc matches that)."""
+    site = make_site(settings={"window_overlap_minutes": 30})
+    c = course("E2E090", at(-1, 8))
+    assert run(incremental_backup, site, at(0, 23, 50), backfill=False).is_completed()
+    late = c.add_record(at(0, 23, 59) + timedelta(seconds=59))
+    late.TreatmentTime = "235959.6"
+    early = c.add_record(at(1, 0, 0))
+    early.TreatmentTime = "000000.000001"
+    push(site, late, early)
+    state = run(incremental_backup, site, at(1, 0, 10), backfill=False)
+    assert state.is_completed(), state.message
+    assert uids(late, early) <= site.backup.sop_instance_uids()
+    assert {r.ref.sop_instance_uid: r.state for r in ledger(site).rows(LANE)} == {
+        str(late.SOPInstanceUID): "verified", str(early.SOPInstanceUID): "verified"}
