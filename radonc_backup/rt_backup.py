@@ -21,7 +21,8 @@ from pydicom.dataset import Dataset
 from .backup_target import BackupTarget, wait_for
 from .config import AriaSource, MimSource, Site
 from .dicom_net import RT_RECORD_CLASSES, DicomClient, MoveResult, identifier
-from .errors import ConfigError, DicomError, FatalDicomError, FindTruncated
+from .errors import BackupError, ConfigError, DicomError, FatalDicomError, FindTruncated, \
+    RetriableBackupTargetError, RetriableDicomError
 from .instance import InstanceRef
 from .ledger import Lane, Ledger
 from .windows import DayQuery, parse_treatment_datetime
@@ -141,6 +142,20 @@ def verify_present(ledger: Ledger, lane: Lane, target: BackupTarget,
     return present
 
 
+def backup_unreachable(site: Site, target: BackupTarget) -> str | None:
+    """Why the backup's DICOM port does not answer a C-ECHO from us, or None when it does."""
+    peer = site.backup_targets.get(target.alias)
+    if peer is None:
+        return None
+    try:
+        site.client(peer).echo()
+    except RetriableDicomError as exc:
+        return str(exc)
+    except DicomError:
+        return None  # it answered (even a refusal): the backup is up
+    return None
+
+
 def transfer(site: Site, source: AriaSource | MimSource, target: BackupTarget,
              batch: list[InstanceRef], store_client: DicomClient | None = None) -> str:
     """Ask the source to deliver ``batch`` to the backup; returns what the peer claimed.
@@ -207,11 +222,16 @@ def move_and_verify(site: Site, source: AriaSource | MimSource, target: BackupTa
         return outcome
     ledger.mark_moved(lane, [r.sop_instance_uid for r in todo])
     outcome.moved = len(todo)
-    error: DicomError | None = None
+    error: BackupError | None = None
     try:
         outcome.peer_claims = transfer(site, source, target, todo, store_client)
     except DicomError as exc:
         error = exc
+        down = None if isinstance(exc, RetriableDicomError) else backup_unreachable(site, target)
+        if down:  # the R&V could not deliver because the backup is down: worth another try
+            error = RetriableBackupTargetError(
+                f"site {site.name}: backup {target.alias} unreachable during the move from "
+                f"{source.label}: {down}")
     try:
         present = verify_present(ledger, lane, target, todo,
                                  timeout=0.0 if error else site.settings.verify_timeout)

@@ -157,6 +157,8 @@ def test_backup_stopped_mid_run_loses_nothing_and_duplicates_nothing(
     state = run(incremental_backup, site, at(0, 16))
     stopper.join()
     assert state.is_failed()
+    assert f"backup orthanc unreachable during the move from RV_DEMO@127.0.0.1:" \
+        in str(state.result(raise_on_failure=False))
     rows = ledger(site).rows(LANE)
     verified = {r.ref.sop_instance_uid for r in rows if r.state == "verified"}
     assert len(verified) < 8 and len(rows) == 8
@@ -302,3 +304,36 @@ def test_a_record_in_the_last_fraction_of_a_second_of_a_day_is_backed_up(
     assert uids(late, early) <= site.backup.sop_instance_uids()
     assert {r.ref.sop_instance_uid: r.state for r in ledger(site).rows(LANE)} == {
         str(late.SOPInstanceUID): "verified", str(early.SOPInstanceUID): "verified"}
+
+
+def test_backup_down_mid_move_is_retried_within_the_run(
+        make_site: Callable[..., DemoSite]) -> None:
+    """The backup restarts (an update, a reboot) while a batch moves: the batch is retried in
+    the same run, which ends Completed with everything verified."""
+    site = make_site(backup_lua=[SLOW_BACKUP], settings={
+        "batch_size": 2, "retries": 6, "retry_backoff_seconds": 1})
+    c = course("E2E201", at(-10, 8))
+    records = [c.add_record(at(0, 8, 10 * i)) for i in range(6)]
+    push(site, *records)
+
+    def restart_after_first_arrivals() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if site.backup.instance_count() >= 1:
+                    break
+            except Exception:
+                pass
+            time.sleep(0.05)
+        site.backup.stop()
+        time.sleep(2)
+        site.backup.start()
+
+    restarter = threading.Thread(target=restart_after_first_arrivals)
+    restarter.start()
+    state = run(incremental_backup, site, at(0, 16), backfill=False)
+    restarter.join()
+    assert state.is_completed(), state.message
+    assert site.backup.sop_instance_uids() == uids(*records)
+    assert {r.state for r in ledger(site).rows(LANE)} == {"verified"}
+    assert task_run_counts(state.state_details.flow_run_id)["move-batch"] > 3, "a batch retried"
