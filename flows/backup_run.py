@@ -11,7 +11,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
-from prefect import get_run_logger
+from prefect import State, get_run_logger
+from prefect.states import Completed
 from prefect.artifacts import create_markdown_artifact
 
 from radonc_backup.errors import BackupIncomplete
@@ -97,6 +98,22 @@ def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, st
                 summary.new, summary.already_verified, summary.already_in_backup, summary.moved,
                 summary.verified, summary.failed)
     return summary
+
+
+CONTEXT_INCOMPLETE = "Completed (context incomplete)"
+"""A backup run's final state when every record is verified but the plan-context subflow did not
+complete: the records are safe (not Failed), the context is not (not plain Completed). Filter on
+it in the UI; the CLI exits 3."""
+
+
+def final_state(summary: BackupSummary) -> State:
+    """Completed, or ``Completed (context incomplete)`` naming the subflow's state."""
+    if summary.plan_context and not summary.plan_context.startswith(("Completed",
+                                                                       "nothing new")):
+        return Completed(name=CONTEXT_INCOMPLETE, data=summary.as_dict(),
+                         message=f"site {summary.site}: every RT Record verified; plan-context "
+                                 f"backfill {summary.plan_context}")
+    return Completed(data=summary.as_dict())
 
 
 def raise_if_incomplete(summary: BackupSummary) -> None:

@@ -1,7 +1,9 @@
 """Run any flow from the shell: ``python -m flows.<name> --site UCLA ...``.
 
 Options are built from the flow's own signature, so the CLI and the Prefect UI take the same
-parameters. Exit code 0 when the run completed, 1 when it failed, 2 for bad arguments.
+parameters. Exit code 0 when the run completed, 1 when it failed, 2 for bad arguments, 3 when a
+backup run verified every record but its plan-context backfill did not complete (the run's state
+is ``Completed (context incomplete)``).
 
 The Prefect server named by ``PREFECT_API_URL`` may be down with everything else on the day of a
 network-wide outage. A flow that reads only the backup (the treatment report) then runs with a
@@ -23,6 +25,7 @@ from typing import Any
 import httpx
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from flows.backup_run import CONTEXT_INCOMPLETE
 from radonc_backup.config import load_site
 from radonc_backup.errors import BackupError
 from tasks.limits import ensure_rv_limits
@@ -90,9 +93,17 @@ def run_cli(flow_obj: Any, description: str, argv: list[str] | None = None, *,
         with local:
             if uses_rv:  # an ad-hoc run may be the first on this server: create missing limits
                 ensure_rv_limits(site)
-            result = flow_obj(**vars(args))
+            state = flow_obj(**vars(args), return_state=True)
+            result = state.result(raise_on_failure=False)
     except BackupError as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1
+    if not state.is_completed():
+        print(f"FAILED: {result if isinstance(result, BaseException) else state.message}",
+              file=sys.stderr)
+        return 1
     print(json.dumps(result, indent=2, default=str))
+    if state.name == CONTEXT_INCOMPLETE:
+        print(f"{CONTEXT_INCOMPLETE}: {state.message}", file=sys.stderr)
+        return 3
     return 0

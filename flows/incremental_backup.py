@@ -11,9 +11,9 @@ from __future__ import annotations
 import sys
 from datetime import datetime, timedelta, timezone
 
-from prefect import flow
+from prefect import State, flow
 
-from flows.backup_run import backfill_context, raise_if_incomplete, run_backup
+from flows.backup_run import backfill_context, final_state, raise_if_incomplete, run_backup
 from flows import naming
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
@@ -36,7 +36,7 @@ def incremental_start(watermark: datetime | None, now: datetime, overlap_minutes
       **RUN_HOOKS)
 def incremental_backup(site: str, source: str | None = None, backup: str | None = None,
                        config: str | None = None, now: datetime | None = None,
-                       backfill: bool = True) -> dict[str, object]:
+                       backfill: bool = True) -> State:
     """Back up new RT Records from a site's R&V (default source) to its backup.
 
     Args:
@@ -62,7 +62,7 @@ def incremental_backup(site: str, source: str | None = None, backup: str | None 
             backfill_context(summary, (site, source, backup, config), summary.verified_uids,
                              now)
     raise_if_incomplete(summary)
-    return summary.as_dict()
+    return final_state(summary)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 from datetime import datetime, timezone
 
-from prefect import flow
+from prefect import State, flow
 
-from flows.backup_run import backfill_context, raise_if_incomplete, run_backup
+from flows.backup_run import backfill_context, final_state, raise_if_incomplete, run_backup
 from flows import naming
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
@@ -24,7 +24,7 @@ from tasks.limits import rv_slots
 @flow(name="nightly-backup", flow_run_name=naming.NIGHTLY, log_prints=False, **RUN_HOOKS)
 def nightly_backup(site: str, days: int = 1, source: str | None = None,
                    backup: str | None = None, config: str | None = None,
-                   now: datetime | None = None, backfill: bool = True) -> dict[str, object]:
+                   now: datetime | None = None, backfill: bool = True) -> State:
     """Back up the RT Records of the last ``days`` whole days and today so far.
 
     Args:
@@ -47,7 +47,7 @@ def nightly_backup(site: str, days: int = 1, source: str | None = None,
         if backfill:
             backfill_context(summary, (site, source, backup, config), None, now)
     raise_if_incomplete(summary)
-    return summary.as_dict()
+    return final_state(summary)
 
 
 if __name__ == "__main__":

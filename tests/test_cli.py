@@ -43,11 +43,21 @@ def test_cli_run_backs_up_and_a_failed_run_exits_non_zero(
     site.rv.upload([to_bytes(r) for r in c.records])
     env = {"PREFECT_HOME": str(tmp_path / "prefect")}
 
-    ok = cli("flows.incremental_backup", "--site", "DEMO", "--config", str(site.config_path),
+    # Only the records are on the R&V, not their plan: the records are safe, the plan context
+    # is not. Not plain Completed (exit 0), not Failed (exit 1): its own state and exit 3.
+    partial = cli("flows.incremental_backup", "--site", "DEMO", "--config",
+                  str(site.config_path), env=env)
+    assert partial.returncode == 3, partial.stderr[-2000:]
+    assert '"verified": 2' in partial.stdout
+    assert "Completed (context incomplete): site DEMO: every RT Record verified; plan-context " \
+        "backfill Failed" in partial.stderr
+    assert site.backup.sop_instance_uids() == {r.SOPInstanceUID for r in c.records}
+
+    site.rv.upload([to_bytes(ds) for ds in c.all()])  # the plan context arrives on the R&V
+    ok = cli("flows.nightly_backup", "--site", "DEMO", "--config", str(site.config_path),
              env=env)
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert '"verified": 2' in ok.stdout
-    assert site.backup.sop_instance_uids() == {r.SOPInstanceUID for r in c.records}
+    assert site.backup.sop_instance_uids() == {ds.SOPInstanceUID for ds in c.all()}
 
     bad = Path(site.config_path)
     bad.write_text(bad.read_text().replace('script_ae = "RADONC_BACKUP"',
