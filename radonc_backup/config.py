@@ -324,6 +324,11 @@ def _read(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found (set {CONFIG_ENV} or pass --config)")
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file (set {CONFIG_ENV} or "
+                          "pass --config with the TOML file)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
 
@@ -331,7 +336,11 @@ def _read(path: Path) -> dict[str, Any]:
 _TYPE_TAGS = {"aria", "mim", "mosaiq", "orthanc", "dicom_scp"}
 
 
+_SECRET_KEY = re.compile(r"(?i)pass|pwd|secret|token|credential")
+
+
 def _describe(errors: list[Any]) -> str:
+    """One line per problem naming the key; a value is shown unless the key may hold a secret."""
     lines = []
     for err in errors:
         parts = [str(p) for p in err["loc"]]
@@ -340,6 +349,9 @@ def _describe(errors: list[Any]) -> str:
         loc = ".".join(parts)
         where = f"key '{loc}'" if loc else "site table"
         given = f" (given {err['input']!r})" if err["type"] != "missing" and loc else ""
+        if _SECRET_KEY.search(loc):
+            given = (" (value not shown; passwords never go in this file: name an environment "
+                     "variable with password_env or a Prefect Secret block with password_secret)")
         lines.append(f"{where}: {err['msg']}{given}")
     return "; ".join(lines)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .errors import ConfigError
 from .instance import InstanceRef
 
 STATES = ("found", "moved", "verified", "failed")
@@ -112,17 +113,28 @@ class PlanLink:
     machine: str
 
 
+class LedgerError(ConfigError):
+    """The ledger file cannot be used (damaged, read-only, not a ledger)."""
+
+
 class Ledger:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SCHEMA)
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(instances)")}
-            if "kind" not in columns:  # ledgers written before plan-context backfill existed
-                conn.execute("ALTER TABLE instances ADD COLUMN kind TEXT NOT NULL "
-                             "DEFAULT 'record'")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as conn:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript(_SCHEMA)
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(instances)")}
+                if "kind" not in columns:  # ledgers written before plan-context backfill
+                    conn.execute("ALTER TABLE instances ADD COLUMN kind TEXT NOT NULL "
+                                 "DEFAULT 'record'")
+        except (sqlite3.DatabaseError, OSError) as exc:
+            raise LedgerError(
+                f"ledger {self.path}: cannot be opened or written ({exc}). If it is damaged, "
+                f"move it aside (mv {self.path} {self.path}.damaged) and run the nightly backup "
+                "with --days covering the time since its last good run: the backup is asked "
+                "first, so nothing already there moves again") from None
 
     @classmethod
     def for_state_dir(cls, state_dir: Path) -> "Ledger":

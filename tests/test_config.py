@@ -134,3 +134,21 @@ def test_passwords_are_not_accepted_in_the_file(tmp_path: Path) -> None:
     text = GOOD.replace('password_env = "ALPHA_PACS_PASSWORD_FOR_TEST"', 'password = "hunter2"')
     with pytest.raises(ConfigError, match="backup_targets.pacs.*password"):
         load_site("ALPHA", write(tmp_path, text))
+
+
+def test_a_directory_given_as_config_is_one_line_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_site("DEMO", tmp_path)
+    assert str(err.value) == (f"{tmp_path}: is a directory, not a config file (set "
+                              "RADONC_BACKUP_CONFIG or pass --config with the TOML file)")
+
+
+def test_a_literal_password_is_refused_without_being_echoed(tmp_path: Path) -> None:
+    text = DEFAULT_CONFIG.read_text().replace(
+        'password_env = "RADONC_DEMO_BACKUP_PASSWORD"', 'password = "hunter2-secret"')
+    path = tmp_path / "sites.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_site("DEMO", path)
+    assert "backup_targets.orthanc.password" in str(err.value)
+    assert "hunter2" not in str(err.value) and "password_env" in str(err.value)

@@ -64,3 +64,18 @@ def test_two_processes_share_the_ledger(tmp_path: Path) -> None:
         p.join(120)
         assert p.exitcode == 0
     assert Ledger(path).counts(LANE)["verified"] == 2 * 50 * 20
+
+
+def test_a_damaged_ledger_stops_with_its_path_and_what_to_do(tmp_path: Path) -> None:
+    import pytest
+
+    from radonc_backup.errors import ConfigError
+
+    path = tmp_path / "ledger.sqlite"
+    path.write_bytes(b"this is not an SQLite file" * 100)
+    with pytest.raises(ConfigError) as err:
+        Ledger(path)
+    message = str(err.value)
+    assert message.startswith(f"ledger {path}: cannot be opened or written (file is not a "
+                              "database)")
+    assert f"mv {path} {path}.damaged" in message and "--days" in message
