@@ -21,7 +21,7 @@ from flows.backup_run import artifact_key
 from flows import naming
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
-from flows.progress import PLANS_FROM, Progress
+from tasks.progress import PLANS_FROM, Progress
 from radonc_backup.config import within_hours
 from radonc_backup.errors import BackupIncomplete, ConfigError
 from radonc_backup.lane import OpenLane, open_lane

@@ -24,7 +24,7 @@ from flows.backup_run import artifact_key
 from flows import naming
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
-from flows.progress import RECORDS_FROM, Progress
+from tasks.progress import RECORDS_FROM, Progress
 from radonc_backup.config import PROJECT_ROOT, load_site
 from radonc_backup.errors import BackupIncomplete
 from radonc_backup.report_print import render_html, write_html

@@ -8,6 +8,7 @@ patients' plan contexts back to incomplete), so the next backup and backfill run
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -29,17 +30,26 @@ class Validation:
         return sum(len(v) for v in self.missing.values())
 
 
-def validate_lane(ledger: Ledger, lane: Lane, target: BackupTarget,
-                  chunk: int = CHUNK) -> Validation:
-    """Check every verified row of the lane against the backup; reopen what is gone."""
+def validate_lane(ledger: Ledger, lane: Lane, target: BackupTarget, chunk: int = CHUNK,
+                  on_progress: Callable[[int, int], None] | None = None) -> Validation:
+    """Check every verified row of the lane against the backup; reopen what is gone.
+
+    ``on_progress(done, total)`` is called after each chunk (a progress bar for long sweeps).
+    """
     result = Validation()
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    verified = {kind: [row.ref for row in ledger.rows(lane, "verified", kind=kind)]
+                for kind in KINDS}
+    total, done = sum(len(refs) for refs in verified.values()), 0
     for kind in KINDS:
-        refs = [row.ref for row in ledger.rows(lane, "verified", kind=kind)]
+        refs = verified[kind]
         result.checked[kind] = len(refs)
         for i in range(0, len(refs), chunk):
             part = refs[i:i + chunk]
             held = target.present(part)
+            done += len(part)
+            if on_progress:
+                on_progress(done, total)
             gone = [r for r in part if r.sop_instance_uid not in held]
             if not gone:
                 continue

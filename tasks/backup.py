@@ -21,6 +21,7 @@ from radonc_backup.rt_backup import BatchOutcome, find_records, move_and_verify,
     verify_present
 from radonc_backup.validation import Validation, validate_lane
 from radonc_backup.windows import DayQuery
+from tasks.progress import INSTANCES_FROM, Progress
 
 
 def retry_only_transient(task: Task[Any, Any], task_run: Any, state: Any) -> bool:
@@ -88,4 +89,13 @@ def validate_backup(site: str, source: str | None, backup: str | None,
                     config: str | None) -> Validation:
     """Ask the backup for every instance the ledger calls verified; reopen what is gone."""
     lane = open_lane(site, source, backup, config)
-    return validate_lane(lane.ledger, lane.lane, lane.target)
+    progress: Progress | None = None
+
+    def shown(done: int, total: int) -> None:
+        nonlocal progress
+        if progress is None:
+            progress = Progress(f"verified instances checked, site {site}", total,
+                                INSTANCES_FROM)
+        progress.update(done)
+
+    return validate_lane(lane.ledger, lane.lane, lane.target, on_progress=shown)

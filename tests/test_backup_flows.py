@@ -51,6 +51,18 @@ def push(site: DemoSite, *records: Dataset) -> None:
     site.rv.upload([to_bytes(r) for r in records])
 
 
+def wait_for_arrivals(site: DemoSite, count: int, timeout: float = 60) -> None:
+    """Until the backup holds ``count`` instances (a move is under way)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if site.backup.instance_count() >= count:
+                return
+        except Exception:  # the backup may be starting
+            pass
+        time.sleep(0.05)
+
+
 def ledger(site: DemoSite) -> Ledger:
     return Ledger(Path(site.workdir) / "state" / "ledger.sqlite")
 
@@ -142,14 +154,7 @@ def test_backup_stopped_mid_run_loses_nothing_and_duplicates_nothing(
     push(site, *records)
 
     def stop_after_first_arrivals() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if site.backup.instance_count() >= 2:
-                    break
-            except Exception:
-                pass
-            time.sleep(0.05)
+        wait_for_arrivals(site, 2)
         site.backup.stop()
 
     stopper = threading.Thread(target=stop_after_first_arrivals)
@@ -317,14 +322,7 @@ def test_backup_down_mid_move_is_retried_within_the_run(
     push(site, *records)
 
     def restart_after_first_arrivals() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if site.backup.instance_count() >= 1:
-                    break
-            except Exception:
-                pass
-            time.sleep(0.05)
+        wait_for_arrivals(site, 1)
         site.backup.stop()
         time.sleep(2)
         site.backup.start()

@@ -179,6 +179,11 @@ def test_rerun_fetches_only_new_records_and_empty_window_has_headers(
     jane = [r for r in read_csv(tmp_path / "report.csv") if r["PatientID"] == "R001"][0]
     assert jane["CurrentFraction"] == "12" and jane["SessionsInWindow"] == "9"
 
+    default = run(site, tmp_path, end_date=END)  # the default window: 7 calendar days
+    assert (default["start"], default["end"]) == (str(START), str(END)) == ("2026-11-14",
+                                                                            "2026-11-20")
+    assert default["rows"] == second["rows"]
+
     empty = run(site, tmp_path, treatment_start_date=date(2020, 1, 1),
                 end_date=date(2020, 1, 7), study_start_date=date(2019, 1, 1))
     assert empty["rows"] == 0 and "No RT Records" in str(empty["message"])

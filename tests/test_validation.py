@@ -5,6 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, \
+    ArtifactFilterType
+
+import tasks.backup
 
 from demo.site import DemoSite
 from flows.nightly_backup import nightly_backup
@@ -24,7 +29,7 @@ def delete_from_backup(site: DemoSite, ds: object) -> None:
 
 
 def test_instances_lost_by_the_backup_are_reopened_and_moved_again(
-        make_site: Callable[..., DemoSite]) -> None:
+        make_site: Callable[..., DemoSite], monkeypatch: pytest.MonkeyPatch) -> None:
     site = make_site()
     c = course("VAL001", at(-1, 9), delivered=3)
     push(site, *c.all())
@@ -32,9 +37,15 @@ def test_instances_lost_by_the_backup_are_reopened_and_moved_again(
     everything = uids(*c.all())
     assert site.backup.sop_instance_uids() == everything
 
+    monkeypatch.setattr(tasks.backup, "INSTANCES_FROM", 1)  # 2,000 in production
     clean = validation_sweep(site="DEMO", config=str(site.config_path), return_state=True)
     assert clean.is_completed(), clean.message
     assert clean.result()["checked"] == {"record": 3, "context": len(c.context())}
+    with get_client(sync_client=True) as client:
+        [progress] = client.read_artifacts(artifact_filter=ArtifactFilter(
+            type=ArtifactFilterType(any_=["progress"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[clean.state_details.flow_run_id])))
+    assert float(progress.data) == 100.0  # type: ignore[arg-type]
 
     lost_record, lost_slice = c.records[1], c.images.instances[0]
     delete_from_backup(site, lost_record)

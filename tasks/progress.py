@@ -12,6 +12,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 RECORDS_FROM = 300  # records listed for a report
 PLANS_FROM = 10  # plan contexts (each a CT series of hundreds of objects)
+INSTANCES_FROM = 2000  # verified instances a validation sweep asks the backup about
 
 
 class Progress:
