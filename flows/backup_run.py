@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 
 from prefect import State, get_run_logger
 from prefect.states import Completed
@@ -19,7 +19,9 @@ from radonc_backup.errors import BackupIncomplete
 from radonc_backup.lane import OpenLane
 from radonc_backup.rt_backup import BatchOutcome, batches, plan_work
 from radonc_backup.windows import DayQuery
-from tasks.backup import check_backup, find_rt_records, move_batch, with_site_retries
+from radonc_backup.instance import InstanceRef
+from tasks.backup import check_backup, find_rt_records, find_rt_records_by_patient, move_batch, \
+    with_site_retries
 
 SHOW_FAILED = 20
 
@@ -39,6 +41,8 @@ class BackupSummary:
     verified: int = 0
     failed: int = 0
     failed_uids: dict[str, str] = field(default_factory=dict)
+    patients_asked: int = 0
+    found_by_patient: dict[str, str] = field(default_factory=dict)
     watermark: str = ""
     plan_context: str = ""
     verified_uids: list[str] = field(default_factory=list, repr=False)
@@ -55,12 +59,17 @@ def artifact_key(*parts: str) -> str:
 
 def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, str | None,
                str | None], queries: list[DayQuery], window: str,
-               advance_to: datetime | None = None) -> BackupSummary:
+               advance_to: datetime | None = None,
+               patients_since: date | None = None) -> BackupSummary:
+    """``patients_since``: also ask, patient by patient and without a date, for the records of
+    every patient with a record since that day (the nightly net under the date queries)."""
     logger = get_run_logger()
     settings = lane.site.settings
     summary = BackupSummary(lane.lane.site, lane.lane.source, lane.lane.backup, window)
 
     found = with_site_retries(find_rt_records, settings)(*params, queries)
+    if patients_since is not None:
+        found += by_patient(lane, params, found, patients_since, summary)
     plan = plan_work(lane.ledger, lane.lane, found)
     if advance_to is not None:
         summary.watermark = lane.ledger.advance_watermark(lane.lane, advance_to).isoformat()
@@ -116,6 +125,31 @@ def final_state(summary: BackupSummary) -> State:
     return Completed(data=summary.as_dict())
 
 
+def by_patient(lane: OpenLane, params: tuple[str, str | None, str | None, str | None],
+               found: list[InstanceRef], since: date, summary: BackupSummary,
+               ) -> list[InstanceRef]:
+    """The records of recent patients that neither the date queries nor the ledger know."""
+    patients = sorted(set(lane.ledger.patients_with_records_since(lane.lane, f"{since:%Y%m%d}"))
+                      | {r.patient_id for r in found if r.patient_id})
+    summary.patients_asked = len(patients)
+    if not patients:
+        return []
+    theirs = with_site_retries(find_rt_records_by_patient, lane.site.settings)(*params, patients)
+    dated = {r.sop_instance_uid for r in found}
+    unseen = [r for r in theirs if r.sop_instance_uid not in dated]
+    known = lane.ledger.states(lane.lane, [r.sop_instance_uid for r in unseen])
+    caught = [r for r in unseen if r.sop_instance_uid not in known]
+    summary.found_by_patient = {
+        r.sop_instance_uid: f"patient {r.patient_id}, TreatmentDate "
+                            f"{r.treatment_date or '(empty)'} {r.treatment_time or '(no time)'}"
+        for r in caught}
+    if caught:
+        get_run_logger().warning("site %s: %d RT Record(s) found only by asking per patient "
+                                 "(no date, or a date no query matched): %s", summary.site,
+                                 len(caught), ", ".join(sorted(summary.found_by_patient)))
+    return caught
+
+
 def raise_if_incomplete(summary: BackupSummary) -> None:
     """End the run Failed, naming the records, when any of its lane is not verified."""
     if summary.failed:
@@ -163,6 +197,13 @@ def _report(flow_name: str, s: BackupSummary) -> str:
         "",
         f"Watermark (UTC): {s.watermark or 'unchanged'}",
     ]
+    if s.patients_asked:
+        lines += ["", f"Asked per patient, without a date: {s.patients_asked} patient(s); "
+                      f"found only that way: {len(s.found_by_patient)}"]
+    if s.found_by_patient:
+        lines += ["", "## Found only by the per-patient pass", "",
+                  "| SOP Instance UID | what the R&V holds |", "|---|---|"]
+        lines += [f"| {uid} | {what} |" for uid, what in s.found_by_patient.items()]
     if s.failed_uids:
         lines += ["", "## Not verified in the backup", "", "| SOP Instance UID | last error |",
                   "|---|---|"]

@@ -8,7 +8,7 @@ watermark.
 from __future__ import annotations
 
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from prefect import State, flow
 
@@ -42,8 +42,10 @@ def nightly_backup(site: str, days: int = 1, source: str | None = None,
     window = f"{queries[0].day:%Y-%m-%d} to {queries[-1].day:%Y-%m-%d} (whole days)"
     # Slots first, before any task run; the backfill subflow works within them.
     with rv_slots(lane.source, occupy=lane.site.settings.move_associations):
+        pass_days = lane.site.settings.patient_pass_days
         summary = run_backup("nightly-backup", lane, (site, source, backup, config), queries,
-                             window)
+                             window, patients_since=today - timedelta(days=pass_days)
+                             if pass_days else None)
         if backfill:
             backfill_context(summary, (site, source, backup, config), None, now)
     raise_if_incomplete(summary)

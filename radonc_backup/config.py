@@ -166,6 +166,10 @@ class Settings(_Strict):
     """How far each incremental window reaches back before the watermark (late-written records)."""
     lookback_days: int = Field(default=1, ge=0)
     """First run of a source, and nightly default: whole days looked back over."""
+    patient_pass_days: int = Field(default=30, ge=0)
+    """The nightly run also asks, one patient at a time and without a date, for every RT Record
+    of each patient with a record in the last N days (0: no such pass). It finds what no date
+    query can: records with an empty TreatmentDate, untimed records in a split day."""
     retries: int = Field(default=7, ge=1)
     """Attempts for a retriable DICOM error (the legacy system's 7)."""
     retry_backoff_seconds: float = Field(default=10.0, ge=0)

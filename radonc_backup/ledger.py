@@ -180,6 +180,17 @@ class Ledger:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'found', ?, ?, ?)", rows)
             return conn.total_changes - before
 
+    def patients_with_records_since(self, lane: Lane, day: str) -> list[str]:
+        """Patient IDs with an RT Record of this lane treated on or after ``day`` (YYYYMMDD),
+        or with one whose treatment date is unknown."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT patient_id FROM instances WHERE site=? AND source=? AND "
+                "backup=? AND kind='record' AND patient_id != '' AND "
+                "(treatment_date >= ? OR treatment_date = '')",
+                (lane.site, lane.source, lane.backup, day)).fetchall()
+        return sorted(r[0] for r in rows)
+
     def states(self, lane: Lane, uids: Iterable[str]) -> dict[str, str]:
         """State of each UID the ledger knows (unknown UIDs are absent)."""
         wanted = list(dict.fromkeys(uids))

@@ -96,6 +96,43 @@ def find_records(client: DicomClient, queries: Iterable[DayQuery], cap: int = 0,
                                                  r.sop_instance_uid))
 
 
+def patient_record_identifier(patient_id: str) -> Dataset:
+    """IMAGE-level C-FIND for every RT Record of one patient, whatever its date."""
+    return identifier("IMAGE", Modality="RTRECORD", PatientID=patient_id, StudyInstanceUID="",
+                      SeriesInstanceUID="", SOPInstanceUID="", SOPClassUID="",
+                      TreatmentDate="", TreatmentTime="")
+
+
+def find_patient_records(client: DicomClient, patient_ids: Iterable[str],
+                         cap: int = 0) -> list[InstanceRef]:
+    """Every RT Record of these patients, asked one patient at a time and without a date.
+
+    The nightly net under the date queries: a record with an empty TreatmentDate (Type 2), or
+    without a TreatmentTime in a day that had to be split into time ranges, matches no date
+    query, but it matches its patient. A match for another patient (a peer that ignored the
+    key) or of another class is dropped; an answer that reaches the peer's cap is an error,
+    never a silent cut.
+    """
+    found: dict[str, InstanceRef] = {}
+    for patient_id in patient_ids:
+        matches = [InstanceRef.from_match(m)
+                   for m in client.find(patient_record_identifier(patient_id))
+                   if m.get("SOPInstanceUID")]
+        if cap and len(matches) >= cap:
+            raise FatalDicomError(client.site, client.peer.label, "C-FIND",
+                                  f"patient {patient_id}: {len(matches)} RT Records reach the "
+                                  f"peer's cap of {cap}: raise its C-FIND result limit",
+                                  calling_ae=client.calling_ae)
+        for ref in matches:
+            if ref.patient_id != patient_id:
+                continue
+            if ref.sop_class_uid and ref.sop_class_uid not in RT_RECORD_CLASSES:
+                continue
+            found.setdefault(ref.sop_instance_uid, ref)
+    return sorted(found.values(), key=lambda r: (r.patient_id, r.treatment_date,
+                                                 r.treatment_time, r.sop_instance_uid))
+
+
 def batches(refs: Iterable[InstanceRef], size: int) -> list[list[InstanceRef]]:
     """Batches of at most ``size``, series kept together so each C-MOVE lists many UIDs."""
     ordered = sorted(refs, key=lambda r: (r.series_key, r.sop_instance_uid))

@@ -17,8 +17,8 @@ from radonc_backup.config import Settings
 from radonc_backup.errors import is_retriable
 from radonc_backup.instance import InstanceRef
 from radonc_backup.lane import open_lane
-from radonc_backup.rt_backup import BatchOutcome, find_records, move_and_verify, \
-    verify_present
+from radonc_backup.rt_backup import BatchOutcome, find_patient_records, find_records, \
+    move_and_verify, verify_present
 from radonc_backup.validation import Validation, validate_lane
 from radonc_backup.windows import DayQuery
 from tasks.progress import INSTANCES_FROM, Progress
@@ -58,6 +58,18 @@ def find_rt_records(site: str, source: str | None, backup: str | None, config: s
                                                        lane.source.max_find_results))
     logger.info("site %s: %d RT Records on %s in %d window(s)", site, len(refs),
                 lane.source.aet, len(queries))
+    return refs
+
+
+@task(name="find-rt-records-by-patient", cache_policy=NO_CACHE)
+def find_rt_records_by_patient(site: str, source: str | None, backup: str | None,
+                               config: str | None, patient_ids: list[str]) -> list[InstanceRef]:
+    """C-FIND every RT Record of each patient, whatever its date (one query per patient)."""
+    lane = open_lane(site, source, backup, config)
+    refs = find_patient_records(lane.site.client(lane.source), patient_ids,
+                                cap=lane.source.max_find_results)
+    get_run_logger().info("site %s: %d RT Records of %d patient(s) on %s", site, len(refs),
+                          len(patient_ids), lane.source.aet)
     return refs
 
 

@@ -19,8 +19,11 @@ _KEYS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
 
 
 def _time_matches(value: str, wanted: str) -> bool:
+    """DICOM range matching: an empty value matches only a universal (empty) key."""
     if not wanted:
         return True
+    if not value:
+        return False
     lo, _, hi = wanted.partition("-")
     t = value.split(".")[0]
     return (not lo or t >= lo) and (not hi or t <= hi)
@@ -38,10 +41,13 @@ class CappedFindSCP:
     def _on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
         q = event.identifier
         date, time = str(q.get("TreatmentDate", "")), str(q.get("TreatmentTime", ""))
+        patient = str(q.get("PatientID", "") or "")
         self.queries.append((date, time))
         sent = 0
         for ds in self.records:
-            if date and ds.TreatmentDate != date or not _time_matches(ds.TreatmentTime, time):
+            if date and ds.get("TreatmentDate", "") != date \
+                    or not _time_matches(str(ds.get("TreatmentTime", "") or ""), time) \
+                    or patient and ds.PatientID != patient:
                 continue
             if sent == self.cap:
                 break

@@ -335,3 +335,32 @@ def test_backup_down_mid_move_is_retried_within_the_run(
     assert site.backup.sop_instance_uids() == uids(*records)
     assert {r.state for r in ledger(site).rows(LANE)} == {"verified"}
     assert task_run_counts(state.state_details.flow_run_id)["move-batch"] > 3, "a batch retried"
+
+
+def test_the_nightly_asks_per_patient_for_records_no_date_query_can_find(
+        make_site: Callable[..., DemoSite]) -> None:
+    """An RT Record with an empty TreatmentDate (Type 2: legal) matches no date query. The
+    nightly asks each recent patient for all of their records, and finds it (an untimed record
+    of a split day is the other case: tests/test_dicom_net.py, against a silently capping SCP)."""
+    site = make_site()
+    a, b = course("E2E300", at(-10, 8)), course("E2E301", at(-10, 8))
+    timed = [a.add_record(at(0, 8)), a.add_record(at(0, 9)), b.add_record(at(0, 8, 30)),
+             b.add_record(at(0, 9, 30))]
+    untimed = a.add_record(at(0, 10))
+    del untimed.TreatmentTime
+    undated = b.add_record(at(0, 11))
+    undated.TreatmentDate = ""
+    push(site, *timed, untimed, undated)
+
+    state = run(nightly_backup, site, at(1, 5), days=1, backfill=False)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["patients_asked"] == 2
+    assert str(undated.SOPInstanceUID) in summary["found_by_patient"]
+    assert "TreatmentDate (empty)" in summary["found_by_patient"][str(undated.SOPInstanceUID)]
+    assert site.backup.sop_instance_uids() == uids(*timed, untimed, undated)
+    assert {r.state for r in ledger(site).rows(LANE)} == {"verified"}
+
+    again = run(nightly_backup, site, at(1, 5, 10), days=1, backfill=False)
+    assert again.is_completed() and again.result()["found_by_patient"] == {}
+    assert again.result()["moved"] == 0

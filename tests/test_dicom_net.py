@@ -16,7 +16,7 @@ from radonc_backup.config import load_site
 from radonc_backup.dicom_net import DicomClient, NoDelayAE, Peer, Timeouts
 from radonc_backup.errors import FatalDicomError, RetriableDicomError
 from radonc_backup.windows import DayQuery
-from radonc_backup.rt_backup import find_records, move_identifiers
+from radonc_backup.rt_backup import find_patient_records, find_records, move_identifiers
 from radonc_backup.instance import InstanceRef
 from tests.capped_scp import CappedFindSCP
 from tests.conftest import load
@@ -71,6 +71,28 @@ def test_window_at_the_peers_cap_is_split_until_complete() -> None:
     assert sorted(r.sop_instance_uid for r in found) == sorted(
         r.SOPInstanceUID for r in busy_day.records)
     assert splits and len(scp.queries) > 2
+
+
+def test_an_untimed_record_of_a_split_day_is_found_by_asking_its_patient() -> None:
+    """A time range never matches an empty TreatmentTime: once a capped day is split, the
+    untimed record is in no half. Asking its patient, without a date, finds it; a match for
+    another patient (a peer that ignores the key) would be dropped."""
+    first = make_course(Patient("NET010", "Net^Untimed"), datetime(2026, 11, 16, 7, 0),
+                        delivered=3, every=timedelta(minutes=10))
+    untimed = first.records[-1]
+    del untimed.TreatmentTime
+    second = make_course(Patient("NET011", "Net^Timed"), datetime(2026, 11, 16, 9, 0),
+                         delivered=3, every=timedelta(minutes=10))
+    records = [*first.records, *second.records]
+    with CappedFindSCP("CAPPED_RV", records, cap=4) as scp:
+        client = DicomClient("DEMO", "RADONC_BACKUP", Peer("CAPPED_RV", "127.0.0.1", scp.port),
+                             FAST)
+        by_date = find_records(client, [DayQuery(datetime(2026, 11, 16).date())], cap=4)
+        by_patient = find_patient_records(client, ["NET010"], cap=4)
+    assert str(untimed.SOPInstanceUID) not in {r.sop_instance_uid for r in by_date}
+    assert len(by_date) == 5
+    assert {r.sop_instance_uid for r in by_patient} == {str(r.SOPInstanceUID)
+                                                        for r in first.records}
 
 
 def test_orthanc_cut_short_answer_is_never_taken_as_complete(
