@@ -41,6 +41,7 @@ class BackupSummary:
     verified: int = 0
     failed: int = 0
     failed_uids: dict[str, str] = field(default_factory=dict)
+    catch_up: str = ""
     patients_asked: int = 0
     found_by_patient: dict[str, str] = field(default_factory=dict)
     watermark: str = ""
@@ -60,12 +61,13 @@ def artifact_key(*parts: str) -> str:
 def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, str | None,
                str | None], queries: list[DayQuery], window: str,
                advance_to: datetime | None = None,
-               patients_since: date | None = None) -> BackupSummary:
+               patients_since: date | None = None, catch_up: str = "") -> BackupSummary:
     """``patients_since``: also ask, patient by patient and without a date, for the records of
     every patient with a record since that day (the nightly net under the date queries)."""
     logger = get_run_logger()
     settings = lane.site.settings
-    summary = BackupSummary(lane.lane.site, lane.lane.source, lane.lane.backup, window)
+    summary = BackupSummary(lane.lane.site, lane.lane.source, lane.lane.backup, window,
+                            catch_up=catch_up)
 
     found = with_site_retries(find_rt_records, settings)(*params, queries)
     if patients_since is not None:
@@ -123,6 +125,27 @@ def final_state(summary: BackupSummary) -> State:
                          message=f"site {summary.site}: every RT Record verified; plan-context "
                                  f"backfill {summary.plan_context}")
     return Completed(data=summary.as_dict())
+
+
+def catch_up_days(lane: OpenLane) -> int | None:
+    """Whole days to look back when the ledger was lost or replaced, else None.
+
+    A ledger that knows no RT Record of the lane while the backup holds some is not a first
+    run: records that had failed before the loss would otherwise never be asked for again.
+    """
+    days = lane.site.settings.catch_up_days
+    if not days or lane.ledger.has_records(lane.lane) or not lane.target.holds_rt_records():
+        return None
+    get_run_logger().warning(
+        "site %s: the ledger %s knows no RT Record of %s while backup %s holds some: a lost or "
+        "replaced ledger; looking back %d days to catch up", lane.site.name, lane.ledger.path,
+        lane.lane.source, lane.lane.backup, days)
+    return days
+
+
+def catch_up_note(days: int) -> str:
+    return (f"the ledger knew no RT Record while the backup holds some (lost or replaced "
+            f"ledger): looked back {days} whole days")
 
 
 def by_patient(lane: OpenLane, params: tuple[str, str | None, str | None, str | None],
@@ -189,6 +212,7 @@ def _report(flow_name: str, s: BackupSummary) -> str:
         "",
         f"Window (site local time): {s.window}",
         "",
+        *([f"**Catch-up:** {s.catch_up}", ""] if s.catch_up else []),
         "| found | new | already verified | retried from earlier runs | already in backup | "
         "moved | verified | not verified |",
         "|---|---|---|---|---|---|---|---|",

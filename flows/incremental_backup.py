@@ -13,7 +13,8 @@ from datetime import datetime, timedelta, timezone
 
 from prefect import State, flow
 
-from flows.backup_run import backfill_context, final_state, raise_if_incomplete, run_backup
+from flows.backup_run import backfill_context, catch_up_days, catch_up_note, final_state, \
+    raise_if_incomplete, run_backup
 from flows import naming
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
@@ -49,15 +50,17 @@ def incremental_backup(site: str, source: str | None = None, backup: str | None 
     """
     lane = open_lane(site, source, backup, config)
     end = (now or utc_now()).astimezone(timezone.utc)
-    start = incremental_start(lane.ledger.watermark(lane.lane), end,
-                              lane.site.settings.window_overlap_minutes,
-                              lane.site.settings.lookback_days, lane.site.tz)
+    watermark = lane.ledger.watermark(lane.lane)
+    catch_up = catch_up_days(lane) if watermark is None else None
+    start = incremental_start(watermark, end, lane.site.settings.window_overlap_minutes,
+                              catch_up or lane.site.settings.lookback_days, lane.site.tz)
     local_start, local_end = local_span(start, end, lane.site.tz)
     # Slots first, before any task run; the backfill subflow works within them.
     with rv_slots(lane.source, occupy=lane.site.settings.move_associations):
         summary = run_backup("incremental-backup", lane, (site, source, backup, config),
                              day_queries(local_start, local_end),
-                             window_label(local_start, local_end), advance_to=end)
+                             window_label(local_start, local_end), advance_to=end,
+                             catch_up=catch_up_note(catch_up) if catch_up else "")
         if backfill:
             backfill_context(summary, (site, source, backup, config), summary.verified_uids,
                              now)

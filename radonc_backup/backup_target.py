@@ -43,6 +43,10 @@ class BackupTarget(Protocol):
         """The backup's copy of an instance (without pixel data), or None if absent."""
         ...
 
+    def holds_rt_records(self) -> bool:
+        """Whether the backup holds any RT Record at all."""
+        ...
+
 
 def orthanc_id(*uids: str) -> str:
     """Orthanc's resource ID: SHA-1 of PatientID|StudyUID[|SeriesUID[|SOPInstanceUID]]."""
@@ -194,6 +198,11 @@ class OrthancBackup:
             found.update({k: str(v) for k, v in tags.items() if k in found})
         return found
 
+    def holds_rt_records(self) -> bool:
+        """Whether the backup holds any RT Record series at all (a ledger may have been lost)."""
+        return bool(self._post("/tools/find", {"Level": "Series", "Limit": 1,  # type: ignore[arg-type]
+                                               "Query": {"Modality": "RTRECORD"}}))
+
     def find_resources(self, query: dict[str, str]) -> list[str]:
         """Orthanc IDs of the instances matching a query on indexed tags."""
         return list(self._post("/tools/find",  # type: ignore[arg-type]
@@ -205,6 +214,11 @@ class DicomScpBackup:
         self.alias = alias
         self.aet = target.aet
         self.client = site.client(target)
+
+    def holds_rt_records(self) -> bool:
+        """Whether the backup holds any RT Record series at all (a ledger may have been lost)."""
+        return any("SeriesInstanceUID" in m for m in self.client.find(identifier(
+            "SERIES", Modality="RTRECORD", SeriesInstanceUID="")))
 
     def present(self, refs: Iterable[InstanceRef]) -> set[str]:
         by_series: dict[tuple[str, str, str], list[str]] = defaultdict(list)

@@ -180,6 +180,31 @@ class Ledger:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'found', ?, ?, ?)", rows)
             return conn.total_changes - before
 
+    def copy_to(self, folder: Path, day: str, keep: int) -> Path:
+        """A consistent copy of the whole ledger (SQLite's online backup, safe while other runs
+        write) as ``folder/ledger-<day>.sqlite``; only the newest ``keep`` copies are kept."""
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"ledger-{day}.sqlite"
+        partial = target.with_suffix(".partial")
+        src = sqlite3.connect(self.path, timeout=60)
+        dst = sqlite3.connect(partial)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+            src.close()
+        partial.replace(target)
+        for old in sorted(folder.glob("ledger-*.sqlite"))[:-keep or None]:
+            old.unlink()
+        return target
+
+    def has_records(self, lane: Lane) -> bool:
+        """Whether this ledger knows any RT Record of the lane (False: new, or replaced)."""
+        with self._connect() as conn:
+            return conn.execute("SELECT 1 FROM instances WHERE site=? AND source=? AND "
+                                "backup=? AND kind='record' LIMIT 1",
+                                (lane.site, lane.source, lane.backup)).fetchone() is not None
+
     def patients_with_records_since(self, lane: Lane, day: str) -> list[str]:
         """Patient IDs with an RT Record of this lane treated on or after ``day`` (YYYYMMDD),
         or with one whose treatment date is unknown."""

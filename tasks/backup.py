@@ -73,6 +73,17 @@ def find_rt_records_by_patient(site: str, source: str | None, backup: str | None
     return refs
 
 
+@task(name="copy-ledger", cache_policy=NO_CACHE)
+def copy_ledger(site: str, source: str | None, backup: str | None, config: str | None,
+                day: str) -> str:
+    """Keep a dated copy of the ledger beside it (a lost ledger is then a day old, not gone)."""
+    lane = open_lane(site, source, backup, config)
+    copy = lane.ledger.copy_to(lane.site.state_dir / "ledger-copies", day,
+                               lane.site.settings.ledger_copies)
+    get_run_logger().info("site %s: ledger copied to %s", site, copy)
+    return str(copy)
+
+
 @task(name="check-backup", cache_policy=NO_CACHE)
 def check_backup(site: str, source: str | None, backup: str | None, config: str | None,
                  refs: list[InstanceRef]) -> list[str]:

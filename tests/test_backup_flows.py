@@ -364,3 +364,33 @@ def test_the_nightly_asks_per_patient_for_records_no_date_query_can_find(
     again = run(nightly_backup, site, at(1, 5, 10), days=1, backfill=False)
     assert again.is_completed() and again.result()["found_by_patient"] == {}
     assert again.result()["moved"] == 0
+
+    # The nightly keeps a dated copy of the ledger: a lost ledger is a day old, not gone.
+    [copy] = (Path(site.workdir) / "state" / "ledger-copies").glob("ledger-*.sqlite")
+    assert copy.name == "ledger-20261121.sqlite"
+    assert {r.ref.sop_instance_uid for r in Ledger(copy).rows(LANE, "verified")} == \
+        uids(*timed, untimed, undated)
+
+
+def test_a_lost_ledger_catches_up_on_records_that_had_failed_before(
+        make_site: Callable[..., DemoSite]) -> None:
+    """Records failed for days, then the ledger was lost: a new ledger for a lane whose backup
+    already holds RT Records is not a first run. The run looks back catch_up_days, says so,
+    moves what the backup lacks and nothing it holds."""
+    site = make_site(settings={"catch_up_days": 10})
+    c = course("E2E400", at(-10, 8))
+    failed_earlier = [c.add_record(at(-d, 8)) for d in (5, 4, 3)]
+    backed_up = c.add_record(at(-1, 8))
+    push(site, *failed_earlier, backed_up)
+    site.backup.upload([to_bytes(backed_up)])  # what the lost ledger had verified
+
+    state = run(incremental_backup, site, at(0, 16), backfill=False)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert "looked back 10 whole days" in summary["catch_up"]
+    assert summary["found"] == 4 and summary["already_in_backup"] == 1
+    assert summary["moved"] == 3
+    assert site.backup.sop_instance_uids() == uids(*failed_earlier, backed_up)
+
+    again = run(incremental_backup, site, at(0, 16, 10), backfill=False)
+    assert again.result()["catch_up"] == "", "only the first run of a new ledger catches up"
