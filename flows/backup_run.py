@@ -16,7 +16,8 @@ from prefect.states import Completed
 from prefect.artifacts import create_markdown_artifact
 
 from radonc_backup.errors import BackupIncomplete
-from radonc_backup.lane import OpenLane
+from radonc_backup.lane import OpenLane, open_lane
+from radonc_backup.ledger import Lane
 from radonc_backup.rt_backup import BatchOutcome, batches, plan_work
 from radonc_backup.windows import DayQuery
 from radonc_backup.instance import InstanceRef
@@ -190,14 +191,18 @@ def backfill_context(summary: BackupSummary, params: tuple[str, str | None, str 
     """Run the plan-context backfill as a subflow; its own failure is reported, not raised.
 
     An incomplete plan context must not hide whether the records themselves are backed up, so
-    the record flow's state stays its own and the subflow's state is noted in the summary.
+    the record flow's state stays its own and the subflow's state is noted in the summary. With
+    nothing new verified, the subflow still runs when an earlier run (killed between verifying
+    and walking) left records unlinked or contexts never walked.
     """
     from flows.plan_context_backfill import plan_context_backfill
 
-    if record_uids is not None and not record_uids:
+    site, source, backup, config = params
+    if record_uids is not None and not record_uids \
+            and not open_lane(site, source, backup, config).ledger.context_work_left(
+                Lane(summary.site, summary.source, summary.backup)):
         summary.plan_context = "nothing new"
         return
-    site, source, backup, config = params
     state = plan_context_backfill(site=site, source=source, backup=backup, config=config,
                                   record_uids=record_uids, now=now, return_state=True)
     summary.plan_context = state.name if state.is_completed() else \

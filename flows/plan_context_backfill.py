@@ -89,7 +89,10 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
                                                                    start_date, end_date)
             unreadable.update(with_site_retries(link_new_records, retrying)(*params, chosen))
             record_uids = [r.sop_instance_uid for r in chosen]
-        links = lane.ledger.plans(lane.lane, record_uids, pending_only=not on_demand)
+        # After a backup run (record_uids given): its records' plans, and any plan a killed
+        # run linked but never walked.
+        links = lane.ledger.plans(lane.lane, record_uids, pending_only=not on_demand,
+                                  unwalked_too=record_uids is not None and not on_demand)
         progress = Progress(f"plan contexts, site {site}", len(links), PLANS_FROM)
         for done, link in enumerate(links, 1):
             outcomes.append(walk_one(lane, params, link, images_now))

@@ -368,14 +368,15 @@ class Ledger:
                   link.machine) for uid, link in links.items()])
 
     def plans(self, lane: Lane, record_uids: Iterable[str] | None = None,
-              pending_only: bool = True) -> list[PlanLink]:
+              pending_only: bool = True, unwalked_too: bool = False) -> list[PlanLink]:
         """Plans referenced by backed-up records (of ``record_uids`` if given), one per plan.
 
         ``pending_only``: leave out plans whose context is complete or skipped (incomplete and
-        deferred ones are pending).
+        deferred ones are pending). ``unwalked_too``: with ``record_uids``, also every plan whose
+        context was never walked at all (a run killed between verifying and walking).
         """
         sql = ("SELECT p.plan_uid, MIN(p.patient_id), MIN(p.machine), "
-               "GROUP_CONCAT(p.record_uid, '\\') FROM record_plans p "
+               "GROUP_CONCAT(p.record_uid, '\\'), MAX(c.state IS NULL) FROM record_plans p "
                "LEFT JOIN plan_contexts c ON c.site=p.site AND c.source=p.source AND "
                "c.backup=p.backup AND c.plan_uid=p.plan_uid "
                "WHERE p.site=? AND p.source=? AND p.backup=?")
@@ -386,8 +387,27 @@ class Ledger:
         wanted = set(record_uids) if record_uids is not None else None
         with self._connect() as conn:
             rows = conn.execute(sql, (lane.site, lane.source, lane.backup)).fetchall()
-        return [PlanLink(plan, pid, machine) for plan, pid, machine, records in rows
-                if wanted is None or wanted & set(records.split("\\"))]
+        return [PlanLink(plan, pid, machine) for plan, pid, machine, records, unwalked in rows
+                if wanted is None or wanted & set(records.split("\\"))
+                or (unwalked_too and unwalked)]
+
+    def context_work_left(self, lane: Lane) -> bool:
+        """Whether a verified record was never linked to its plan, or a linked plan's context
+        never walked (what a killed run leaves behind)."""
+        with self._connect() as conn:
+            unlinked = conn.execute(
+                "SELECT 1 FROM instances i WHERE i.site=? AND i.source=? AND i.backup=? AND "
+                "i.kind='record' AND i.state='verified' AND NOT EXISTS (SELECT 1 FROM "
+                "record_plans p WHERE p.site=i.site AND p.source=i.source AND "
+                "p.backup=i.backup AND p.record_uid=i.sop_instance_uid) LIMIT 1",
+                (lane.site, lane.source, lane.backup)).fetchone()
+            unwalked = conn.execute(
+                "SELECT 1 FROM record_plans p WHERE p.site=? AND p.source=? AND p.backup=? "
+                "AND p.plan_uid != '' AND NOT EXISTS (SELECT 1 FROM plan_contexts c WHERE "
+                "c.site=p.site AND c.source=p.source AND c.backup=p.backup AND "
+                "c.plan_uid=p.plan_uid) LIMIT 1",
+                (lane.site, lane.source, lane.backup)).fetchone()
+        return bool(unlinked or unwalked)
 
     def records_without_plan(self, lane: Lane) -> list[str]:
         """Backed-up records whose ReferencedRTPlanSequence is empty (Type 2: allowed)."""
