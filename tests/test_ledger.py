@@ -79,3 +79,23 @@ def test_a_damaged_ledger_stops_with_its_path_and_what_to_do(tmp_path: Path) -> 
     assert message.startswith(f"ledger {path}: cannot be opened or written (file is not a "
                               "database)")
     assert f"mv {path} {path}.damaged" in message and "--days" in message
+
+
+def test_an_orthanc_backup_is_asked_once_a_plain_scp_until_the_timeout() -> None:
+    """A refused object must not cost verify_timeout when the backup confirms on receipt."""
+    from radonc_backup.backup_target import wait_for
+
+    class Target:
+        alias, aet = "b", "B"
+
+        def __init__(self, confirms: bool) -> None:
+            self.confirms_on_receipt, self.asked = confirms, 0
+
+        def present(self, refs: list[InstanceRef]) -> set[str]:
+            self.asked += 1
+            return {r.sop_instance_uid for r in refs if r.sop_instance_uid != "1.2.3"}
+
+    refs = [InstanceRef("1.2.3"), InstanceRef("1.2.4")]
+    orthanc, scp = Target(True), Target(False)
+    assert wait_for(orthanc, refs, timeout=30) == {"1.2.4"} and orthanc.asked == 1  # type: ignore[arg-type]
+    assert wait_for(scp, refs, timeout=0.6) == {"1.2.4"} and scp.asked > 1  # type: ignore[arg-type]
