@@ -1,7 +1,9 @@
 """Flow-run state hooks: the site's log file for the run, and the failure e-mail.
 
 Every flow uses ``RUN_HOOKS``: the log file opens when the run starts running and closes when
-it ends, however it ends; a failed or crashed run also mails the site's recipients once.
+it ends, however it ends; a failed or crashed run mails the site's recipients, once per problem (the same
+problem again is not mailed again), and the first run that completes afterwards mails that it
+cleared (``radonc_backup.alerts``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from prefect.settings import PREFECT_UI_URL
 from radonc_backup.config import Site, load_site
 from radonc_backup.errors import BackupError
 from radonc_backup.logfile import SiteLogHandler, close_site_log, open_site_log
-from radonc_backup.notify import RunFailure, failure_message, run_link, send
+from radonc_backup.alerts import AlertBook, OpenAlert, signature
+from radonc_backup.notify import RunFailure, cleared_message, failure_message, run_link, send
 
 
 MAIL_SENT = "failure e-mail sent"
@@ -53,6 +56,12 @@ def notify_failure(flow: Any, flow_run: Any, state: Any) -> None:
     except Exception as exc:  # the API may be what failed; the mail still goes out
         logger.warning("failure e-mail without run details: %s", exc)
         deployment, reports = "", []
+    alert = OpenAlert(signature(state.name, state.message or ""), flow_run.name,
+                      str(flow_run.id), state.name)
+    if not alerts(site).is_new(alert_key(flow, flow_run), alert):
+        logger.info("no failure e-mail: the same problem was mailed already; a mail goes out "
+                    "when it changes or clears")
+        return
     ui = site.notify.ui_url or str(PREFECT_UI_URL.value() or "")
     failure = RunFailure(site.name, flow.name, deployment, flow_run.name, str(flow_run.id),
                          state.name, state.message or "", dict(flow_run.parameters or {}),
@@ -64,6 +73,38 @@ def notify_failure(flow: Any, flow_run: Any, state: Any) -> None:
         logger.error("%s", exc)
         return
     logger.info("%s to %d recipient(s)", MAIL_SENT, len(site.notify.recipients))
+
+
+def alerts(site: Site) -> AlertBook:
+    return AlertBook(site.state_dir / "alerts.json")
+
+
+def alert_key(flow: Any, flow_run: Any) -> str:
+    return f"{flow.name}|{flow_run.deployment_id or 'no deployment'}"
+
+
+def notify_cleared(flow: Any, flow_run: Any, state: Any) -> None:
+    """One mail when a run completes after a mailed problem of the same flow and deployment."""
+    logger = flow_run_logger(flow_run, flow)
+    try:
+        site = _run_site(flow_run)
+    except BackupError:
+        return
+    if site.notify is None:
+        return
+    cleared = alerts(site).clear(alert_key(flow, flow_run))
+    if cleared is None:
+        return
+    ui = site.notify.ui_url or str(PREFECT_UI_URL.value() or "")
+    try:
+        send(site, cleared_message(site.notify, site.name, flow.name, flow_run.name,
+                                   cleared.run_name, cleared.state,
+                                   run_link(ui, str(flow_run.id))))
+    except BackupError as exc:
+        logger.error("%s", exc)
+        return
+    logger.info("cleared e-mail sent: %s ran without the problem of %s", flow_run.name,
+                cleared.run_name)
 
 
 _open_logs: dict[str, SiteLogHandler] = {}
@@ -88,9 +129,14 @@ def fail_and_close(flow: Any, flow_run: Any, state: Any) -> None:
     close_run_log(flow, flow_run, state)
 
 
+def clear_and_close(flow: Any, flow_run: Any, state: Any) -> None:
+    notify_cleared(flow, flow_run, state)
+    close_run_log(flow, flow_run, state)
+
+
 RUN_HOOKS: dict[str, Any] = {
     "on_running": [open_run_log],
-    "on_completion": [close_run_log],
+    "on_completion": [clear_and_close],
     "on_cancellation": [close_run_log],
     "on_failure": [fail_and_close],
     "on_crashed": [fail_and_close],

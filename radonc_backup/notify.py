@@ -62,6 +62,22 @@ def failure_message(notify: Notify, failure: RunFailure) -> EmailMessage:
     return msg
 
 
+def cleared_message(notify: Notify, site: str, flow: str, run_name: str, failed_run: str,
+                    failed_state: str, link: str) -> EmailMessage:
+    """The one mail that says a mailed problem is over."""
+    msg = EmailMessage()
+    msg["Subject"] = f"[RadOnc Backup] Cleared: {flow} for site {site} ({run_name})"
+    msg["From"] = notify.sender
+    msg["To"] = ", ".join(notify.recipients)
+    lines = [f"Site:        {site}", f"Flow:        {flow}",
+             f"Run:         {run_name} completed",
+             f"Cleared:     the problem mailed for {failed_run} ({failed_state})"]
+    if link:
+        lines.append(f"Open:        {link}")
+    msg.set_content("\n".join(lines))
+    return msg
+
+
 def send(site: Site, msg: EmailMessage) -> None:
     """Deliver through the site's SMTP server; raises BackupError naming the server."""
     notify = site.notify

@@ -58,3 +58,29 @@ def test_a_completed_run_and_an_unreachable_mail_server_send_nothing_and_break_n
     state = run(incremental_backup, site, at(0, 16, 10), backfill=False)
     assert state.is_failed()  # the run's own failure, not a mail error
     assert "RV_DEMO" in str(state.message)
+
+
+def test_the_same_problem_is_mailed_once_and_its_end_once(
+        make_site: Callable[..., DemoSite], smtp: tuple[Inbox, int]) -> None:
+    """A record the backup keeps refusing fails every 10-minute run: one mail, not one a run;
+    the run that completes afterwards sends one 'cleared' mail."""
+    inbox, port = smtp
+    site = make_site(backup_lua=[refuse_patient_lua("MAIL010")])
+    add_notify(site, port)
+    refused = make_course(Patient("MAIL010", "Stuck^Record"), at(-1, 10), delivered=1, slices=2)
+    push(site, *refused.records)
+
+    for minute in (0, 10, 20):
+        assert run(incremental_backup, site, at(0, 16, minute), backfill=False).is_failed()
+    assert len(inbox.messages) == 1 and "Failed" in inbox.messages[0]["Subject"]
+
+    site.backup.stop()
+    site.backup.lua_scripts = []
+    site.backup.start()
+    assert run(incremental_backup, site, at(0, 16, 30), backfill=False).is_completed()
+    assert run(incremental_backup, site, at(0, 16, 40), backfill=False).is_completed()
+    assert len(inbox.messages) == 2
+    cleared = inbox.messages[1]
+    assert cleared["Subject"].startswith("[RadOnc Backup] Cleared: incremental-backup for site "
+                                         "DEMO")
+    assert "Stuck" not in cleared.as_string()
