@@ -98,6 +98,10 @@ class _DicomSource(DicomPeer):
     max_associations: int = Field(default=4, ge=1, le=64)
     """Associations all runs of all flows may hold with this AE at once (a Prefect global
     concurrency limit named by ``rv_limit_name``, created by ``deployments.register``)."""
+    slot_lease_seconds: float = Field(default=60, ge=60, le=3600)
+    """The association slots a run holds are a lease renewed while the run lives: a run whose
+    process was killed gives its slots back within this time (plus the server's 15 s sweep).
+    Prefect's server accepts 60 s at the least; its own default is 300 s."""
     image_hours: str = ""
     """Off-peak window for plan-context image series moves, e.g. "19:00-07:00" in the site's
     timezone; empty means any time. RT Records, plans, structure sets and doses always move."""

@@ -4,7 +4,8 @@ One limit per R&V AE (``dicom-<AET>``, size ``max_associations`` from the source
 shared by every run of every flow and every worker, so a nightly sweep, a backfill and the
 10-minute backup together never open more associations than the clinic allows. Slots are taken
 with ``concurrency(..., strict=True)``: a missing limit is a setup error, never a silent "no
-limit". Slots are leased and renewed while held, so a killed run frees its slot within minutes.
+limit". Slots are leased and renewed while held, so a killed run frees its slots within the
+source's ``slot_lease_seconds`` (default 60) plus the server's sweep of expired leases (15 s).
 ``deployments.register`` creates the limits; ad-hoc CLI runs and the demo create missing ones.
 """
 
@@ -45,11 +46,15 @@ def rv_slots(source: AriaSource | MimSource, occupy: int = 1) -> Iterator[None]:
         try:
             stack.enter_context(concurrency(source.limit_name,
                                             occupy=min(occupy, source.max_associations),
+                                            lease_duration=source.slot_lease_seconds,
                                             strict=True, raise_on_lease_renewal_failure=False))
         except ConcurrencySlotAcquisitionError as exc:
-            raise ConfigError(f"R&V {source.label}: Prefect global concurrency limit "
-                              f"{source.limit_name!r} is missing on this Prefect server: create "
-                              f"it with {REGISTER_HINT} ({exc})") from None
+            missing = any(w in str(exc).lower() for w in ("404", "not found", "must be created"))
+            raise ConfigError(
+                f"R&V {source.label}: Prefect global concurrency limit {source.limit_name!r} "
+                + (f"is missing on this Prefect server: create it with {REGISTER_HINT} "
+                   if missing else "refused the request for association slots ")
+                + f"({exc})") from None
         token = _held.set(held | {source.limit_name})
         try:
             yield

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 from demo.site import DemoSite
 from radonc_backup.ledger import Lane, Ledger
 from tests.conftest import Inbox, add_notify
-from tests.prefect_procs import Server, Workers, register, todays_course, uids
+from tests.prefect_procs import ROOT, Server, Workers, register, todays_course, uids
 from tests.test_backup_flows import refuse_patient_lua
 
 LANE = Lane("DEMO", "aria", "orthanc")
@@ -195,3 +197,41 @@ def test_a_killed_run_ends_crashed_and_mails_the_site(
     assert "DEMO" in mail["Subject"] and "Crashed" in mail["Subject"], mail["Subject"]
     assert run_id in mail.get_payload()  # type: ignore[operator]
     assert "Server^Test" not in mail.as_string() and "Server, Test" not in mail.as_string()
+
+
+HOLD_SLOTS = """
+import sys, time
+from radonc_backup.config import load_site
+from tasks.limits import ensure_rv_limits, rv_slots
+source = load_site("DEMO", sys.argv[1]).sources["aria"]
+ensure_rv_limits(load_site("DEMO", sys.argv[1]), update=True)
+began = time.monotonic()
+with rv_slots(source, occupy=source.max_associations):
+    print(f"held after {time.monotonic() - began:.1f} s", flush=True)
+    if sys.argv[2] == "hold":
+        time.sleep(600)
+"""
+
+
+def test_a_killed_run_gives_its_r_and_v_slots_back_within_its_lease(
+        server: Server, make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    """A run killed while holding every association slot of the R&V: the next run gets them
+    within slot_lease_seconds plus the server's 15-s sweep, not after Prefect's 300-s default."""
+    site = make_site()
+    cfg = Path(site.config_path)
+    cfg.write_text(cfg.read_text().replace("max_find_results = 0\n",
+                                           "max_find_results = 0\nslot_lease_seconds = 60\n", 1))
+    env = {**server.env, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_SLOTS, str(cfg), "hold"], env=env,
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stderr is not None
+    line = holder.stdout.readline()
+    assert line.startswith("held"), holder.stderr.read()[-3000:]
+    holder.kill()  # the OOM killer, kill -9: no release, no renewal
+    holder.wait()
+    began = time.monotonic()
+    nxt = subprocess.run([sys.executable, "-c", HOLD_SLOTS, str(cfg), "release"], env=env,
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    waited = time.monotonic() - began
+    assert nxt.returncode == 0, nxt.stderr[-2000:]
+    assert waited < 60 + 15 + 20, f"slots came back after {waited:.0f} s"
