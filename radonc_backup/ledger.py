@@ -198,6 +198,12 @@ class Ledger:
             old.unlink()
         return target
 
+    def lanes(self) -> list[Lane]:
+        """Every lane this ledger holds rows for."""
+        with self._connect() as conn:
+            return [Lane(*row) for row in conn.execute(
+                "SELECT DISTINCT site, source, backup FROM instances ORDER BY 1, 2, 3")]
+
     def has_records(self, lane: Lane) -> bool:
         """Whether this ledger knows any RT Record of the lane (False: new, or replaced)."""
         with self._connect() as conn:

@@ -112,3 +112,20 @@ def add_notify(site: DemoSite, port: int) -> None:
         'sender = "radonc-backup@clinic.test"\n'
         'recipients = ["physics-oncall@clinic.test", "it@clinic.test"]\n'
         'ui_url = "http://prefect.clinic.test:4200"\n'))
+
+
+def missed(site: DemoSite, source_uids: set[str], state_dir: Path | None = None) -> tuple[int, int]:
+    """The numbers every fault test holds at zero after its recovery runs: instances on the
+    source that are not verified in the backup (in the ledger and present), and ledger rows
+    verified whose instance the backup does not hold."""
+    from radonc_backup.ledger import Ledger
+
+    ledger = Ledger.for_state_dir(state_dir or site.workdir / "state")
+    held = site.backup.sop_instance_uids()
+    verified: set[str] = set()
+    for lane in ledger.lanes():
+        for kind in ("record", "context"):
+            verified |= {r.ref.sop_instance_uid for r in ledger.rows(lane, "verified", kind=kind)}
+    not_safe = {u for u in source_uids if u not in held or u not in verified}
+    false_verified = {u for u in verified if u not in held}
+    return len(not_safe), len(false_verified)

@@ -25,6 +25,7 @@ from demo.synthetic import Course, Patient, make_course, to_bytes
 from flows.incremental_backup import incremental_backup
 from flows.nightly_backup import nightly_backup
 from radonc_backup.ledger import Lane, Ledger
+from tests.conftest import missed
 
 pytestmark = pytest.mark.usefixtures("prefect")
 
@@ -175,6 +176,7 @@ def test_backup_stopped_mid_run_loses_nothing_and_duplicates_nothing(
     state = run(incremental_backup, site, at(0, 16, 10))
     assert state.is_completed(), state.message
     assert state.result()["retried_from_earlier"] + state.result()["already_verified"] >= 1
+    assert missed(site, uids(*records)) == (0, 0)
     assert site.backup.instance_count() == 8
     assert site.backup.sop_instance_uids() == uids(*records)
     assert {r.state for r in ledger(site).rows(LANE)} == {"verified"}
@@ -307,6 +309,7 @@ def test_a_record_in_the_last_fraction_of_a_second_of_a_day_is_backed_up(
     state = run(incremental_backup, site, at(1, 0, 10), backfill=False)
     assert state.is_completed(), state.message
     assert uids(late, early) <= site.backup.sop_instance_uids()
+    assert missed(site, uids(late, early)) == (0, 0)
     assert {r.ref.sop_instance_uid: r.state for r in ledger(site).rows(LANE)} == {
         str(late.SOPInstanceUID): "verified", str(early.SOPInstanceUID): "verified"}
 
@@ -335,6 +338,7 @@ def test_backup_down_mid_move_is_retried_within_the_run(
     assert site.backup.sop_instance_uids() == uids(*records)
     assert {r.state for r in ledger(site).rows(LANE)} == {"verified"}
     assert task_run_counts(state.state_details.flow_run_id)["move-batch"] > 3, "a batch retried"
+    assert missed(site, uids(*records)) == (0, 0)
 
 
 def test_the_nightly_asks_per_patient_for_records_no_date_query_can_find(
@@ -360,6 +364,7 @@ def test_the_nightly_asks_per_patient_for_records_no_date_query_can_find(
     assert "TreatmentDate (empty)" in summary["found_by_patient"][str(undated.SOPInstanceUID)]
     assert site.backup.sop_instance_uids() == uids(*timed, untimed, undated)
     assert {r.state for r in ledger(site).rows(LANE)} == {"verified"}
+    assert missed(site, uids(*timed, untimed, undated)) == (0, 0)
 
     again = run(nightly_backup, site, at(1, 5, 10), days=1, backfill=False)
     assert again.is_completed() and again.result()["found_by_patient"] == {}
@@ -391,6 +396,7 @@ def test_a_lost_ledger_catches_up_on_records_that_had_failed_before(
     assert summary["found"] == 4 and summary["already_in_backup"] == 1
     assert summary["moved"] == 3
     assert site.backup.sop_instance_uids() == uids(*failed_earlier, backed_up)
+    assert missed(site, uids(*failed_earlier, backed_up)) == (0, 0)
 
     again = run(incremental_backup, site, at(0, 16, 10), backfill=False)
     assert again.result()["catch_up"] == "", "only the first run of a new ledger catches up"

@@ -20,6 +20,7 @@ from demo.synthetic import Patient, Series, Study, make_course, make_image_serie
 from flows.incremental_backup import incremental_backup
 from flows.plan_context_backfill import plan_context_backfill, read_mrns
 from radonc_backup.ledger import Lane, Ledger
+from tests.conftest import missed
 
 pytestmark = pytest.mark.usefixtures("prefect")
 
@@ -259,6 +260,8 @@ def test_the_next_incremental_walks_contexts_a_killed_run_left_unwalked(
     assert second.result()["found"] == 0 and second.result()["moved"] == 0  # nothing new
     assert second.result()["plan_context"] == "Completed"
     assert site.backup.sop_instance_uids() == {ds.SOPInstanceUID for ds in c.all()}
+
+    assert missed(site, {str(ds.SOPInstanceUID) for ds in c.all()}) == (0, 0)
 
     third = incremental_backup(site="DEMO", config=str(site.config_path), return_state=True)
     assert third.result()["plan_context"] == "nothing new"
