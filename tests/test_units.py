@@ -1,6 +1,7 @@
 """The documented systemd units, run as systemd would run them: their environment, their
-ExecStart, their KillSignal. A server whose UI can reach its API from another machine, a worker
-that runs a triggered deployment, and both stopping within 10 s of the signal systemd sends."""
+ExecStart, and the signal systemd sends them (their KillSignal, SIGTERM unless set). A server
+whose UI can reach its API from another machine, a worker that runs a triggered deployment, and
+both stopping within 10 s of that signal."""
 
 from __future__ import annotations
 
