@@ -16,8 +16,7 @@ from prefect.states import Completed
 from prefect.artifacts import create_markdown_artifact
 
 from radonc_backup.errors import BackupIncomplete
-from radonc_backup.lane import OpenLane, open_lane
-from radonc_backup.ledger import Lane
+from radonc_backup.lane import OpenLane
 from radonc_backup.rt_backup import BatchOutcome, batches, plan_work
 from radonc_backup.windows import DayQuery
 from radonc_backup.instance import InstanceRef
@@ -185,9 +184,9 @@ def raise_if_incomplete(summary: BackupSummary) -> None:
             f"verified in backup {summary.backup}: {shown}{more}")
 
 
-def backfill_context(summary: BackupSummary, params: tuple[str, str | None, str | None,
-                     str | None], record_uids: list[str] | None,
-                     now: datetime | None = None) -> None:
+def backfill_context(lane: OpenLane, summary: BackupSummary,
+                     params: tuple[str, str | None, str | None, str | None],
+                     record_uids: list[str] | None, now: datetime | None = None) -> None:
     """Run the plan-context backfill as a subflow; its own failure is reported, not raised.
 
     An incomplete plan context must not hide whether the records themselves are backed up, so
@@ -199,8 +198,7 @@ def backfill_context(summary: BackupSummary, params: tuple[str, str | None, str 
 
     site, source, backup, config = params
     if record_uids is not None and not record_uids \
-            and not open_lane(site, source, backup, config).ledger.context_work_left(
-                Lane(summary.site, summary.source, summary.backup)):
+            and not lane.ledger.context_work_left(lane.lane):
         summary.plan_context = "nothing new"
         return
     state = plan_context_backfill(site=site, source=source, backup=backup, config=config,

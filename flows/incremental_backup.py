@@ -62,8 +62,8 @@ def incremental_backup(site: str, source: str | None = None, backup: str | None 
                              window_label(local_start, local_end), advance_to=end,
                              catch_up=catch_up_note(catch_up) if catch_up else "")
         if backfill:
-            backfill_context(summary, (site, source, backup, config), summary.verified_uids,
-                             now)
+            backfill_context(lane, summary, (site, source, backup, config),
+                             summary.verified_uids, now)
     raise_if_incomplete(summary)
     return final_state(summary)
 

@@ -51,7 +51,7 @@ def nightly_backup(site: str, days: int = 1, source: str | None = None,
                              if pass_days else None,
                              catch_up=catch_up_note(catch_up) if catch_up else "")
         if backfill:
-            backfill_context(summary, (site, source, backup, config), None, now)
+            backfill_context(lane, summary, (site, source, backup, config), None, now)
     copy_ledger(site, source, backup, config, f"{today:%Y%m%d}")
     raise_if_incomplete(summary)
     return final_state(summary)
