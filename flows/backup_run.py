@@ -12,14 +12,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 
 from prefect import State, get_run_logger
-from prefect.states import Completed
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Completed
 
 from radonc_backup.errors import BackupIncomplete
+from radonc_backup.instance import InstanceRef
 from radonc_backup.lane import OpenLane
 from radonc_backup.rt_backup import BatchOutcome, batches, plan_work
 from radonc_backup.windows import DayQuery
-from radonc_backup.instance import InstanceRef
 from tasks.backup import check_backup, find_rt_records, find_rt_records_by_patient, move_batch, \
     with_site_retries
 

@@ -12,9 +12,9 @@ from datetime import datetime, timedelta, timezone
 
 from prefect import State, flow
 
+from flows import naming
 from flows.backup_run import backfill_context, catch_up_days, catch_up_note, final_state, \
     raise_if_incomplete, run_backup
-from flows import naming
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from radonc_backup.lane import open_lane

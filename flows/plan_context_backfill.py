@@ -17,8 +17,8 @@ from datetime import date, datetime, timezone
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.backup_run import artifact_key
 from flows import naming
+from flows.backup_run import artifact_key
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from tasks.progress import PLANS_FROM, Progress

@@ -20,8 +20,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.backup_run import artifact_key
 from flows import naming
+from flows.backup_run import artifact_key
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from tasks.progress import RECORDS_FROM, Progress

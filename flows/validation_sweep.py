@@ -12,8 +12,8 @@ import sys
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows.backup_run import artifact_key
 from flows import naming
+from flows.backup_run import artifact_key
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from radonc_backup.errors import BackupIncomplete
