@@ -18,10 +18,10 @@ from prefect.states import Completed
 from radonc_backup.errors import BackupIncomplete
 from radonc_backup.instance import InstanceRef
 from radonc_backup.lane import OpenLane
-from radonc_backup.rt_backup import BatchOutcome, batches, plan_work
+from radonc_backup.rt_backup import Awaiting, BatchOutcome, batches, plan_work
 from radonc_backup.windows import DayQuery
 from tasks.backup import check_backup, find_rt_records, find_rt_records_by_patient, move_batch, \
-    with_site_retries
+    settle_moves, with_site_retries
 
 SHOW_FAILED = 20
 
@@ -87,6 +87,7 @@ def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, st
     summary.verified_uids += sorted(in_backup)
     todo = [r for r in plan.todo if r.sop_instance_uid not in in_backup]
 
+    awaiting: list[Awaiting] = []
     for batch in batches(todo, settings.batch_size):
         state = with_site_retries(move_batch, settings)(*params, batch, return_state=True)
         if state.is_completed():
@@ -94,9 +95,14 @@ def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, st
             summary.moved += outcome.moved
             summary.verified += len(outcome.verified)
             summary.verified_uids += outcome.verified
+            awaiting += outcome.awaiting
         else:
             logger.error("site %s: batch of %d ended %s: %s", summary.site, len(batch),
                          state.name, state.message)
+    if awaiting:  # a backup that may index later: one wait for the whole run, not one a batch
+        arrived = with_site_retries(settle_moves, settings)(*params, awaiting)
+        summary.verified += len(arrived)
+        summary.verified_uids += arrived
 
     remaining = lane.ledger.rows(lane.lane, "found", "moved", "failed")
     summary.failed = len(remaining)

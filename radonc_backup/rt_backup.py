@@ -167,6 +167,18 @@ class BatchOutcome:
     verified: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     peer_claims: str = ""
+    # Moved to a backup that may index later, not seen yet: settled with the run's other such
+    # objects in one wait (see settle), so refused objects do not cost one timeout per batch.
+    awaiting: list[Awaiting] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Awaiting:
+    """An object moved to a backup that indexes later, and what to record if it never shows."""
+
+    ref: InstanceRef
+    reason: str  # the ledger's error if it is still absent after the wait
+    what: str = ""  # the part of a plan's context it belongs to, e.g. "series 1.2.3"
 
 
 def verify_present(ledger: Ledger, lane: Lane, target: BackupTarget,
@@ -176,6 +188,17 @@ def verify_present(ledger: Ledger, lane: Lane, target: BackupTarget,
         return set()
     present = wait_for(target, refs, timeout)
     ledger.mark_verified(lane, present)
+    return present
+
+
+def settle(ledger: Ledger, lane: Lane, target: BackupTarget, awaiting: list[Awaiting],
+           timeout: float) -> set[str]:
+    """One wait, of at most ``timeout``, for every object of a run moved to a backup that may
+    index later; what is still absent is marked failed with its own reason. Returns the UIDs
+    present. Waiting here once, instead of in each batch or plan, makes the waits overlap."""
+    present = verify_present(ledger, lane, target, [a.ref for a in awaiting], timeout)
+    ledger.mark_failed(lane, {a.ref.sop_instance_uid: a.reason for a in awaiting
+                              if a.ref.sop_instance_uid not in present})
     return present
 
 
@@ -246,7 +269,8 @@ def _parallel_moves(client: DicomClient, identifiers: list[Dataset], destination
 def move_and_verify(site: Site, source: AriaSource | MimSource, target: BackupTarget,
                     ledger: Ledger, lane: Lane, batch: list[InstanceRef],
                     store_client: DicomClient | None = None) -> BatchOutcome:
-    """Move one batch and verify it; every UID ends the call verified or failed in the ledger.
+    """Move one batch and verify it; every UID ends the call verified or failed in the ledger,
+    or, with a backup that may index later, listed in ``awaiting`` for the run's ``settle``.
 
     On a DICOM error the batch is still checked in the backup (a move can deliver part of its
     objects before it fails), the rest is marked failed, and the error is raised for the retry
@@ -270,8 +294,7 @@ def move_and_verify(site: Site, source: AriaSource | MimSource, target: BackupTa
                 f"site {site.name}: backup {target.alias} unreachable during the move from "
                 f"{source.label}: {down}")
     try:
-        present = verify_present(ledger, lane, target, todo,
-                                 timeout=0.0 if error else site.settings.verify_timeout)
+        present = verify_present(ledger, lane, target, todo)  # one look; waits come in settle
     except Exception:
         if error is not None:
             present = set()
@@ -281,8 +304,12 @@ def move_and_verify(site: Site, source: AriaSource | MimSource, target: BackupTa
     reason = (str(error) if error else
               f"not found in backup {target.alias} ({target.aet}) after the move "
               f"({outcome.peer_claims})")
-    outcome.failed = {r.sop_instance_uid: reason for r in todo if r.sop_instance_uid not in present}
-    ledger.mark_failed(lane, outcome.failed)
+    absent = [r for r in todo if r.sop_instance_uid not in present]
+    if error is None and not target.confirms_on_receipt:
+        outcome.awaiting = [Awaiting(r, reason) for r in absent]
+    else:
+        outcome.failed = {r.sop_instance_uid: reason for r in absent}
+        ledger.mark_failed(lane, outcome.failed)
     if error is not None:
         raise error
     return outcome

@@ -17,8 +17,8 @@ from radonc_backup.config import Settings
 from radonc_backup.errors import is_retriable
 from radonc_backup.instance import InstanceRef
 from radonc_backup.lane import open_lane
-from radonc_backup.rt_backup import BatchOutcome, find_patient_records, find_records, \
-    move_and_verify, verify_present
+from radonc_backup.rt_backup import Awaiting, BatchOutcome, find_patient_records, \
+    find_records, move_and_verify, settle, verify_present
 from radonc_backup.validation import Validation, validate_lane
 from radonc_backup.windows import DayQuery
 from tasks.progress import INSTANCES_FROM, Progress
@@ -101,10 +101,23 @@ def move_batch(site: str, source: str | None, backup: str | None, config: str | 
     store = lane.store_client() if lane.source.type == "mim" else None
     outcome = move_and_verify(lane.site, lane.source, lane.target, lane.ledger, lane.lane,
                               batch, store)
-    logger.info("site %s: batch of %d: %d moved, %d verified, %d failed (%s)", site,
-                outcome.requested, outcome.moved, len(outcome.verified), len(outcome.failed),
-                outcome.peer_claims)
+    logger.info("site %s: batch of %d: %d moved, %d verified, %d failed, %d awaited (%s)",
+                site, outcome.requested, outcome.moved, len(outcome.verified),
+                len(outcome.failed), len(outcome.awaiting), outcome.peer_claims)
     return outcome
+
+
+@task(name="settle-moves", cache_policy=NO_CACHE)
+def settle_moves(site: str, source: str | None, backup: str | None, config: str | None,
+                 awaiting: list[Awaiting]) -> list[str]:
+    """Wait once, up to verify_timeout, for every object the run moved to a backup that may
+    index later and has not shown yet; the rest fail with their own reason."""
+    lane = open_lane(site, source, backup, config)
+    present = settle(lane.ledger, lane.lane, lane.target, awaiting,
+                     lane.site.settings.verify_timeout)
+    get_run_logger().info("site %s: %d of %d object(s) awaited in backup %s arrived", site,
+                          len(present), len(awaiting), lane.lane.backup)
+    return sorted(present)
 
 
 @task(name="validate-backup", cache_policy=NO_CACHE)

@@ -279,6 +279,41 @@ def test_dicom_scp_target_is_verified_by_c_find(make_site: Callable[..., DemoSit
         uids(*c.records)
 
 
+def test_waits_for_a_plain_scp_backup_overlap_across_batches(
+        make_site: Callable[..., DemoSite]) -> None:
+    """A plain SCP backup may index what it received later, so it is asked again until
+    verify_timeout: once for the whole run, not batch after batch (5 refused one-record batches
+    took at least 5 x verify_timeout before)."""
+    timeout = 6.0
+    refuse = ("function ReceivedInstanceFilter(dicom, origin, info)\n"
+              "  return string.find(dicom.PatientID, 'REF', 1, true) == nil\nend\n")
+    site = make_site(settings={"verify_timeout": timeout, "batch_size": 1}, backup_lua=[refuse])
+    cfg = Path(site.config_path)
+    cfg.write_text(cfg.read_text() + f'\n[DEMO.backup_targets.scp]\ntype = "dicom_scp"\n'
+                                     f'aet = "{site.backup.aet}"\nip = "127.0.0.1"\n'
+                                     f'port = {site.backup.dicom_port}\n')
+    ok = course("E2E610", at(-1, 9), delivered=2)
+    refused = [course(f"E2E61REF{n}", at(0, 8 + n), delivered=1) for n in range(5)]
+    push(site, *ok.records, *(r for c in refused for r in c.records))
+    started = time.monotonic()
+    state = run(incremental_backup, site, at(0, 16), backup="scp", backfill=False)
+    elapsed = time.monotonic() - started
+    assert state.is_failed()
+    message = str(state.message)
+    refused_uids = {u for c in refused for u in uids(*c.records)}
+    assert len(refused_uids) == 5 and all(u in message for u in refused_uids), message
+    scp_lane = Lane("DEMO", "aria", "scp")
+    rows = ledger(site).rows(scp_lane)
+    assert {r.ref.sop_instance_uid for r in rows if r.state == "verified"} == uids(*ok.records)
+    failed = {r.ref.sop_instance_uid: r.last_error for r in rows if r.state == "failed"}
+    assert set(failed) == refused_uids
+    assert all(why.startswith("not found in backup scp") for why in failed.values()), failed
+    counts = task_run_counts(state.state_details.flow_run_id)
+    assert counts["move-batch"] == 7 and counts["settle-moves"] == 1
+    assert elapsed < 4 * timeout, f"{elapsed:.1f} s: the waits did not overlap"
+    assert missed(site, uids(*ok.records)) == (0, 0)
+
+
 def test_backup_password_from_a_prefect_secret_block(make_site: Callable[..., DemoSite]) -> None:
     from prefect.blocks.system import Secret
 
