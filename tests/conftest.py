@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from datetime import date, timedelta
 from email import message_from_bytes
 from email.message import Message
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.dataset import Dataset
 
 _PREFECT_TMP = tempfile.mkdtemp(prefix="radonc-prefect-")
 os.environ.setdefault("PREFECT_HOME", _PREFECT_TMP)
@@ -129,3 +131,52 @@ def missed(site: DemoSite, source_uids: set[str], state_dir: Path | None = None)
     not_safe = {u for u in source_uids if u not in held or u not in verified}
     false_verified = {u for u in verified if u not in held}
     return len(not_safe), len(false_verified)
+
+
+def report_truth(records: Iterable[Dataset], end: date, days: int = 7,
+                 ) -> set[tuple[str, str, int]]:
+    """(PatientID, PlanUID, current fraction) of every course with a session in the ``days``
+    calendar days ending ``end``, read straight from the source's records: the rows the
+    treatment report must hold. The current fraction counts every session up to ``end``."""
+    start = end - timedelta(days=days - 1)
+    courses: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    for ds in records:
+        day = str(ds.get("TreatmentDate", ""))
+        plans = ds.get("ReferencedRTPlanSequence") or []
+        plan = str(plans[0].ReferencedSOPInstanceUID) if plans else ""
+        beams = ds.get("TreatmentSessionBeamSequence") or \
+            ds.get("TreatmentSessionIonBeamSequence") or []
+        fraction = max((int(b.CurrentFractionNumber) for b in beams
+                        if b.get("CurrentFractionNumber") not in (None, "")), default=0)
+        if day and day <= f"{end:%Y%m%d}":
+            courses.setdefault((str(ds.PatientID), plan), []).append((day, fraction))
+    return {(pid, plan, max(f for _, f in sessions))
+            for (pid, plan), sessions in courses.items()
+            if any(day >= f"{start:%Y%m%d}" for day, _ in sessions)}
+
+
+def report_rows_missing(site: DemoSite, records: Iterable[Dataset], end: date) -> int:
+    """Rows of the truth that the treatment report, run over the backup, lacks or gets wrong."""
+    import pandas as pd
+
+    from flows.treatment_report import treatment_report
+
+    out = site.workdir / f"fault-report-{end}.csv"
+    treatment_report(site="DEMO", config=str(site.config_path), end_date=end, out=str(out),
+                     return_state=True)  # an unreadable record fails the run: the CSV is read
+    table = pd.read_csv(out, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    rows = {(r.PatientID, r.PlanUID, int(r.CurrentFraction or 0))
+            for r in table.itertuples()}
+    truth = report_truth(records, end)
+    assert truth, "no course treated in the report's window: the third number would prove nothing"
+    return len(truth - rows)
+
+
+def three_numbers(site: DemoSite, records: list[Dataset], end: date,
+                  others: Iterable[Dataset] = ()) -> tuple[int, int, int]:
+    """What every fault test holds at zero after its recovery runs: instances on the source
+    not verified in the backup, ledger rows verified without the instance in the backup, and
+    report rows missing against the truth (``records``: the RT Records on the source;
+    ``others``: further objects, e.g. plan context, that must be safe too)."""
+    source = {str(ds.SOPInstanceUID) for ds in [*records, *others]}
+    return (*missed(site, source), report_rows_missing(site, records, end))

@@ -15,12 +15,11 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
 from demo.site import DemoSite
-from demo.synthetic import Patient, Series, Study, make_course, make_image_series, make_rtdose, \
+from demo.synthetic import Patient, Series, Study, make_image_series, make_rtdose, \
     make_rtplan, make_rtstruct, make_treatment_record, to_bytes, uid
 from flows.incremental_backup import incremental_backup
 from flows.plan_context_backfill import plan_context_backfill, read_mrns
 from radonc_backup.ledger import Lane, Ledger
-from tests.conftest import missed
 
 pytestmark = pytest.mark.usefixtures("prefect")
 
@@ -237,31 +236,3 @@ def test_record_gone_from_the_backup_fails_the_run_but_not_the_others(site: Demo
     assert gone.SOPInstanceUID in message and "unreadable" in message
     contexts = ledger(site).contexts(LANE)
     assert contexts[s.plan_b.SOPInstanceUID][0] == "complete"
-
-
-def test_the_next_incremental_walks_contexts_a_killed_run_left_unwalked(
-        make_site: Callable[..., DemoSite]) -> None:
-    """A run killed after verifying its records and before walking their plans: the next
-    10-minute run, with nothing new to back up, still walks those contexts."""
-
-
-    site = make_site()
-    now = datetime.now(ZoneInfo("America/New_York")).replace(tzinfo=None)
-    c = make_course(Patient("CTX900", "Killed^Walk"), now - timedelta(hours=5), delivered=1,
-                    slices=2)
-    site.rv.upload([to_bytes(ds) for ds in c.all()])
-    first = incremental_backup(site="DEMO", config=str(site.config_path), backfill=False,
-                               return_state=True)  # as if killed before its subflow
-    assert first.is_completed() and first.result()["verified"] == 1
-    assert site.backup.sop_instance_uids() == {c.records[0].SOPInstanceUID}
-
-    second = incremental_backup(site="DEMO", config=str(site.config_path), return_state=True)
-    assert second.is_completed(), second.message
-    assert second.result()["found"] == 0 and second.result()["moved"] == 0  # nothing new
-    assert second.result()["plan_context"] == "Completed"
-    assert site.backup.sop_instance_uids() == {ds.SOPInstanceUID for ds in c.all()}
-
-    assert missed(site, {str(ds.SOPInstanceUID) for ds in c.all()}) == (0, 0)
-
-    third = incremental_backup(site="DEMO", config=str(site.config_path), return_state=True)
-    assert third.result()["plan_context"] == "nothing new"
