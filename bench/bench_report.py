@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -43,14 +44,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patients", type=int, default=500)
     parser.add_argument("--fractions", type=int, default=30)
     parser.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "performance.md"))
+    parser.add_argument("--keep", metavar="DIR",
+                        help="keep the loaded Orthanc pair in DIR and reuse it next time (a "
+                             "200,000-record load takes about half an hour here)")
     args = parser.parse_args(argv)
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-report-"))
+    workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-report-"))
+    marker = workdir / f"loaded-{args.patients}x{args.fractions}"
+    shutil.rmtree(workdir / "state", ignore_errors=True)  # the report cache: a cold run is cold
     site = start_demo_site(workdir)
     try:
         t = time.perf_counter()
-        n = load(site, args.patients, args.fractions)
-        print(f"loaded {n} records in {time.perf_counter() - t:.0f} s")
+        if marker.exists():
+            n = args.patients * args.fractions
+        else:
+            n = load(site, args.patients, args.fractions)
+            marker.touch()
+        print(f"loaded {n} records in {time.perf_counter() - t:.0f} s", flush=True)
 
         t = time.perf_counter()
         with site.backup.rest() as client:
@@ -65,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         def report() -> tuple[float, dict[str, object]]:
             t = time.perf_counter()
             result = treatment_report(site="DEMO", config=str(site.config_path),
-                                      treatment_start_date=END - timedelta(days=7), end_date=END,
-                                      study_start_date=date(2026, 1, 1),
+                                      treatment_start_date=END - timedelta(days=6), end_date=END,
                                       out=str(workdir / "report.csv"))
             return time.perf_counter() - t, result
 
@@ -77,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         warm, warm_result = report()
         assert cold_result["records_fetched"] == len(ids) and warm_result["records_fetched"] == 0
     finally:
-        site.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            site.rv.stop()
+            site.backup.stop()
+        else:
+            site.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
 
     write_report(Path(args.out), len(ids), raw, cold, warm, int(cold_result["rows"]))
     print(Path(args.out).read_text().split(SECTION, 1)[1])
@@ -88,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 def load(site: object, patients: int, fractions: int) -> int:
     blobs: list[bytes] = []
     count = 0
+    pool = ThreadPoolExecutor(max_workers=2)  # Orthanc stores while the next files are made
+    uploads: list[Future[int]] = []
     for p in range(patients):
         study = Study(Patient(f"RPT{p:04d}", f"Patient^Number{p}"), study_date="20261001")
         ct = make_image_series(study, "ct", slices=1, rows=8, columns=8)
@@ -100,9 +115,14 @@ def load(site: object, patients: int, fractions: int) -> int:
                                                         first + timedelta(days=f - 1))))
             count += 1
         if len(blobs) >= 1000:
-            site.backup.upload(blobs)  # type: ignore[attr-defined]
+            if len(uploads) >= 4:  # bounded: files made faster than stored wait in memory
+                uploads.pop(0).result()
+            uploads.append(pool.submit(site.backup.upload, blobs))  # type: ignore[attr-defined]
             blobs = []
-    site.backup.upload(blobs)  # type: ignore[attr-defined]
+    uploads.append(pool.submit(site.backup.upload, blobs))  # type: ignore[attr-defined]
+    for upload in uploads:
+        upload.result()
+    pool.shutdown()
     return count
 
 

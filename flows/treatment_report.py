@@ -65,9 +65,8 @@ def treatment_report(site: str, treatment_start_date: date | None = None,
     target, cache = report_backup(*params)
     start_workers()
 
-    resources = with_site_retries(list_records, cfg.settings)(*params, study_start)
-    known = cache.known_resources()
-    new = [rid for rid in resources if rid not in known]
+    listing = with_site_retries(list_records, cfg.settings)(*params, study_start)
+    resources, new = listing.resource_ids, listing.new
     unreadable: dict[str, str] = {}
     parse = with_site_retries(parse_records, cfg.settings)
     batches = [parse.submit(*params, new[i:i + PARSE_BATCH])
@@ -76,9 +75,11 @@ def treatment_report(site: str, treatment_start_date: date | None = None,
     for done, batch in enumerate(batches, 1):
         unreadable.update(batch.result())
         progress.update(min(done * PARSE_BATCH, len(new)))
-    facts = cache.records(resources)
+    # Only the courses treated in the window, from the cache's index, however long the history.
+    facts = cache.courses(start, end, only=resources if study_start else None)
     plans = cache.plans()
-    missing_plans = sorted({f.plan_uid for f in facts if f.plan_uid and f.plan_uid not in plans})
+    missing_plans = sorted({uid for uid in facts["plan_uid"].unique()
+                            if uid and uid not in plans})
     if missing_plans:
         with_site_retries(read_plans, cfg.settings)(*params, missing_plans)
         plans = cache.plans()
@@ -105,8 +106,8 @@ def treatment_report(site: str, treatment_start_date: date | None = None,
         message += f", and {len(lost)} row(s) for records that could not be read"
     create_markdown_artifact(key=f"{key}-summary", markdown=(
         f"# Treatment report: site {site}\n\n{message}.\n\n"
-        f"Records listed {len(resources)}, fetched this run {len(new)}, unreadable "
-        f"{len(unreadable)}; rows with warnings {warned}.\n\n"
+        f"Records in the backup {len(resources)} ({listing.how}), fetched this run "
+        f"{len(new)}, unreadable {len(unreadable)}; rows with warnings {warned}.\n\n"
         + where_to_open(cfg.settings.report_share_url, shared, [path, printable])))
     logger.info("site %s: %s; %d records listed, %d fetched, CSV %s", site, message,
                 len(resources), len(new), path)
@@ -117,7 +118,8 @@ def treatment_report(site: str, treatment_start_date: date | None = None,
                 f"{u.sop_instance_uid or u.resource_id} (patient {u.patient_id or '?'}): "
                 f"{u.reason}" for u in lost[:5]))
     return {"site": site, "start": str(start), "end": str(end), "rows": courses,
-            "records_listed": len(resources), "records_fetched": len(new),
+            "records_listed": len(resources), "listing": listing.how,
+            "records_fetched": len(new),
             "unreadable": unreadable, "rows_with_warnings": warned, "csv": str(path),
             "html": str(printable), "shared": [str(p) for p in shared], "message": message}
 

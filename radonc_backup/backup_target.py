@@ -13,6 +13,7 @@ import io
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import httpx
@@ -212,6 +213,59 @@ class OrthancBackup:
         """Orthanc IDs of the instances matching a query on indexed tags."""
         return list(self._post("/tools/find",  # type: ignore[arg-type]
                                {"Level": "Instance", "Query": query}))
+
+    def instance_count(self) -> int:
+        """How many instances the backup holds, all kinds (``/statistics``)."""
+        return int(self._json(self._get("/statistics"), "/statistics")  # type: ignore[index]
+                   ["CountInstances"])
+
+    def change_at(self, seq: int) -> str | None:
+        """The change log's entry ``seq`` as 'ChangeType ID', or None if it is not there (its
+        resource was deleted, or this is another database)."""
+        page = self._json(self._get(f"/changes?since={seq - 1}&limit=1"), "/changes")
+        changes = page["Changes"]  # type: ignore[index]
+        if changes and changes[0]["Seq"] == seq:
+            return f"{changes[0]['ChangeType']} {changes[0]['ID']}"
+        return None
+
+    def last_change(self) -> int:
+        return int(self._json(self._get("/changes?last"), "/changes")["Last"])  # type: ignore[index]
+
+    def changes_since(self, seq: int, page: int = 10000) -> ChangeSummary:
+        """The instances the change log says arrived after ``seq``. Orthanc removes a deleted
+        resource's entries from the log, so deletions do not show here (see report_listing)."""
+        out = ChangeSummary(last=seq)
+        while True:
+            data = self._json(self._get(f"/changes?since={out.last}&limit={page}"), "/changes")
+            out.new_instances += [c["ID"] for c in data["Changes"]  # type: ignore[index]
+                                  if c["ChangeType"] == "NewInstance"]
+            out.last = max(out.last, int(data["Last"]))  # type: ignore[index]
+            if data["Done"] or not data["Changes"]:  # type: ignore[index]
+                return out
+
+    def only_records(self, instance_ids: Iterable[str]) -> list[str]:
+        """Those of the instances that are RT Records (by their series' Modality; instances
+        deleted since are skipped)."""
+        modality: dict[str, str] = {}
+        found: list[str] = []
+        for instance_id in instance_ids:
+            r = self._get(f"/instances/{instance_id}")
+            if r.status_code == 404:
+                continue
+            series_id = str(self._json(r, "/instances")["ParentSeries"])  # type: ignore[index]
+            if series_id not in modality:
+                series = self._json(self._get(f"/series/{series_id}"), "/series")
+                modality[series_id] = str(series.get("MainDicomTags", {})  # type: ignore[union-attr]
+                                          .get("Modality", ""))
+            if modality[series_id] == "RTRECORD":
+                found.append(instance_id)
+        return found
+
+
+@dataclass
+class ChangeSummary:
+    last: int
+    new_instances: list[str] = field(default_factory=list)
 
 
 class DicomScpBackup:

@@ -11,7 +11,7 @@ import json
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import date
 from pathlib import Path
 
@@ -28,6 +28,9 @@ COLUMNS = [
 ]
 
 
+FIELDS = [f.name for f in fields(RecordFacts)]  # sop_instance_uid first, warnings last
+
+
 class FactCache:
     """Parsed records and plans, keyed by SOP Instance UID, in one SQLite file.
 
@@ -41,9 +44,14 @@ class FactCache:
         with self._connect() as conn:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("CREATE TABLE IF NOT EXISTS records (sop_instance_uid TEXT PRIMARY KEY, "
-                         "resource_id TEXT UNIQUE, facts TEXT NOT NULL)")
+                         "resource_id TEXT UNIQUE, " + ", ".join(FIELDS[1:]) + ", day TEXT)")
+            conn.execute("CREATE INDEX IF NOT EXISTS records_course ON records "
+                         "(patient_id, plan_uid, day)")
+            conn.execute("CREATE INDEX IF NOT EXISTS records_day ON records (day)")
             conn.execute("CREATE TABLE IF NOT EXISTS plans (sop_instance_uid TEXT PRIMARY KEY, "
                          "facts TEXT NOT NULL)")
+            conn.execute("CREATE TABLE IF NOT EXISTS cursor (id INTEGER PRIMARY KEY CHECK (id=1), "
+                         "seq INTEGER NOT NULL, fingerprint TEXT, instances INTEGER NOT NULL)")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -54,37 +62,63 @@ class FactCache:
         finally:
             conn.close()
 
+    def cursor(self) -> tuple[int, str | None, int] | None:
+        """Where the last listing left the backup's change log: (sequence number, its entry,
+        the backup's instance count then); see report_listing."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT seq, fingerprint, instances FROM cursor").fetchone()
+        return (int(row[0]), row[1], int(row[2])) if row and row[1] else None
+
+    def set_cursor(self, seq: int, fingerprint: str | None, instances: int) -> None:
+        with self._connect() as conn:
+            conn.execute("INSERT OR REPLACE INTO cursor VALUES (1, ?, ?, ?)",
+                         (seq, fingerprint, instances))
+
+    def forget_all_but(self, resource_ids: Iterable[str]) -> None:
+        """Drop the records the backup no longer holds (a full listing says which)."""
+        with self._connect() as conn:
+            conn.execute("CREATE TEMP TABLE listed (resource_id TEXT PRIMARY KEY)")
+            conn.executemany("INSERT OR IGNORE INTO listed VALUES (?)",
+                             [(r,) for r in resource_ids])
+            conn.execute("DELETE FROM records WHERE resource_id NOT IN "
+                         "(SELECT resource_id FROM listed)")
+
     def known_resources(self) -> set[str]:
         with self._connect() as conn:
             return {r[0] for r in conn.execute("SELECT resource_id FROM records")}
 
     def put_records(self, items: Iterable[tuple[str, RecordFacts]]) -> None:
+        rows = []
+        for rid, f in items:
+            values = [getattr(f, name) for name in FIELDS]
+            values[-1] = json.dumps(list(f.warnings))
+            rows.append((values[0], rid, *values[1:], f.treated[:10]))
         with self._connect() as conn:
-            conn.executemany("INSERT OR REPLACE INTO records VALUES (?, ?, ?)",
-                             [(f.sop_instance_uid, rid, json.dumps(asdict(f)))
-                              for rid, f in items])
+            conn.executemany(f"INSERT OR REPLACE INTO records VALUES ({', '.join('?' * (len(FIELDS) + 2))})",
+                             rows)
 
-    def records(self, resource_ids: Iterable[str] | None = None) -> list[RecordFacts]:
+    def courses(self, start: date, end: date, only: Iterable[str] | None = None,
+                ) -> pd.DataFrame:
+        """Every dated record up to ``end`` of each course (patient and plan) with a session
+        from ``start`` to ``end``: all the report needs, however many records the cache holds.
+        ``only``: resource IDs to keep to (a narrowed listing)."""
+        listed = ""
         with self._connect() as conn:
-            rows = conn.execute("SELECT resource_id, facts FROM records").fetchall()
-        wanted = set(resource_ids) if resource_ids is not None else None
-        out = []
-        for rid, text in rows:
-            if wanted is None or rid in wanted:
-                data = json.loads(text)
-                data["warnings"] = tuple(data["warnings"])
-                out.append(RecordFacts(**data))
-        return out
-
-    def record(self, sop_instance_uid: str) -> RecordFacts | None:
-        with self._connect() as conn:
-            row = conn.execute("SELECT facts FROM records WHERE sop_instance_uid=?",
-                               (sop_instance_uid,)).fetchone()
-        if row is None:
-            return None
-        data = json.loads(row[0])
-        data["warnings"] = tuple(data["warnings"])
-        return RecordFacts(**data)
+            if only is not None:
+                conn.execute("CREATE TEMP TABLE listed (resource_id TEXT PRIMARY KEY)")
+                conn.executemany("INSERT OR IGNORE INTO listed VALUES (?)", [(r,) for r in only])
+                listed = " AND resource_id IN (SELECT resource_id FROM listed)"
+            conn.execute("CREATE TEMP TABLE treated AS SELECT DISTINCT patient_id, plan_uid "
+                         "FROM records WHERE day >= ? AND day <= ?" + listed,
+                         (start.isoformat(), end.isoformat()))
+            frame = pd.read_sql_query(
+                f"SELECT {', '.join('r.' + f for f in FIELDS)}, r.day FROM treated t "
+                "JOIN records r ON r.patient_id = t.patient_id AND r.plan_uid = t.plan_uid "
+                "AND r.day <> '' AND r.day <= ?" + listed.replace("resource_id", "r.resource_id"),
+                conn, params=(end.isoformat(),))
+        frame["warnings"] = [() if text == "[]" else tuple(json.loads(text))
+                             for text in frame["warnings"]]
+        return frame
 
     def plans(self) -> dict[str, PlanFacts]:
         with self._connect() as conn:
@@ -111,10 +145,12 @@ class UnreadableRecord:
     reason: str
 
 
-def build_report(records: Iterable[RecordFacts], plans: dict[str, PlanFacts], start: date,
+def build_report(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date,
                  end: date, unreadable: Iterable[UnreadableRecord] = ()) -> pd.DataFrame:
     """One row per patient per plan with at least one session from ``start`` to ``end``.
 
+    ``records``: one row per RT Record (the fields of ``RecordFacts`` and ``day``), at least
+    every record up to ``end`` of each course treated in the window (``FactCache.courses``).
     The current fraction is the highest CurrentFractionNumber over every beam of every session of
     the plan up to ``end`` (not only the window's, and not the first beam's). Each unreadable
     record gets a row of its own (status ``record unreadable``): its patient's fraction count
@@ -135,56 +171,67 @@ def build_report(records: Iterable[RecordFacts], plans: dict[str, PlanFacts], st
                               kind="stable").reset_index(drop=True)
 
 
+def facts_frame(records: Iterable[RecordFacts]) -> pd.DataFrame:
+    """RecordFacts as the frame ``build_report`` takes (tests and small callers)."""
+    frame = pd.DataFrame([asdict(r) for r in records], columns=FIELDS)
+    frame["day"] = frame["treated"].fillna("").str[:10]
+    return frame
+
+
 def _minutes(treated: str) -> str:
     """'2026-11-18T08:00:00' as '2026-11-18 08:00', which spreadsheets open as a date-time."""
     return treated.replace("T", " ")[:16]
 
 
-def _course_rows(records: Iterable[RecordFacts], plans: dict[str, PlanFacts], start: date,
+def _course_rows(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date,
                  end: date) -> pd.DataFrame:
-    frame = pd.DataFrame([asdict(r) for r in records])
-    if frame.empty:
+    if records.empty:
         return pd.DataFrame(columns=COLUMNS)
-    frame["day"] = frame["treated"].str[:10]
-    upto = frame[(frame["day"] != "") & (frame["day"] <= end.isoformat())]
+    keys = ["patient_id", "plan_uid"]
+    upto = records[(records["day"] != "") & (records["day"] <= end.isoformat())]
+    upto = upto.sort_values("treated", kind="stable")  # "last" below: the latest session
     window = upto[upto["day"] >= start.isoformat()]
+    if window.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    in_window = window.groupby(keys, sort=False)
+    latest = in_window.tail(1).set_index(keys)
+    first = in_window["treated"].min()
+    sessions = in_window.size()
+    course = upto.merge(latest.index.to_frame(index=False), on=keys).groupby(keys, sort=False)
+    current = pd.to_numeric(course["fraction"].max(), errors="coerce")
+    planned_in_records = pd.to_numeric(course["fractions_planned"].last(), errors="coerce")
+    course_warnings = course["warnings"].agg(lambda ws: sorted({w for t in ws for w in t}))
     rows = []
-    courses = dict(iter(upto.groupby(["patient_id", "plan_uid"], sort=False)))
-    for (patient_id, plan_uid), sessions in window.groupby(["patient_id", "plan_uid"],
-                                                           sort=False):
-        course = courses[(patient_id, plan_uid)]
-        latest = sessions.sort_values("treated").iloc[-1]
-        termination = latest["termination"] if "termination" in latest else ""
+    for key, row in latest.iterrows():
+        patient_id, plan_uid = key
+        termination = row["termination"] or ""
         plan = plans.get(plan_uid)
-        warnings = sorted({w for ws in course["warnings"] for w in ws})
+        warnings = list(course_warnings[key])
         if plan_uid and plan is None:
             warnings.append("plan not in the backup")
         if termination and termination != "NORMAL":
             warnings.append(f"last session not completed normally ({termination})")
-        fractions = course["fraction"].dropna()
-        current = int(fractions.max()) if not fractions.empty else None
-        planned_values = course["fractions_planned"].dropna()
-        planned = int(planned_values.iloc[-1]) if not planned_values.empty else (
+        now = int(current[key]) if pd.notna(current[key]) else None
+        planned = int(planned_in_records[key]) if pd.notna(planned_in_records[key]) else (
             plan.fractions_planned if plan else None)
-        remaining = max(planned - current, 0) if planned is not None and current is not None \
-            else None
+        remaining = max(planned - now, 0) if planned is not None and now is not None else None
         rows.append({
             "PatientID": patient_id,
-            "PatientName": latest["patient_name"],
-            "BirthDate": latest["birth_date"],
-            "Sex": latest["sex"],
-            "Physician": latest["physician"],
+            "PatientName": row["patient_name"],
+            "BirthDate": row["birth_date"],
+            "Sex": row["sex"],
+            "Physician": row["physician"],
             "RTPlanLabel": plan.label if plan else "",
             "PlanUID": plan_uid,
-            "Machine": latest["machine"],
-            "FirstTreatment": _minutes(sessions["treated"].min()),
-            "LastTreatment": _minutes(latest["treated"]),
-            "LastMeterset": latest["meterset"] if pd.notna(latest["meterset"]) else None,
+            "Machine": row["machine"],
+            "FirstTreatment": _minutes(first[key]),
+            "LastTreatment": _minutes(row["treated"]),
+            "LastMeterset": row["meterset"] if pd.notna(row["meterset"]) else None,
             "LastTermination": termination,
-            "CurrentFraction": current,
+            "CurrentFraction": now,
             "FractionsPlanned": planned,
             "FractionsRemaining": remaining,
-            "SessionsInWindow": len(sessions),
+            "SessionsInWindow": int(sessions[key]),
             "Status": "completed in window" if remaining == 0 else "on treatment",
             "Warnings": "; ".join(warnings),
         })

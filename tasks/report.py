@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
+import re
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -19,6 +20,7 @@ from radonc_backup.config import load_site
 from radonc_backup.errors import BackupTargetError, ConfigError
 from radonc_backup.report_facts import PlanFacts, RecordFacts, fetch_facts, fetch_plan_facts, \
     in_worker, readable_name, ready
+from radonc_backup.report_listing import Listing, list_backup_records
 from radonc_backup.treatment_report import FactCache
 
 
@@ -29,17 +31,21 @@ def report_backup(site: str, backup: str | None, config: str | None,
     if not isinstance(target, OrthancBackup):
         raise ConfigError(f"site {site}: the treatment report reads the backup over Orthanc's "
                           f"REST API; backup {target.alias} is a plain DICOM SCP")
-    return target, FactCache(cfg.state_dir / "report-cache-v2.sqlite")  # v2: meterset, termination
+    # v3: one cache per backup (resource IDs and the change-log cursor are the backup's own)
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", target.alias)
+    return target, FactCache(cfg.state_dir / f"report-cache-v3-{name}.sqlite")
 
 
 @task(name="list-records-in-backup", cache_policy=NO_CACHE)
 def list_records(site: str, backup: str | None, config: str | None,
-                 study_start_date: date | None) -> list[str]:
-    target, _ = report_backup(site, backup, config)
-    query = {"Modality": "RTRECORD"}
-    if study_start_date:
-        query["StudyDate"] = f"{study_start_date:%Y%m%d}-"
-    return target.find_resources(query)
+                 study_start_date: date | None) -> Listing:
+    """Every RT Record in the backup: from its change log since the last run, or in full."""
+    target, cache = report_backup(site, backup, config)
+    listing = list_backup_records(target, cache, study_start_date)
+    get_run_logger().info("site %s: %d RT Records in backup %s, %d not parsed yet (%s)", site,
+                          len(listing.resource_ids), target.alias, len(listing.new),
+                          listing.how)
+    return listing
 
 
 FETCH_CHUNK = 100  # records a worker fetches and decodes per call

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections.abc import Callable
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -189,6 +190,49 @@ def test_rerun_fetches_only_new_records_and_empty_window_has_headers(
     assert empty["rows"] == 0 and "No RT Records" in str(empty["message"])
     lines = (tmp_path / "report.csv").read_text(encoding="utf-8-sig").splitlines()
     assert lines == [",".join(COLUMNS)]
+
+
+def test_reruns_read_the_change_log_and_list_in_full_after_a_deletion_or_a_new_database(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    """A rerun reads only the backup's change log since the last run, yet misses no arrival;
+    a deletion (which Orthanc's log does not show) and a rebuilt database each make it list in
+    full, so a record gone from the backup leaves the report."""
+    site = make_site()
+    clinic, _ = build_clinic()
+    site.backup.upload([to_bytes(ds) for ds in [*clinic.objects, *clinic.plans.values()]])
+    first = run(site, tmp_path, treatment_start_date=START, end_date=END)
+    assert first["listing"] == "listed in full (first run of this cache)"
+
+    study, plan = clinic.plan("R001", "Doe^Jane", "p", "PROSTATE", 28)
+    late = make_treatment_record(study, plan, 11, datetime(2026, 11, 20, 17))
+    image = make_image_series(study, "late-ct", slices=3)  # arrivals that are not records
+    site.backup.upload([to_bytes(ds) for ds in [late, *image.instances]])
+    second = run(site, tmp_path, treatment_start_date=START, end_date=END)
+    assert second["listing"] == "4 arrival(s) read from the change log"
+    assert second["records_fetched"] == 1
+    assert second["records_listed"] == first["records_listed"] + 1  # type: ignore[operator]
+    jane = [r for r in read_csv(tmp_path / "report.csv") if r["PatientID"] == "R001"][0]
+    assert jane["CurrentFraction"] == "11"
+
+    with site.backup.rest() as client:
+        rid = client.post("/tools/lookup", content=str(late.SOPInstanceUID)).json()[0]["ID"]
+        client.delete(f"/instances/{rid}").raise_for_status()
+    third = run(site, tmp_path, treatment_start_date=START, end_date=END)
+    assert third["listing"] == ("listed in full (1 instance(s) deleted from the backup since "
+                                "the last run)")
+    assert third["records_listed"] == first["records_listed"]
+    jane = [r for r in read_csv(tmp_path / "report.csv") if r["PatientID"] == "R001"][0]
+    assert jane["CurrentFraction"] == "10"
+
+    site.backup.stop()  # the backup rebuilt from scratch: another change log, same records
+    shutil.rmtree(site.backup.workdir / "storage")
+    site.backup.start()
+    site.backup.upload([to_bytes(ds) for ds in [*clinic.objects, *clinic.plans.values()]])
+    fourth = run(site, tmp_path, treatment_start_date=START, end_date=END)
+    assert fourth["listing"] == ("listed in full (the backup's change log is not the one the "
+                                 "cache last read)")
+    assert fourth["records_listed"] == first["records_listed"]
+    assert fourth["rows"] == first["rows"]
 
 
 def test_record_with_missing_fields_gives_a_row_with_warnings(
