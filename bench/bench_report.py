@@ -1,4 +1,4 @@
-"""Benchmark: the treatment report over 15,000 records, against raw list-and-fetch.
+"""Benchmark: the treatment report over many records, against raw list-and-fetch.
 
     .venv/bin/python -m bench.bench_report [--patients 500] [--fractions 30]
 
@@ -6,7 +6,8 @@ The backup Orthanc holds ``patients`` x ``fractions`` RT Beams Treatment Records
 each). Measured in the same run:
 - baseline: list the records over REST and GET every file (keep-alive), nothing else;
 - cold report: the ``treatment_report`` flow with an empty cache (fetch, parse, cache, report);
-- warm report: the same flow again (nothing new to fetch).
+- warm report: the same flow again (nothing new to fetch);
+- next morning: one more session for every tenth patient, then the flow again.
 Appends its section to docs/performance.md (replacing an older one).
 """
 
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -27,6 +29,8 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bench-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from pydicom.dataset import Dataset  # noqa: E402
 
 from demo.site import start_demo_site  # noqa: E402
 from demo.synthetic import Patient, Study, make_image_series, make_rtplan, make_rtstruct, \
@@ -66,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         with site.backup.rest() as client:
             ids = client.post("/tools/find", json={"Level": "Instance",
                                                    "Query": {"Modality": "RTRECORD"}}).json()
+            listed = time.perf_counter() - t
             for rid in ids:
                 client.get(f"/instances/{rid}/file").raise_for_status()
         raw = time.perf_counter() - t
@@ -85,6 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         cold, cold_result = report()
         warm, warm_result = report()
         assert cold_result["records_fetched"] == len(ids) and warm_result["records_fetched"] == 0
+        # The next morning: one more session for every patient on treatment.
+        day = next_day(args.patients, args.fractions)
+        site.backup.upload([to_bytes(ds) for ds in day])  # type: ignore[attr-defined]
+        daily, daily_result = report()
+        assert daily_result["records_fetched"] == len(day), daily_result
+        assert "change log" in str(daily_result["listing"]), daily_result["listing"]
+        with site.backup.rest() as client:  # leave the kept backup as it was loaded
+            for ds in day:
+                found = client.post("/tools/lookup", content=str(ds.SOPInstanceUID)).json()
+                client.delete(f"/instances/{found[0]['ID']}").raise_for_status()
     finally:
         if args.keep:
             site.rv.stop()
@@ -93,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             site.stop()
             shutil.rmtree(workdir, ignore_errors=True)
 
-    write_report(Path(args.out), len(ids), raw, cold, warm, int(cold_result["rows"]))
+    write_report(Path(args.out), len(ids), Timings(listed, raw, cold, warm, daily, len(day)),
+                 int(cold_result["rows"]))
     print(Path(args.out).read_text().split(SECTION, 1)[1])
     return 0
 
@@ -126,39 +142,72 @@ def load(site: object, patients: int, fractions: int) -> int:
     return count
 
 
-def write_report(path: Path, n: int, raw: float, cold: float, warm: float, rows: int) -> None:
+def next_day(patients: int, fractions: int) -> list[Dataset]:
+    """One more fraction for each patient still on treatment on END (made as load made them)."""
+    out = []
+    for p in range(patients):
+        if p % 10:
+            continue  # the patients whose last fraction was on END: every tenth
+        study = Study(Patient(f"RPT{p:04d}", f"Patient^Number{p}"), study_date="20261001")
+        ct = make_image_series(study, "ct", slices=1, rows=8, columns=8)
+        plan = make_rtplan(study, make_rtstruct(study, ct), ct.frame_of_reference_uid,
+                           fractions=fractions + 5)
+        out.append(make_treatment_record(study, plan, fractions + 1,
+                                         datetime(2026, 11, 20, 17)))
+    return out
+
+
+@dataclass
+class Timings:
+    listed: float  # baseline: the instance-level listing alone
+    raw: float  # baseline: listing and GET of every file
+    cold: float
+    warm: float
+    daily: float
+    daily_records: int
+
+
+def write_report(path: Path, n: int, t: Timings, rows: int) -> None:
     lines = [
         SECTION,
         "",
         f"Measured by `python -m bench.bench_report` on {datetime.now(timezone.utc):%Y-%m-%d} "
         f"({platform.machine()}, {os.cpu_count()} cores): {n:,} RT Records in the backup "
-        f"Orthanc, report over one week ({rows} patient-plan rows).",
+        f"Orthanc, report over one week ({rows} patient-plan rows), no study-date narrowing.",
         "",
         "| path | s | records/s | vs raw list-and-fetch |",
         "|---|---|---|---|",
-        f"| baseline: REST list + GET every record file | {raw:.1f} | {n / raw:.0f} | 1.00x |",
-        f"| cold report (empty cache: fetch, parse, cache, report, CSV, artifacts) | {cold:.1f} "
-        f"| {n / cold:.0f} | {raw / cold:.2f}x |",
-        f"| warm rerun (nothing new to fetch) | {warm:.1f} | - | - |",
+        f"| baseline: REST list + GET every record file | {t.raw:.1f} | {n / t.raw:.0f} | 1.00x |",
+        f"| (of which the instance-level listing alone) | {t.listed:.1f} | - | - |",
+        f"| cold report (empty cache: list, fetch, parse, cache, report, CSV, artifacts) | "
+        f"{t.cold:.1f} | {n / t.cold:.0f} | {t.raw / t.cold:.2f}x |",
+        f"| warm rerun (nothing new; reads the change log) | {t.warm:.1f} | - | - |",
+        f"| next morning ({t.daily_records} new records; reads the change log) | {t.daily:.1f} "
+        "| - | - |",
         "",
-        "Goals (issue: treatment report): cold report at no less than 0.5x the raw "
-        "list-and-fetch rate; warm rerun within 5 s. This run: cold "
-        f"{raw / cold:.2f}x ({'met' if raw / cold >= 0.5 else 'not met'}), warm {warm:.1f} s "
-        f"({'met' if warm <= 5 else 'not met'}).",
+        "Goals (issue: nothing missed with exit 0): cold report at no less than 0.5x the raw "
+        "list-and-fetch rate; warm within 5 s. This run: cold "
+        f"{t.raw / t.cold:.2f}x ({'met' if t.raw / t.cold >= 0.5 else 'not met'}), warm "
+        f"{t.warm:.1f} s ({'met' if t.warm <= 5 else 'not met'}), next morning {t.daily:.1f} s "
+        f"({'met' if t.daily <= 5 else 'not met'}).",
         "",
-        "Where the cold time goes: a pool of worker processes (one per core, at least two) "
-        "fetches and decodes chunks of 100 records over their own keep-alive connections, so "
-        "the flow's interpreter only hands out chunks and writes the cache. Decoding a record "
-        "costs ~0.22 ms: pydicom reads the file, and the fraction number of every beam and "
-        "the plan reference are read from the sequences' bytes in place (pydicom built a "
-        "dataset for every beam: ~0.47 ms a record; files in other forms still go through "
-        "pydicom, tests compare both). Plans are read in the same pool. On 2 cores Orthanc "
-        "serving and the decoding workers share the CPU; the rest is Prefect's fixed cost "
-        "(see the warm row: listing 15,000 records, the cache, the report, artifacts, and the "
-        "heartbeat join of up to 1 s at the end of a sync flow run). Prefect's server is "
-        "started by a warm-up run before timing, as in the other benchmarks; the worker pool "
-        "is not: the cold row includes starting it. Orthanc's own speed varies between runs "
-        "on this machine: compare rows of one run only.",
+        "Where the time goes: a full listing costs Orthanc about "
+        f"{t.listed / n * 1e6:.0f} us a record ({t.listed:.1f} s here, the listing row; about "
+        "5 s at 200,000 records), so only the first run lists in full, and later runs read "
+        "Orthanc's change log from the cache's cursor (docs/treatment-report.md says why no "
+        "arrival can be missed and when a run lists in full again). The report reads from the "
+        "cache only the courses treated in the window (an index on patient, plan and day), not "
+        "every record. Cold: a pool of worker processes (one per core, at least two) fetches "
+        "and decodes chunks of 100 records over their own keep-alive connections; decoding a "
+        "record costs ~0.22 ms (fraction numbers and the plan reference read from the "
+        "sequences' bytes in place). On 2 cores Orthanc serving and the decoding workers share "
+        "the CPU; the rest is Prefect's fixed cost (about 1 s a run, including the heartbeat "
+        "join at the end of a sync flow run). Prefect's server is started by a warm-up run "
+        "before timing; the worker pool is not: the cold row includes starting it. This "
+        "backup holds every patient on treatment in the last weeks (70% of them in the "
+        "window), the worst case for the report's course query; a real archive of years "
+        "holds mostly finished courses, which the query skips. Orthanc's own speed varies "
+        "between runs on this machine: compare rows of one run only.",
         "",
     ]
     replace_section(path, SECTION, lines)
