@@ -153,10 +153,11 @@ def test_report_from_the_backup_alone_matches_the_truth(make_site: Callable[...,
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
-    with get_client(sync_client=True) as client:
+    with get_client(sync_client=True) as client:  # this run's: the newest of the key
         tables = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["treatment-report-demo"])))
+            key=ArtifactFilterKey(any_=["treatment-report-demo"])), sort=ArtifactSort.CREATED_DESC)
     assert tables and tables[0].type == "table"
     shown = json.loads(str(tables[0].data))
     assert {r["PatientName"] for r in shown} == {r["PatientName"] for r in rows}
