@@ -192,8 +192,9 @@ def write_report(path: Path, n: int, t: Timings, rows: int) -> None:
         f"({'met' if t.daily <= 5 else 'not met'}).",
         "",
         "Where the time goes: a full listing costs Orthanc about "
-        f"{t.listed / n * 1e6:.0f} us a record ({t.listed:.1f} s here, the listing row; about "
-        "5 s at 200,000 records), so only the first run lists in full, and later runs read "
+        f"{t.listed / n * 1e6:.0f} us a record ({t.listed:.1f} s here, the listing row: "
+        f"{'more' if t.listed > 5 else 'less'} than the warm budget by itself), so only the "
+        "first run lists in full, and later runs read "
         "Orthanc's change log from the cache's cursor (docs/treatment-report.md says why no "
         "arrival can be missed and when a run lists in full again). The report reads from the "
         "cache only the courses treated in the window (an index on patient, plan and day), not "

@@ -1,9 +1,9 @@
 """Which RT Records the backup holds, without listing every one of them at every report.
 
-A full listing (``/tools/find`` at instance level, Modality RTRECORD) costs about 26 us a record
-in Orthanc 1.10 (5 s at 200,000 records, measured). The report runs every day, and an outage
-day is when it must be quick. So after one full listing the cache keeps a cursor into Orthanc's
-change log, and later runs read only what arrived since:
+A full listing (``/tools/find`` at instance level, Modality RTRECORD) costs about 40 us a record
+in Orthanc 1.10 (8.2 s at 200,000 records, measured by bench/bench_report.py). The report runs
+every day, and an outage day is when it must be quick. So after one full listing the cache keeps
+a cursor into Orthanc's change log, and later runs read only what arrived since:
 
 - new records: every instance stored after the cursor has a ``NewInstance`` entry with a higher
   sequence number, so none is missed; each is looked up once and kept if its series is an
