@@ -79,7 +79,9 @@ def demo_site_table(source_config: Path = DEFAULT_CONFIG) -> dict[str, Any]:
 def start_demo_site(workdir: Path, backup_lua: list[str] | None = None, rv_find_cap: int = 0,
                     settings: dict[str, Any] | None = None, extra_rv_modalities:
                     dict[str, tuple[str, str, int]] | None = None,
-                    schedules: dict[str, Any] | None = None) -> DemoSite:
+                    schedules: dict[str, Any] | None = None,
+                    extra_backup_modalities: dict[str, tuple[str, str, int]] | None = None,
+                    ) -> DemoSite:
     """Start the Orthanc pair and write ``workdir/environments.toml`` for site DEMO."""
     workdir.mkdir(parents=True, exist_ok=True)
     data = demo_site_table()
@@ -95,7 +97,8 @@ def start_demo_site(workdir: Path, backup_lua: list[str] | None = None, rv_find_
     backup = OrthancServer(tgt["aet"], workdir=workdir / "backup", dicom_port=backup_port,
                            lua_scripts=backup_lua or [],
                            modalities={src["aet"]: (src["aet"], "127.0.0.1", rv.dicom_port),
-                                       script_ae: (script_ae, "127.0.0.1", 1)})
+                                       script_ae: (script_ae, "127.0.0.1", 1),
+                                       **(extra_backup_modalities or {})})
     rv.start()
     try:
         backup.start()

@@ -46,6 +46,7 @@ class BackupSummary:
     found_by_patient: dict[str, str] = field(default_factory=dict)
     watermark: str = ""
     plan_context: str = ""
+    peer_notes: list[str] = field(default_factory=list)  # what the R&V made the run do
     verified_uids: list[str] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, object]:
@@ -69,7 +70,9 @@ def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, st
     summary = BackupSummary(lane.lane.site, lane.lane.source, lane.lane.backup, window,
                             catch_up=catch_up)
 
-    found = with_site_retries(find_rt_records, settings)(*params, queries)
+    by_date = with_site_retries(find_rt_records, settings)(*params, queries)
+    found = by_date.refs
+    note_peer(summary, by_date.notes)
     if patients_since is not None:
         found += by_patient(lane, params, found, patients_since, summary)
     plan = plan_work(lane.ledger, lane.lane, found)
@@ -96,6 +99,7 @@ def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, st
             summary.verified += len(outcome.verified)
             summary.verified_uids += outcome.verified
             awaiting += outcome.awaiting
+            note_peer(summary, outcome.notes)
         else:
             logger.error("site %s: batch of %d ended %s: %s", summary.site, len(batch),
                          state.name, state.message)
@@ -115,6 +119,14 @@ def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, st
                 summary.new, summary.already_verified, summary.already_in_backup, summary.moved,
                 summary.verified, summary.failed)
     return summary
+
+
+def note_peer(summary: BackupSummary, notes: list[str]) -> None:
+    """What the R&V made the run do (keys it ignored, lists it refused): once each, logged."""
+    for note in notes:
+        if note not in summary.peer_notes:
+            summary.peer_notes.append(note)
+            get_run_logger().warning("site %s: %s", summary.site, note)
 
 
 CONTEXT_INCOMPLETE = "Completed (context incomplete)"
@@ -163,7 +175,9 @@ def by_patient(lane: OpenLane, params: tuple[str, str | None, str | None, str | 
     summary.patients_asked = len(patients)
     if not patients:
         return []
-    theirs = with_site_retries(find_rt_records_by_patient, lane.site.settings)(*params, patients)
+    asked = with_site_retries(find_rt_records_by_patient, lane.site.settings)(*params, patients)
+    note_peer(summary, asked.notes)
+    theirs = asked.refs
     dated = {r.sop_instance_uid for r in found}
     unseen = [r for r in theirs if r.sop_instance_uid not in dated]
     known = lane.ledger.states(lane.lane, [r.sop_instance_uid for r in unseen])
@@ -230,6 +244,8 @@ def _report(flow_name: str, s: BackupSummary) -> str:
         "",
         f"Watermark (UTC): {s.watermark or 'unchanged'}",
     ]
+    if s.peer_notes:
+        lines += ["", "## What the R&V made this run do", "", *[f"- {n}" for n in s.peer_notes]]
     if s.patients_asked:
         lines += ["", f"Asked per patient, without a date: {s.patients_asked} patient(s); "
                       f"found only that way: {len(s.found_by_patient)}"]

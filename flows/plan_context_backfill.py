@@ -151,6 +151,7 @@ def summarize(site: str, source: str, outcomes: list[ContextOutcome],
         "verified": {t: verified[t] for t in TYPES if verified[t]},
         "cumulative": {t: cumulative[t] for t in TYPES if cumulative[t]},
         "unresolved": {o.plan_uid: o.unresolved for o in outcomes if o.state != "complete"},
+        "peer_notes": sorted({n for o in outcomes for n in o.notes}),
     }
 
 
@@ -176,7 +177,8 @@ def publish(summary: dict[str, object], outcomes: list[ContextOutcome]) -> None:
         key=key, markdown=(f"# Plan-context backfill: site {summary['site']}\n\n"
                            f"{summary['plans']} plan(s): {summary['complete']} complete, "
                            f"{summary['incomplete']} incomplete, {summary['deferred']} "
-                           f"deferred to off-peak hours, {summary['skipped']} skipped.\n"))
+                           f"deferred to off-peak hours, {summary['skipped']} skipped.\n"
+                           + "".join(f"\n- {n}" for n in summary["peer_notes"])))  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

@@ -95,6 +95,11 @@ class _DicomSource(DicomPeer):
     relational_move: bool = False
     """The peer accepts one IMAGE-level C-MOVE listing UIDs of many series (relational retrieve).
     ARIA does not: leave false and each series is moved with its full hierarchy."""
+    retrieve: Literal["uid_list", "one_uid", "series"] = "uid_list"
+    """How C-MOVE/C-GET names what to send: ``uid_list`` (one request per series listing its
+    UIDs), ``one_uid`` (one request per instance, for peers that take a single UID), ``series``
+    (one SERIES-level request per series: the whole series moves). A refused UID list is asked
+    again one UID per request, and the run summary says to set ``one_uid``."""
     max_associations: int = Field(default=4, ge=1, le=64)
     """Associations all runs of all flows may hold with this AE at once (a Prefect global
     concurrency limit named by ``rv_limit_name``, created by ``deployments.register``)."""

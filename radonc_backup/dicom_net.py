@@ -22,10 +22,17 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    HTJ2K,
     JPEG2000,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
     JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
 )
 from pynetdicom import AE, build_role, evt
@@ -81,11 +88,32 @@ TRANSFER_SYNTAXES = [
     ImplicitVRLittleEndian,
     DeflatedExplicitVRLittleEndian,
     JPEGLosslessSV1,
+    JPEGLossless,
     JPEG2000Lossless,
     JPEG2000,
     JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
 ]
+"""Every syntax pydicom knows for the objects we move. Each is offered in a presentation context
+of its own (``contexts_for``): a peer accepts one syntax per context, so a single context listing
+them all would make it decompress, or fail, every object not in the syntax it picked."""
+
+
+def contexts_for(sop_classes: Iterable[str], limit: int = 127) -> list[PresentationContext]:
+    """One presentation context per (SOP class, transfer syntax), at most ``limit`` (an
+    association carries 128 with the Q/R context). With more classes than fit, the classes
+    past the limit get one context listing every syntax (they can still move uncompressed)."""
+    classes = list(dict.fromkeys(sop_classes))
+    per_syntax = max(0, min(len(classes), (limit - len(classes)) // (len(TRANSFER_SYNTAXES) - 1)))
+    contexts = [build_context(c, ts) for c in classes[:per_syntax] for ts in TRANSFER_SYNTAXES]
+    contexts += [build_context(c, TRANSFER_SYNTAXES) for c in classes[per_syntax:]]
+    return contexts[:limit]
 
 QUERY_MODELS = {
     "study": (StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelMove,
@@ -146,6 +174,7 @@ class MoveResult:
     failed: int = 0
     warning: int = 0
     failed_uids: list[str] = field(default_factory=list)
+    error: str = ""  # the peer refused this identifier (the association went on)
 
     @property
     def claims_success(self) -> bool:
@@ -172,7 +201,8 @@ def identifier(level: str, **keys: object) -> Dataset:
     return ds
 
 
-def _uid_list(value: object) -> list[str]:
+def uid_list(value: object) -> list[str]:
+    """The UIDs of a UI value that may hold one or several."""
     if value is None or value == "":
         return []
     if isinstance(value, str):
@@ -267,6 +297,13 @@ class DicomClient:
         finally:
             ae.shutdown()
 
+    def _refused(self, operation: str, status: int, detail: str, about: str) -> FatalDicomError:
+        """The peer refused one identifier; the association is still up for the next."""
+        exc = FatalDicomError(self.site, self.peer.label, operation, detail, about or None,
+                              self.calling_ae)
+        exc.refused_identifier, exc.status = True, status
+        return exc
+
     def _accepted(self, assoc: Association, operation: str, abstract_syntax: str) -> None:
         if not any(cx.abstract_syntax == abstract_syntax for cx in assoc.accepted_contexts):
             raise self._error(False, operation, f"peer accepted no presentation context for "
@@ -303,12 +340,23 @@ class DicomClient:
             raise self._error(True, "C-FIND", "association ended before a final status")
 
     def move(self, identifiers: Iterable[Dataset], destination: str) -> list[MoveResult]:
-        """One C-MOVE request per identifier, all on one association."""
+        """One C-MOVE request per identifier, all on one association, one result each.
+
+        A peer that refuses one identifier (0xA9xx, or a failure before sending anything) fails
+        that identifier alone: its result carries the error and the next identifier is asked on
+        the same association. An unknown destination, a busy peer or a lost association stop
+        the call (they would fail every identifier alike)."""
         results = []
         with self.association("C-MOVE", [build_context(self.move_model)]) as assoc:
             self._accepted(assoc, "C-MOVE", self.move_model)
             for identifier in identifiers:
-                results.append(self._move_one(assoc, identifier, destination))
+                try:
+                    results.append(self._move_one(assoc, identifier, destination))
+                except FatalDicomError as exc:
+                    if exc.refused_identifier and assoc.is_established:
+                        results.append(MoveResult(status=exc.status or 0xC000, error=str(exc)))
+                        continue
+                    raise
         return results
 
     def _move_one(self, assoc: Association, identifier: Dataset, destination: str) -> MoveResult:
@@ -324,7 +372,7 @@ class DicomClient:
             if status in (0xFF00, 0xFF01):
                 continue
             if ident is not None and "FailedSOPInstanceUIDList" in ident:
-                last.failed_uids = _uid_list(ident.FailedSOPInstanceUIDList)
+                last.failed_uids = uid_list(ident.FailedSOPInstanceUIDList)
             if status == 0xA801:
                 raise self._error(False, "C-MOVE", f"move destination {destination} is unknown to "
                                                    "the peer: register it there", about or None)
@@ -332,21 +380,26 @@ class DicomClient:
                 raise self._error(True, "C-MOVE", f"peer out of resources (0x{status:04X})",
                                   about or None)
             if status >> 8 == 0xA9:
-                raise self._error(False, "C-MOVE", f"identifier rejected (0x{status:04X})",
-                                  about or None)
+                raise self._refused("C-MOVE", status, f"identifier rejected (0x{status:04X})",
+                                    about)
             if status >> 12 == 0xC and last.completed + last.failed + last.warning == 0:
-                raise self._error(False, "C-MOVE", f"peer refused the move (0x{status:04X}) "
-                                                   "before sending anything: the objects are not "
-                                                   f"there, or {destination} is not registered "
-                                                   "there as a move destination",
-                                  about or None)
+                raise self._refused("C-MOVE", status, f"peer refused the move (0x{status:04X}) "
+                                                      "before sending anything: the objects are "
+                                                      f"not there, or {destination} is not "
+                                                      "registered there as a move destination",
+                                    about)
             return last
         if last is None:
             raise self._error(True, "C-MOVE", "no response", about or None)
         return last
 
-    def get(self, identifier: Dataset, on_instance: Callable[[Dataset], None]) -> MoveResult:
-        """C-GET: the peer sends the objects back on this association to ``on_instance``."""
+    def get(self, identifier: Dataset, on_instance: Callable[[Dataset], None],
+            sop_classes: Iterable[str] = ()) -> MoveResult:
+        """C-GET: the peer sends the objects back on this association to ``on_instance``.
+
+        ``sop_classes``: the classes expected (from the C-FIND), each offered in every transfer
+        syntax in a context of its own, so compressed objects come in their own syntax; unknown,
+        every storage class is offered."""
 
         def handle_store(event: evt.Event) -> int:
             try:
@@ -357,9 +410,9 @@ class DicomClient:
                 return 0xA700
             return 0x0000
 
-        storage = [build_context(uid, TRANSFER_SYNTAXES) for uid in STORAGE_CLASSES]
-        contexts = [build_context(self.get_model), *storage][:128]
-        roles = [build_role(uid, scp_role=True) for uid in STORAGE_CLASSES]
+        classes = [c for c in sop_classes if c] or STORAGE_CLASSES
+        contexts = [build_context(self.get_model), *contexts_for(classes)]
+        roles = [build_role(uid, scp_role=True) for uid in dict.fromkeys(classes)]
         last = MoveResult(status=0xC000)
         with self.association("C-GET", contexts, roles,
                               [(evt.EVT_C_STORE, handle_store)]) as assoc:
@@ -379,13 +432,13 @@ class DicomClient:
     def store(self, datasets: Iterable[Dataset]) -> list[StoreResult]:
         """C-STORE each dataset on one association; a refused object is reported, not raised."""
         items = list(datasets)
-        classes = sorted({str(ds.SOPClassUID) for ds in items})
-        contexts = []
-        for sop_class in classes:
-            syntaxes = {str(ds.file_meta.TransferSyntaxUID) for ds in items
-                        if str(ds.SOPClassUID) == sop_class and "file_meta" in ds.__dict__
-                        and "TransferSyntaxUID" in ds.file_meta}
-            contexts.append(build_context(sop_class, [*TRANSFER_SYNTAXES[:2], *sorted(syntaxes)]))
+        if not items:
+            return []
+        pairs = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)
+                         if "file_meta" in ds.__dict__ and "TransferSyntaxUID" in ds.file_meta
+                         else ExplicitVRLittleEndian) for ds in items})
+        # One context per (class, syntax) the objects are in: each goes as it came, unchanged.
+        contexts = [build_context(c, ts) for c, ts in pairs]
         results = []
         with self.association("C-STORE", contexts[:128]) as assoc:
             for ds in items:

@@ -43,6 +43,9 @@ class RetriableDicomError(DicomError):
 class FatalDicomError(DicomError):
     """Permanent: the peer rejects our AE, the identifier, or the destination. Fix the setup."""
 
+    refused_identifier = False  # the peer refused one identifier; the association went on
+    status: int | None = None
+
 
 class FindTruncated(DicomError):
     """The peer stopped its C-FIND answer at its result limit: the window must be split."""

@@ -84,6 +84,12 @@ class ContextOutcome:
     unresolved: list[str] = field(default_factory=list)
     moved: Counter[str] = field(default_factory=Counter)
     verified: Counter[str] = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        """Something the peer made the walk do (not a failure), said once in the summary."""
+        if text not in self.notes:
+            self.notes.append(text)
 
     def problem(self, text: str) -> None:
         self.state = "incomplete"
@@ -93,6 +99,8 @@ class ContextOutcome:
         """Add the counts and problems of a part of the walk that ran on its own thread."""
         self.moved.update(other.moved)
         self.verified.update(other.verified)
+        for text in other.notes:
+            self.note(text)
         for text in other.unresolved:
             self.problem(text)
 
@@ -276,20 +284,26 @@ class ContextWalker:
         self.ledger.mark_moved(self.lane, uids)
         out.moved.update(object_type(r.sop_class_uid) for r in refs)
         claims = ""
+        refused: dict[str, str] = {}
         try:
             if started is not None:
                 claims = started.result()
             else:
                 size = self.site.settings.batch_size
                 for i in range(0, len(refs), size):
-                    claims = transfer(self.site, self.source, self.target, refs[i:i + size],
-                                      self.store_client)
+                    delivery = transfer(self.site, self.source, self.target, refs[i:i + size],
+                                        self.store_client)
+                    claims = delivery.claims
+                    refused.update(delivery.refused)
+                    for note in delivery.notes:
+                        out.note(note)
         except DicomError as exc:
             claims = str(exc)
         present = wait_for(self.target, refs, self.site.settings.verify_timeout)
         self.ledger.mark_verified(self.lane, present)
         self.ledger.mark_failed(self.lane, {
-            u: f"not found in backup {self.lane.backup} after the move ({claims})"
+            u: refused.get(u) or f"not found in backup {self.lane.backup} after the move "
+                                 f"({claims})"
             for u in uids if u not in present})
         out.verified.update(object_type(r.sop_class_uid) for r in refs
                             if r.sop_instance_uid in present)

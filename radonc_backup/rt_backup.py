@@ -10,7 +10,7 @@ flows only wrap them. The rules that keep data from being lost:
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 
 from .backup_target import BackupTarget, wait_for
 from .config import AriaSource, MimSource, Site
-from .dicom_net import RT_RECORD_CLASSES, DicomClient, MoveResult, identifier
+from .dicom_net import RT_RECORD_CLASSES, DicomClient, MoveResult, identifier, uid_list
 from .errors import BackupError, ConfigError, DicomError, FatalDicomError, FindTruncated, \
     RetriableBackupTargetError, RetriableDicomError
 from .instance import InstanceRef
@@ -56,24 +56,89 @@ def _in_query(ref: InstanceRef, query: DayQuery) -> bool:
     return query.start <= when.time().replace(microsecond=0) <= query.end
 
 
+class Screen:
+    """Trust no match: each C-FIND answer is checked against what was asked (an RT Record, in
+    the window, of the patient) before it enters the ledger or a move.
+
+    A match that does not say what it is (no SOPClassUID and no Modality) or, answering a date
+    query, when it was delivered, is asked again by its own UID; if the peer still does not say,
+    the run stops with one line rather than move it blind. Matches a peer returned against a key
+    (another class, date or patient) are dropped and counted, and ``notes`` names the key for
+    the run summary.
+    """
+
+    LOOKUPS = 200  # per run: beyond that the peer answers blind, and another setting is needed
+
+    def __init__(self, client: DicomClient) -> None:
+        self.client = client
+        self.ignored: Counter[str] = Counter()
+        self.looked_up = 0
+
+    def keep(self, match: Dataset, query: DayQuery | None = None,
+             patient_id: str | None = None) -> InstanceRef | None:
+        lacks_date = query is not None and "TreatmentDate" not in match
+        if not (match.get("SOPClassUID") or match.get("Modality")) or lacks_date:
+            match = self._look_up(match)
+        ref = InstanceRef.from_match(match)
+        sop_class, modality = ref.sop_class_uid, str(match.get("Modality", "") or "")
+        if sop_class not in RT_RECORD_CLASSES and not (not sop_class and modality == "RTRECORD"):
+            self.ignored["SOPClassUID/Modality"] += 1
+            return None
+        if patient_id is not None and ref.patient_id != patient_id:
+            self.ignored["PatientID"] += 1
+            return None
+        if query is not None and not _in_query(ref, query):
+            self.ignored["TreatmentDate/TreatmentTime"] += 1
+            return None
+        return ref
+
+    def _look_up(self, match: Dataset) -> Dataset:
+        uid = str(match.get("SOPInstanceUID", ""))
+        self.looked_up += 1
+        if self.looked_up > self.LOOKUPS:
+            raise self._blind(f"more than {self.LOOKUPS} matches without SOPClassUID/Modality "
+                              "or TreatmentDate")
+        keys = {k: match.get(k) for k in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
+                if match.get(k)}
+        q = identifier("IMAGE", **keys, SOPInstanceUID=uid, SOPClassUID="", Modality="",
+                       TreatmentDate="", TreatmentTime="")
+        answers = [m for m in self.client.find(q) if str(m.get("SOPInstanceUID", "")) == uid]
+        if not answers or not (answers[0].get("SOPClassUID") or answers[0].get("Modality")):
+            raise self._blind(f"{uid} comes without SOPClassUID or Modality, also when asked "
+                              "by its UID")
+        return answers[0]
+
+    def _blind(self, detail: str) -> FatalDicomError:
+        return FatalDicomError(self.client.site, self.client.peer.label, "C-FIND",
+                               f"the peer does not say what its matches are ({detail}): "
+                               "nothing is moved blind; run `dicom_tools check` and see "
+                               "docs/r-and-v-compatibility.md", calling_ae=self.client.calling_ae)
+
+    def notes(self) -> list[str]:
+        return [f"{self.client.peer.label} ignored {key} in its C-FIND answers: {n} match(es) "
+                "that were not asked for were dropped" for key, n in sorted(self.ignored.items())]
+
+
 def find_records(client: DicomClient, queries: Iterable[DayQuery], cap: int = 0,
-                 on_split: Callable[[DayQuery], None] | None = None) -> list[InstanceRef]:
+                 on_split: Callable[[DayQuery], None] | None = None,
+                 screen: Screen | None = None) -> list[InstanceRef]:
     """Every RT Record the peer holds in the queries' windows, de-duplicated by SOP UID.
 
     A query that the peer cut short (a Cancel status, or ``cap`` or more matches from a peer that
     truncates silently) is split in two and both halves are asked; a one-second window still cut
     short is an error.
     """
+    screen = screen or Screen(client)
     found: dict[str, InstanceRef] = {}
     pending = list(queries)
     while pending:
         query = pending.pop(0)
-        matches: list[InstanceRef] = []
+        matches: list[Dataset] = []
         truncated = False
         try:
             for m in client.find(record_identifier(query)):
                 if m.get("SOPInstanceUID"):
-                    matches.append(InstanceRef.from_match(m))
+                    matches.append(m)
         except FindTruncated:
             truncated = True
         if truncated or (cap and len(matches) >= cap):
@@ -87,10 +152,9 @@ def find_records(client: DicomClient, queries: Iterable[DayQuery], cap: int = 0,
                 on_split(query)
             pending[:0] = list(halves)
             continue
-        for ref in matches:
-            if ref.sop_class_uid and ref.sop_class_uid not in RT_RECORD_CLASSES:
-                continue
-            if _in_query(ref, query):
+        for m in matches:
+            ref = screen.keep(m, query)
+            if ref is not None:
                 found.setdefault(ref.sop_instance_uid, ref)
     return sorted(found.values(), key=lambda r: (r.treatment_date, r.treatment_time,
                                                  r.sop_instance_uid))
@@ -104,7 +168,7 @@ def patient_record_identifier(patient_id: str) -> Dataset:
 
 
 def find_patient_records(client: DicomClient, patient_ids: Iterable[str],
-                         cap: int = 0) -> list[InstanceRef]:
+                         cap: int = 0, screen: Screen | None = None) -> list[InstanceRef]:
     """Every RT Record of these patients, asked one patient at a time and without a date.
 
     The nightly net under the date queries: a record with an empty TreatmentDate (Type 2), or
@@ -113,22 +177,20 @@ def find_patient_records(client: DicomClient, patient_ids: Iterable[str],
     key) or of another class is dropped; an answer that reaches the peer's cap is an error,
     never a silent cut.
     """
+    screen = screen or Screen(client)
     found: dict[str, InstanceRef] = {}
     for patient_id in patient_ids:
-        matches = [InstanceRef.from_match(m)
-                   for m in client.find(patient_record_identifier(patient_id))
+        matches = [m for m in client.find(patient_record_identifier(patient_id))
                    if m.get("SOPInstanceUID")]
         if cap and len(matches) >= cap:
             raise FatalDicomError(client.site, client.peer.label, "C-FIND",
                                   f"patient {patient_id}: {len(matches)} RT Records reach the "
                                   f"peer's cap of {cap}: raise its C-FIND result limit",
                                   calling_ae=client.calling_ae)
-        for ref in matches:
-            if ref.patient_id != patient_id:
-                continue
-            if ref.sop_class_uid and ref.sop_class_uid not in RT_RECORD_CLASSES:
-                continue
-            found.setdefault(ref.sop_instance_uid, ref)
+        for m in matches:
+            ref = screen.keep(m, patient_id=patient_id)
+            if ref is not None:
+                found.setdefault(ref.sop_instance_uid, ref)
     return sorted(found.values(), key=lambda r: (r.patient_id, r.treatment_date,
                                                  r.treatment_time, r.sop_instance_uid))
 
@@ -139,13 +201,19 @@ def batches(refs: Iterable[InstanceRef], size: int) -> list[list[InstanceRef]]:
     return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
-def move_identifiers(batch: Iterable[InstanceRef], relational: bool = False) -> list[Dataset]:
-    """One IMAGE-level identifier per series, with the full hierarchy ARIA insists on.
+def move_identifiers(batch: Iterable[InstanceRef], relational: bool = False,
+                     retrieve: str = "uid_list") -> list[Dataset]:
+    """C-MOVE/C-GET identifiers for a batch, as the source's ``retrieve`` mode says:
 
-    ``relational``: a single identifier listing every UID, for peers that support relational
-    retrieve (one C-MOVE for a whole batch instead of one per series).
+    - ``uid_list``: one IMAGE-level identifier per series listing its UIDs, with the full
+      hierarchy ARIA insists on (``relational``: one identifier listing every UID of the batch,
+      for peers that support relational retrieve);
+    - ``one_uid``: one IMAGE-level identifier per instance, for peers that take one UID a
+      request;
+    - ``series``: one SERIES-level identifier per series (the whole series moves, also
+      instances the batch did not ask for).
     """
-    if relational:
+    if relational and retrieve == "uid_list":
         uids = sorted({ref.sop_instance_uid for ref in batch})
         return [identifier("IMAGE", SOPInstanceUID=uids if len(uids) > 1 else uids[0])]
     by_series: dict[tuple[str, str, str], list[str]] = defaultdict(list)
@@ -155,9 +223,31 @@ def move_identifiers(batch: Iterable[InstanceRef], relational: bool = False) -> 
     for (patient_id, study, series), uids in sorted(by_series.items()):
         known = {k: v for k, v in (("PatientID", patient_id), ("StudyInstanceUID", study),
                                    ("SeriesInstanceUID", series)) if v}
-        identifiers.append(identifier("IMAGE", **known,
-                                      SOPInstanceUID=uids if len(uids) > 1 else uids[0]))
+        if retrieve == "series":
+            identifiers.append(identifier("SERIES", **known))
+        elif retrieve == "one_uid":
+            identifiers += [identifier("IMAGE", **known, SOPInstanceUID=u) for u in uids]
+        else:
+            identifiers.append(identifier("IMAGE", **known,
+                                          SOPInstanceUID=uids if len(uids) > 1 else uids[0]))
     return identifiers
+
+
+def one_uid_each(ident: Dataset) -> list[Dataset]:
+    """An IMAGE-level identifier listing several UIDs, as one identifier per UID."""
+    keys = {k: ident.get(k) for k in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
+            if ident.get(k)}
+    return [identifier("IMAGE", **keys, SOPInstanceUID=u)
+            for u in uid_list(ident.get("SOPInstanceUID"))]
+
+
+@dataclass
+class Delivery:
+    """What a transfer's peer said: its claims, and the UIDs whose identifier it refused."""
+
+    claims: str
+    refused: dict[str, str] = field(default_factory=dict)  # UID -> the peer's refusal
+    notes: list[str] = field(default_factory=list)  # for the run summary
 
 
 @dataclass
@@ -167,6 +257,7 @@ class BatchOutcome:
     verified: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     peer_claims: str = ""
+    notes: list[str] = field(default_factory=list)  # what the peer made us do, for the summary
     # Moved to a backup that may index later, not seen yet: settled with the run's other such
     # objects in one wait (see settle), so refused objects do not cost one timeout per batch.
     awaiting: list[Awaiting] = field(default_factory=list)
@@ -217,34 +308,60 @@ def backup_unreachable(site: Site, target: BackupTarget) -> str | None:
 
 
 def transfer(site: Site, source: AriaSource | MimSource, target: BackupTarget,
-             batch: list[InstanceRef], store_client: DicomClient | None = None) -> str:
-    """Ask the source to deliver ``batch`` to the backup; returns what the peer claimed.
+             batch: list[InstanceRef], store_client: DicomClient | None = None) -> Delivery:
+    """Ask the source to deliver ``batch`` to the backup; returns what the peer claimed and
+    which UIDs' identifiers it refused (each with its own error; the rest of the batch goes on).
 
     ARIA-type sources C-MOVE straight to the backup AE. MIM-type sources are fetched by C-GET and
-    relayed by C-STORE (``store_client`` talks to the backup's DICOM port).
+    relayed by C-STORE (``store_client`` talks to the backup's DICOM port). A UID list the peer
+    refuses is asked again one UID per request (and the summary says to set ``retrieve``).
     """
     client = site.client(source)
-    identifiers = move_identifiers(batch, source.relational_move)
+    identifiers = move_identifiers(batch, source.relational_move, source.retrieve)
     if isinstance(source, AriaSource):
         results = _parallel_moves(client, identifiers, target.aet,
                                   site.settings.move_associations)
+        delivery = Delivery("")
+        lists = [i for i, (ident, r) in enumerate(zip(identifiers, results))
+                 if r.error and len(uid_list(ident.get("SOPInstanceUID"))) > 1]
+        if lists:
+            singles = [one for i in lists for one in one_uid_each(identifiers[i])]
+            delivery.notes.append(
+                f"{source.label} refused {len(lists)} C-MOVE(s) listing several UIDs "
+                f"({results[lists[0]].error}); each UID was asked on its own: set retrieve = "
+                f'"one_uid" for this source')
+            kept = [i for i in range(len(identifiers)) if i not in lists]
+            again = _parallel_moves(client, singles, target.aet, site.settings.move_associations)
+            identifiers = [identifiers[i] for i in kept] + singles
+            results = [results[i] for i in kept] + again
+        in_series: dict[str, list[str]] = defaultdict(list)
+        for ref in batch:
+            in_series[ref.series_uid].append(ref.sop_instance_uid)
+        for ident, r in zip(identifiers, results):
+            if r.error:
+                uids = uid_list(ident.get("SOPInstanceUID")) or \
+                    in_series[str(ident.get("SeriesInstanceUID", ""))]
+                delivery.refused.update({u: r.error for u in uids})
         completed = sum(r.completed for r in results)
         failed = sum(r.failed for r in results)
         statuses = ",".join(sorted({f"0x{r.status:04X}" for r in results}))
-        return f"C-MOVE status {statuses}, {completed} completed, {failed} failed"
+        delivery.claims = (f"C-MOVE status {statuses}, {completed} completed, {failed} failed"
+                           + (f", {len(delivery.refused)} refused" if delivery.refused else ""))
+        return delivery
     if store_client is None:
         raise ConfigError(f"site {site.name}: MIM relay needs a DICOM backup target")
     refused: list[str] = []
     for ident in identifiers:
         received: list[Dataset] = []
-        client.get(ident, received.append)
+        client.get(ident, received.append, sorted({r.sop_class_uid for r in batch}))
         refused += [r.sop_instance_uid for r in store_client.store(received) if not r.ok]
-    return f"C-GET + C-STORE relay, {len(refused)} refused by the backup"
+    return Delivery(f"C-GET + C-STORE relay, {len(refused)} refused by the backup")
 
 
 def _parallel_moves(client: DicomClient, identifiers: list[Dataset], destination: str,
                     associations: int) -> list[MoveResult]:
     """Spread C-MOVEs over a few associations: each costs the peer a sub-association of its own.
+    Results come back in the order of ``identifiers``.
 
     All moves run to the end; the first DICOM error is raised afterwards, so one bad series does
     not leave the others unattempted.
@@ -252,18 +369,20 @@ def _parallel_moves(client: DicomClient, identifiers: list[Dataset], destination
     if associations <= 1 or len(identifiers) <= 1:
         return client.move(identifiers, destination)
     shares = [identifiers[i::associations] for i in range(associations)]
-    results: list[MoveResult] = []
+    results: list[MoveResult | None] = [None] * len(identifiers)
     errors: list[DicomError] = []
     with ThreadPoolExecutor(max_workers=associations) as pool:
-        futures = [pool.submit(client.move, share, destination) for share in shares if share]
-        for future in futures:
+        futures = [(i, pool.submit(client.move, share, destination))
+                   for i, share in enumerate(shares) if share]
+        for i, future in futures:
             try:
-                results += future.result()
+                for k, result in enumerate(future.result()):
+                    results[i + k * associations] = result
             except DicomError as exc:
                 errors.append(exc)
     if errors:
         raise errors[0]
-    return results
+    return [r for r in results if r is not None]
 
 
 def move_and_verify(site: Site, source: AriaSource | MimSource, target: BackupTarget,
@@ -284,8 +403,11 @@ def move_and_verify(site: Site, source: AriaSource | MimSource, target: BackupTa
     ledger.mark_moved(lane, [r.sop_instance_uid for r in todo])
     outcome.moved = len(todo)
     error: BackupError | None = None
+    refused: dict[str, str] = {}
     try:
-        outcome.peer_claims = transfer(site, source, target, todo, store_client)
+        delivery = transfer(site, source, target, todo, store_client)
+        outcome.peer_claims, refused, outcome.notes = delivery.claims, delivery.refused, \
+            delivery.notes
     except DicomError as exc:
         error = exc
         down = None if isinstance(exc, RetriableDicomError) else backup_unreachable(site, target)
@@ -305,11 +427,14 @@ def move_and_verify(site: Site, source: AriaSource | MimSource, target: BackupTa
               f"not found in backup {target.alias} ({target.aet}) after the move "
               f"({outcome.peer_claims})")
     absent = [r for r in todo if r.sop_instance_uid not in present]
+    outcome.failed = {r.sop_instance_uid: refused[r.sop_instance_uid] for r in absent
+                      if r.sop_instance_uid in refused}  # the peer's own refusal, per UID
+    absent = [r for r in absent if r.sop_instance_uid not in refused]
     if error is None and not target.confirms_on_receipt:
         outcome.awaiting = [Awaiting(r, reason) for r in absent]
     else:
-        outcome.failed = {r.sop_instance_uid: reason for r in absent}
-        ledger.mark_failed(lane, outcome.failed)
+        outcome.failed.update({r.sop_instance_uid: reason for r in absent})
+    ledger.mark_failed(lane, outcome.failed)
     if error is not None:
         raise error
     return outcome

@@ -7,6 +7,7 @@ what lets a rerun skip finished work.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import Task, get_run_logger, task
@@ -17,7 +18,7 @@ from radonc_backup.config import Settings
 from radonc_backup.errors import is_retriable
 from radonc_backup.instance import InstanceRef
 from radonc_backup.lane import open_lane
-from radonc_backup.rt_backup import Awaiting, BatchOutcome, find_patient_records, \
+from radonc_backup.rt_backup import Awaiting, BatchOutcome, Screen, find_patient_records, \
     find_records, move_and_verify, settle, verify_present
 from radonc_backup.validation import Validation, validate_lane
 from radonc_backup.windows import DayQuery
@@ -45,32 +46,47 @@ def with_site_retries(t: Task[Any, Any], settings: Settings) -> Task[Any, Any]:
     )
 
 
+@dataclass
+class Found:
+    refs: list[InstanceRef]
+    notes: list[str] = field(default_factory=list)  # keys the peer ignored, for the summary
+
+
 @task(name="find-rt-records", cache_policy=NO_CACHE)
 def find_rt_records(site: str, source: str | None, backup: str | None, config: str | None,
-                    queries: list[DayQuery]) -> list[InstanceRef]:
-    """C-FIND the RT Records of each window on the R&V, splitting windows the peer capped."""
+                    queries: list[DayQuery]) -> Found:
+    """C-FIND the RT Records of each window on the R&V, splitting windows the peer capped, and
+    keeping only the matches that are what was asked for."""
     logger = get_run_logger()
     lane = open_lane(site, source, backup, config)
-    refs = find_records(lane.site.client(lane.source), queries,
-                        cap=lane.source.max_find_results,
+    client = lane.site.client(lane.source)
+    screen = Screen(client)
+    refs = find_records(client, queries, cap=lane.source.max_find_results,
                         on_split=lambda q: logger.info("window %s hit the peer's cap of %d: "
                                                        "splitting", q,
-                                                       lane.source.max_find_results))
+                                                       lane.source.max_find_results),
+                        screen=screen)
+    for note in screen.notes():
+        logger.warning("site %s: %s", site, note)
     logger.info("site %s: %d RT Records on %s in %d window(s)", site, len(refs),
                 lane.source.aet, len(queries))
-    return refs
+    return Found(refs, screen.notes())
 
 
 @task(name="find-rt-records-by-patient", cache_policy=NO_CACHE)
 def find_rt_records_by_patient(site: str, source: str | None, backup: str | None,
-                               config: str | None, patient_ids: list[str]) -> list[InstanceRef]:
+                               config: str | None, patient_ids: list[str]) -> Found:
     """C-FIND every RT Record of each patient, whatever its date (one query per patient)."""
     lane = open_lane(site, source, backup, config)
-    refs = find_patient_records(lane.site.client(lane.source), patient_ids,
-                                cap=lane.source.max_find_results)
+    client = lane.site.client(lane.source)
+    screen = Screen(client)
+    refs = find_patient_records(client, patient_ids, cap=lane.source.max_find_results,
+                                screen=screen)
+    for note in screen.notes():
+        get_run_logger().warning("site %s: %s", site, note)
     get_run_logger().info("site %s: %d RT Records of %d patient(s) on %s", site, len(refs),
                           len(patient_ids), lane.source.aet)
-    return refs
+    return Found(refs, screen.notes())
 
 
 @task(name="copy-ledger", cache_policy=NO_CACHE)

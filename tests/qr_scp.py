@@ -1,0 +1,113 @@
+"""An in-process Q/R SCP shaped like a vendor's conformance statement, not like Orthanc.
+
+Real R&V servers differ from Orthanc in ways that once lost or mixed up data: some take one
+SOP Instance UID per retrieve, some refuse single objects. This SCP answers Study Root C-FIND
+at IMAGE level (relational, on the keys the backup asks) and performs C-MOVE sub-operations
+itself, C-STOREing to the destination AE; ``single_uid`` refuses (0xA900) a C-MOVE listing
+several UIDs, ``refuse`` answers 0xC000 for the UIDs it holds but will not send,
+``ignore_keys`` answers every C-FIND with everything it holds, and ``returns`` limits the keys
+its answers carry (DCMTK's dcmqrscp, for one, returns only the keys of its index). Runs on a free
+loopback port; the C-MOVE requests it received are kept in ``moves``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, \
+    StudyRootQueryRetrieveInformationModelMove
+
+from demo.orthanc import free_port
+from demo.synthetic import to_bytes
+
+_KEYS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+         "TreatmentDate", "TreatmentTime", "Modality")
+
+
+def _values(value: object) -> list[str]:
+    if value in (None, ""):
+        return []
+    if isinstance(value, str):
+        return [v for v in value.split("\\") if v]
+    return [str(v) for v in value]  # type: ignore[attr-defined]
+
+
+def _matches(ds: Dataset, query: Dataset) -> bool:
+    for key in _KEYS:
+        wanted = query.get(key)
+        if key not in query or wanted in (None, ""):
+            continue
+        have = str(ds.get(key, "") or "")
+        if key in ("TreatmentDate", "TreatmentTime") and "-" in str(wanted):
+            lo, _, hi = str(wanted).partition("-")
+            value = have.split(".")[0]
+            if not value or (lo and value < lo.split(".")[0]) or (hi and value > hi.split(".")[0]):
+                return False  # seconds against seconds: an upper bound of .999999 is inclusive
+        elif have not in _values(wanted):
+            return False
+    return True
+
+
+class StrictQRSCP:
+    def __init__(self, aet: str, objects: list[Dataset], destinations: dict[str, tuple[str, int]],
+                 single_uid: bool = False, refuse: set[str] | None = None,
+                 ignore_keys: bool = False, returns: set[str] | None = None) -> None:
+        for ds in objects:
+            to_bytes(ds)  # gives each a file meta (the transfer syntax its C-STORE uses)
+        self.aet, self.objects, self.destinations = aet, objects, destinations
+        self.single_uid, self.refuse = single_uid, refuse or set()
+        self.ignore_keys = ignore_keys  # C-FIND answers every object it holds, like a peer
+        # that matches only the keys it indexes
+        self.returns = returns  # the keys it can return (None: every key asked)
+        self.port = free_port()
+        self.moves: list[list[str]] = []
+        self.ae = AE(ae_title=aet)
+        self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+        self.ae.requested_contexts = StoragePresentationContexts
+        self.server = None
+
+    def _on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        query = event.identifier
+        for ds in self.objects:
+            if self.ignore_keys or _matches(ds, query):
+                answer = Dataset()
+                for key in query.dir():
+                    if key != "QueryRetrieveLevel" and (self.returns is None or
+                                                        key in self.returns):
+                        setattr(answer, key, ds.get(key, ""))
+                answer.QueryRetrieveLevel = "IMAGE"
+                yield 0xFF00, answer
+        yield 0x0000, None
+
+    def _on_move(self, event: evt.Event) -> Iterator[object]:
+        query = event.identifier
+        uids = _values(query.get("SOPInstanceUID"))
+        self.moves.append(uids)
+        destination = event.move_destination
+        if isinstance(destination, bytes):
+            destination = destination.decode("ascii")
+        yield self.destinations.get(destination.strip(), (None, None))
+        if self.single_uid and len(uids) > 1:
+            yield 1
+            yield 0xA900, None  # Identifier does not match SOP Class: one UID per request
+            return
+        if any(u in self.refuse for u in uids):
+            yield 1
+            yield 0xC000, None  # Unable to process
+            return
+        found = [ds for ds in self.objects if _matches(ds, query)]
+        yield len(found)
+        for ds in found:
+            yield 0xFF00, ds
+
+    def __enter__(self) -> "StrictQRSCP":
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_C_FIND, self._on_find), (evt.EVT_C_MOVE, self._on_move)])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.server is not None:
+            self.server.shutdown()

@@ -1,0 +1,190 @@
+"""R&V servers that are not Orthanc (issue "Real R&V servers"): the backup flows against
+in-process Q/R SCPs shaped like vendors' conformance statements, with a real backup Orthanc."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from demo.site import DemoSite
+from flows.incremental_backup import incremental_backup
+from radonc_backup.config import load_site
+from radonc_backup.ledger import Lane
+from tasks.limits import ensure_rv_limits
+from tests.conftest import missed
+from tests.qr_scp import StrictQRSCP
+from tests.test_backup_flows import at, course, ledger, run, uids
+
+pytestmark = pytest.mark.usefixtures("prefect")
+
+STRICT = Lane("DEMO", "strict", "orthanc")
+NY = ZoneInfo("America/New_York")
+
+
+def strict_site(make_site: Callable[..., DemoSite], everything: bool = False,
+                **scp: object) -> tuple[DemoSite, StrictQRSCP, list]:
+    """A backup Orthanc and a strict SCP as source "strict" holding three courses' records
+    (two each, yesterday and today; ``everything``: also their CT, plan, structure set, dose
+    and a record from last week)."""
+    site = make_site(extra_backup_modalities={"STRICT_RV": ("STRICT_RV", "127.0.0.1", 1)})
+    courses = [course(f"RV1{n}", at(-1, 8 + n), delivered=2) for n in range(3)]
+    records = [r for c in courses for r in c.records]
+    held = list(records)
+    if everything:
+        held += [ds for c in courses for ds in c.context()]
+        held.append(courses[0].add_record(at(-7, 8)))
+    server = StrictQRSCP("STRICT_RV", held,
+                         {site.backup.aet: ("127.0.0.1", site.backup.dicom_port)}, **scp)
+    cfg = Path(site.config_path)
+    cfg.write_text(cfg.read_text() + f'\n[DEMO.sources.strict]\ntype = "aria"\n'
+                                     f'aet = "STRICT_RV"\nip = "127.0.0.1"\nport = {server.port}\n')
+    ensure_rv_limits(load_site("DEMO", str(cfg)))
+    return site, server, records
+
+
+def latest_artifact(key: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC)
+    assert found, key
+    return str(found[0].data)
+
+
+def test_a_peer_taking_one_uid_per_move_gets_one_and_a_refused_record_fails_alone(
+        make_site: Callable[..., DemoSite]) -> None:
+    """A peer that refuses UID lists (0xA900) and one object (0xC000): the lists are asked again
+    one UID at a time, the refused record fails with its own error, every other is verified,
+    and the run says which setting fits the peer."""
+    site, server, records = strict_site(make_site, single_uid=True)
+    refused = records[3]
+    server.refuse = {str(refused.SOPInstanceUID)}
+    with server:
+        state = run(incremental_backup, site, at(0, 16), source="strict", backfill=False)
+        assert state.is_failed()
+        message = str(state.message)
+        assert str(refused.SOPInstanceUID) in message and "0xC000" in message, message
+        rows = {r.ref.sop_instance_uid: r for r in ledger(site).rows(STRICT)}
+        assert {u for u, r in rows.items() if r.state == "verified"} == \
+            uids(*records) - {str(refused.SOPInstanceUID)}
+        assert rows[str(refused.SOPInstanceUID)].state == "failed"
+        assert "0xC000" in str(rows[str(refused.SOPInstanceUID)].last_error)
+        assert "0xA900" not in str(rows[str(refused.SOPInstanceUID)].last_error)
+        assert site.backup.sop_instance_uids() == uids(*records) - {str(refused.SOPInstanceUID)}
+        assert any(len(m) > 1 for m in server.moves), "a UID list was tried first"
+        summary = latest_artifact("incremental-backup-demo-strict")
+        assert 'refused 3 C-MOVE(s) listing several UIDs' in summary
+        assert 'set retrieve = "one_uid" for this source' in summary
+
+        server.refuse = set()
+        cfg = Path(site.config_path)
+        cfg.write_text(cfg.read_text().replace('port = ' + str(server.port) + '\n',
+                                               f'port = {server.port}\nretrieve = "one_uid"\n'))
+        server.moves.clear()
+        again = run(incremental_backup, site, at(0, 16, 10), source="strict", backfill=False)
+        assert again.is_completed(), again.message
+        assert again.result()["peer_notes"] == []
+        assert server.moves == [[str(refused.SOPInstanceUID)]], "one UID, no list tried"
+    assert missed(site, uids(*records)) == (0, 0)
+    assert site.backup.sop_instance_uids() == uids(*records)
+
+
+def test_retrieve_modes_name_what_to_send() -> None:
+    from radonc_backup.instance import InstanceRef
+    from radonc_backup.rt_backup import move_identifiers
+
+    batch = [InstanceRef("1.1", "", "P", "9.1", "8.1"), InstanceRef("1.2", "", "P", "9.1", "8.1"),
+             InstanceRef("1.3", "", "P", "9.1", "8.2")]
+    lists = move_identifiers(batch)
+    assert [i["SOPInstanceUID"].value for i in lists] == [["1.1", "1.2"], "1.3"]
+    singles = move_identifiers(batch, retrieve="one_uid")
+    assert [(i.QueryRetrieveLevel, i.SeriesInstanceUID, i.SOPInstanceUID) for i in singles] == [
+        ("IMAGE", "8.1", "1.1"), ("IMAGE", "8.1", "1.2"), ("IMAGE", "8.2", "1.3")]
+    series = move_identifiers(batch, retrieve="series")
+    assert [(i.QueryRetrieveLevel, i.SeriesInstanceUID, "SOPInstanceUID" in i) for i in series] \
+        == [("SERIES", "8.1", False), ("SERIES", "8.2", False)]
+
+
+def test_a_peer_that_ignores_keys_gets_only_what_was_asked_for_moved(
+        make_site: Callable[..., DemoSite]) -> None:
+    """A peer that answers every C-FIND with everything it holds (CT, plans, doses, records of
+    other days): the run moves the window's RT Records and nothing else, and says which keys
+    the peer ignored."""
+    site, server, records = strict_site(make_site, everything=True, ignore_keys=True)
+    with server:
+        state = run(incremental_backup, site, at(0, 16), source="strict", backfill=False)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["found"] == len(records) == 6
+    assert site.backup.sop_instance_uids() == uids(*records), "nothing else moved"
+    notes = " ".join(summary["peer_notes"])
+    assert "ignored SOPClassUID/Modality" in notes and "ignored TreatmentDate" in notes
+    assert missed(site, uids(*records)) == (0, 0)
+
+
+def test_a_peer_that_does_not_say_what_its_matches_are_moves_nothing_blind(
+        make_site: Callable[..., DemoSite]) -> None:
+    """A peer that ignores keys and returns only UIDs (no SOPClassUID, Modality or
+    TreatmentDate, even asked by UID): nothing is moved, and the run fails in one line."""
+    site, server, _ = strict_site(make_site, everything=True, ignore_keys=True,
+                                  returns={"PatientID", "StudyInstanceUID",
+                                           "SeriesInstanceUID", "SOPInstanceUID"})
+    with server:
+        state = run(incremental_backup, site, at(0, 16), source="strict", backfill=False)
+    assert state.is_failed()
+    message = str(state.message)
+    assert "STRICT_RV" in message and "does not say what its matches are" in message, message
+    assert "nothing is moved blind" in message
+    assert site.backup.sop_instance_uids() == set()
+    assert ledger(site).rows(STRICT) == []
+
+
+def test_a_c_get_source_relays_compressed_objects_in_their_own_syntax(
+        make_site: Callable[..., DemoSite]) -> None:
+    """C-GET offers each class in every transfer syntax in a context of its own, and the relay
+    stores each object in the syntax it came in: JPEG-LS, RLE and JPEG 2000 images arrive with
+    the same transfer syntax and pixel data (one context listing every syntax made the peer
+    pick one, and a J2K object was refused before it was sent)."""
+    from io import BytesIO
+
+    from pydicom import dcmread
+
+    from demo.synthetic import Patient, Study, make_rtplan, make_rtstruct, make_treatment_record, \
+        to_bytes
+    from flows.plan_context_backfill import plan_context_backfill
+    from tests.test_plan_context import TODAY, _file_bytes, compressed_series
+
+    site = make_site()
+    cfg = Path(site.config_path)
+    cfg.write_text(cfg.read_text() + f'\n[DEMO.sources.mim]\ntype = "mim"\naet = "{site.rv.aet}"\n'
+                                     f'ip = "127.0.0.1"\nport = {site.rv.dicom_port}\n')
+    study = Study(Patient("RV300", "Compressed^ByGet"), study_date="20261101")
+    mr = compressed_series(study, "mr-lossless",
+                           ["MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm"])
+    j2k = compressed_series(study, "j2k", ["JPEG2000.dcm"])
+    struct = make_rtstruct(study, mr, key="ss", also=[j2k])
+    plan = make_rtplan(study, struct, mr.frame_of_reference_uid)
+    record = make_treatment_record(study, plan, 1, TODAY - timedelta(hours=6))
+    site.rv.upload([_file_bytes(ds) for ds in [*mr.instances, *j2k.instances]])
+    site.rv.upload([to_bytes(ds) for ds in [struct, plan, record]])
+
+    first = incremental_backup(site="DEMO", source="mim", config=str(cfg), backfill=False,
+                               now=TODAY.replace(tzinfo=NY), return_state=True)
+    assert first.is_completed(), first.message
+    state = plan_context_backfill(site="DEMO", source="mim", config=str(cfg), return_state=True)
+    assert state.is_completed(), state.message
+    with site.backup.rest() as client:
+        for original in [*mr.instances, *j2k.instances]:
+            found = client.post("/tools/lookup", content=original.SOPInstanceUID).json()
+            assert found, f"{original.file_meta.TransferSyntaxUID.name} did not arrive"
+            copy = dcmread(BytesIO(client.get(f"/instances/{found[0]['ID']}/file").content))
+            assert copy.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+            assert copy.PixelData == original.PixelData
