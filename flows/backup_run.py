@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 
 from prefect import State, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -19,7 +19,7 @@ from radonc_backup.errors import BackupIncomplete
 from radonc_backup.instance import InstanceRef
 from radonc_backup.lane import OpenLane
 from radonc_backup.rt_backup import Awaiting, BatchOutcome, batches, plan_work
-from radonc_backup.windows import DayQuery
+from radonc_backup.windows import DayQuery, utc_now
 from tasks.backup import check_backup, find_rt_records, find_rt_records_by_patient, move_batch, \
     settle_moves, with_site_retries
 
@@ -218,7 +218,7 @@ def backfill_context(lane: OpenLane, summary: BackupSummary,
 
     site, source, backup, config = params
     if record_uids is not None and not record_uids \
-            and not lane.ledger.context_work_left(lane.lane):
+            and not lane.ledger.context_work_left(lane.lane, retry_incomplete_before(lane, now)):
         summary.plan_context = "nothing new"
         return
     state = plan_context_backfill(site=site, source=source, backup=backup, config=config,
@@ -227,6 +227,11 @@ def backfill_context(lane: OpenLane, summary: BackupSummary,
         f"{state.name}: {state.message}"
     if not state.is_completed():
         get_run_logger().warning("site %s: plan-context backfill %s", site, summary.plan_context)
+
+
+def retry_incomplete_before(lane: OpenLane, now: datetime | None) -> datetime:
+    """Incomplete plan contexts last walked before this are walked again by an incremental."""
+    return (now or utc_now()) - timedelta(minutes=lane.site.settings.context_retry_minutes)
 
 
 def _report(flow_name: str, s: BackupSummary) -> str:

@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows import naming
-from flows.backup_run import artifact_key
+from flows.backup_run import artifact_key, retry_incomplete_before
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from tasks.progress import PLANS_FROM, Progress
@@ -89,10 +89,12 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
                                                                    start_date, end_date)
             unreadable.update(with_site_retries(link_new_records, retrying)(*params, chosen))
             record_uids = [r.sop_instance_uid for r in chosen]
-        # After a backup run (record_uids given): its records' plans, and any plan a killed
-        # run linked but never walked.
-        links = lane.ledger.plans(lane.lane, record_uids, pending_only=not on_demand,
-                                  unwalked_too=record_uids is not None and not on_demand)
+        # After a backup run (record_uids given): its records' plans, any plan a killed run
+        # linked but never walked, and incomplete ones last walked context_retry_minutes ago.
+        after_backup = record_uids is not None and not on_demand
+        links = lane.ledger.plans(
+            lane.lane, record_uids, pending_only=not on_demand, unwalked_too=after_backup,
+            retry_before=retry_incomplete_before(lane, now) if after_backup else None)
         progress = Progress(f"plan contexts, site {site}", len(links), PLANS_FROM)
         for done, link in enumerate(links, 1):
             outcomes.append(walk_one(lane, params, link, images_now))

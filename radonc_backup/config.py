@@ -187,6 +187,10 @@ class Settings(_Strict):
     """The nightly run also asks, one patient at a time and without a date, for every RT Record
     of each patient with a record in the last N days (0: no such pass). It finds what no date
     query can: records with an empty TreatmentDate, untimed records in a split day."""
+    context_retry_minutes: int = Field(default=60, ge=0)
+    """An incremental run also walks again a plan context left incomplete (a series missing on
+    the R&V, a refused dose) once it was last walked this long ago: the 10-minute runs complete
+    it soon after the R&V holds what was missing, without asking every 10 minutes."""
     retries: int = Field(default=7, ge=1)
     """Attempts for a retriable DICOM error (the legacy system's 7)."""
     retry_backoff_seconds: float = Field(default=10.0, ge=0)

@@ -96,7 +96,12 @@ class LedgerRow:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return _iso(datetime.now(timezone.utc))
+
+
+def _iso(instant: datetime) -> str:
+    """UTC, to the second: the form the ledger's timestamps compare in."""
+    return instant.astimezone(timezone.utc).isoformat(timespec="seconds")
 
 
 def _chunks(items: list[str], size: int = _CHUNK) -> Iterator[list[str]]:
@@ -374,15 +379,19 @@ class Ledger:
                   link.machine) for uid, link in links.items()])
 
     def plans(self, lane: Lane, record_uids: Iterable[str] | None = None,
-              pending_only: bool = True, unwalked_too: bool = False) -> list[PlanLink]:
+              pending_only: bool = True, unwalked_too: bool = False,
+              retry_before: datetime | None = None) -> list[PlanLink]:
         """Plans referenced by backed-up records (of ``record_uids`` if given), one per plan.
 
         ``pending_only``: leave out plans whose context is complete or skipped (incomplete and
         deferred ones are pending). ``unwalked_too``: with ``record_uids``, also every plan whose
-        context was never walked at all (a run killed between verifying and walking).
+        context was never walked at all (a run killed between verifying and walking), and, with
+        ``retry_before``, every incomplete one last walked before then.
         """
+        retry = _iso(retry_before) if retry_before else ""
         sql = ("SELECT p.plan_uid, MIN(p.patient_id), MIN(p.machine), "
-               "GROUP_CONCAT(p.record_uid, '\\'), MAX(c.state IS NULL) FROM record_plans p "
+               "GROUP_CONCAT(p.record_uid, '\\'), MAX(c.state IS NULL OR (c.state = "
+               "'incomplete' AND c.updated < ?)) FROM record_plans p "
                "LEFT JOIN plan_contexts c ON c.site=p.site AND c.source=p.source AND "
                "c.backup=p.backup AND c.plan_uid=p.plan_uid "
                "WHERE p.site=? AND p.source=? AND p.backup=?")
@@ -392,14 +401,15 @@ class Ledger:
         sql += " GROUP BY p.plan_uid ORDER BY MIN(p.patient_id), p.plan_uid"
         wanted = set(record_uids) if record_uids is not None else None
         with self._connect() as conn:
-            rows = conn.execute(sql, (lane.site, lane.source, lane.backup)).fetchall()
+            rows = conn.execute(sql, (retry, lane.site, lane.source, lane.backup)).fetchall()
         return [PlanLink(plan, pid, machine) for plan, pid, machine, records, unwalked in rows
                 if wanted is None or wanted & set(records.split("\\"))
                 or (unwalked_too and unwalked)]
 
-    def context_work_left(self, lane: Lane) -> bool:
+    def context_work_left(self, lane: Lane, retry_before: datetime | None = None) -> bool:
         """Whether a verified record was never linked to its plan, or a linked plan's context
-        never walked (what a killed run leaves behind)."""
+        never walked (what a killed run leaves behind), or (``retry_before``) an incomplete
+        context was last walked before then."""
         with self._connect() as conn:
             unlinked = conn.execute(
                 "SELECT 1 FROM instances i WHERE i.site=? AND i.source=? AND i.backup=? AND "
@@ -413,7 +423,11 @@ class Ledger:
                 "c.site=p.site AND c.source=p.source AND c.backup=p.backup AND "
                 "c.plan_uid=p.plan_uid) LIMIT 1",
                 (lane.site, lane.source, lane.backup)).fetchone()
-        return bool(unlinked or unwalked)
+            stale = retry_before is not None and conn.execute(
+                "SELECT 1 FROM plan_contexts WHERE site=? AND source=? AND backup=? AND "
+                "state='incomplete' AND updated < ? LIMIT 1",
+                (lane.site, lane.source, lane.backup, _iso(retry_before))).fetchone()
+        return bool(unlinked or unwalked or stale)
 
     def records_without_plan(self, lane: Lane) -> list[str]:
         """Backed-up records whose ReferencedRTPlanSequence is empty (Type 2: allowed)."""

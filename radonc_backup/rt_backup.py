@@ -324,14 +324,15 @@ def transfer(site: Site, source: AriaSource | MimSource, target: BackupTarget,
         delivery = Delivery("")
         lists = [i for i, (ident, r) in enumerate(zip(identifiers, results))
                  if r.error and len(uid_list(ident.get("SOPInstanceUID"))) > 1]
-        if lists:
+        if lists:  # refused UID lists: asked again one UID per request
             singles = [one for i in lists for one in one_uid_each(identifiers[i])]
-            delivery.notes.append(
-                f"{source.label} refused {len(lists)} C-MOVE(s) listing several UIDs "
-                f"({results[lists[0]].error}); each UID was asked on its own: set retrieve = "
-                f'"one_uid" for this source')
-            kept = [i for i in range(len(identifiers)) if i not in lists]
             again = _parallel_moves(client, singles, target.aet, site.settings.move_associations)
+            if any(not r.error for r in again):  # the refusal was about lists, not the objects
+                delivery.notes.append(
+                    f"{source.label} refused {len(lists)} C-MOVE(s) listing several UIDs "
+                    f"({results[lists[0]].error}); each UID was asked on its own: set retrieve "
+                    f'= "one_uid" for this source')
+            kept = [i for i in range(len(identifiers)) if i not in lists]
             identifiers = [identifiers[i] for i in kept] + singles
             results = [results[i] for i in kept] + again
         in_series: dict[str, list[str]] = defaultdict(list)
@@ -408,13 +409,14 @@ def move_and_verify(site: Site, source: AriaSource | MimSource, target: BackupTa
         delivery = transfer(site, source, target, todo, store_client)
         outcome.peer_claims, refused, outcome.notes = delivery.claims, delivery.refused, \
             delivery.notes
+        down = backup_unreachable(site, target) if refused else None
     except DicomError as exc:
         error = exc
         down = None if isinstance(exc, RetriableDicomError) else backup_unreachable(site, target)
-        if down:  # the R&V could not deliver because the backup is down: worth another try
-            error = RetriableBackupTargetError(
-                f"site {site.name}: backup {target.alias} unreachable during the move from "
-                f"{source.label}: {down}")
+    if down:  # the R&V could not deliver because the backup is down: worth another try
+        error = RetriableBackupTargetError(
+            f"site {site.name}: backup {target.alias} unreachable during the move from "
+            f"{source.label}: {down}")
     try:
         present = verify_present(ledger, lane, target, todo)  # one look; waits come in settle
     except Exception:
@@ -427,9 +429,10 @@ def move_and_verify(site: Site, source: AriaSource | MimSource, target: BackupTa
               f"not found in backup {target.alias} ({target.aet}) after the move "
               f"({outcome.peer_claims})")
     absent = [r for r in todo if r.sop_instance_uid not in present]
-    outcome.failed = {r.sop_instance_uid: refused[r.sop_instance_uid] for r in absent
-                      if r.sop_instance_uid in refused}  # the peer's own refusal, per UID
-    absent = [r for r in absent if r.sop_instance_uid not in refused]
+    if error is None:  # the peer's own refusal, per UID
+        outcome.failed = {r.sop_instance_uid: refused[r.sop_instance_uid] for r in absent
+                          if r.sop_instance_uid in refused}
+        absent = [r for r in absent if r.sop_instance_uid not in refused]
     if error is None and not target.confirms_on_receipt:
         outcome.awaiting = [Awaiting(r, reason) for r in absent]
     else:

@@ -5,8 +5,9 @@ SOP Instance UID per retrieve, some refuse single objects. This SCP answers Stud
 at IMAGE level (relational, on the keys the backup asks) and performs C-MOVE sub-operations
 itself, C-STOREing to the destination AE; ``single_uid`` refuses (0xA900) a C-MOVE listing
 several UIDs, ``refuse`` answers 0xC000 for the UIDs it holds but will not send,
-``ignore_keys`` answers every C-FIND with everything it holds, and ``returns`` limits the keys
-its answers carry (DCMTK's dcmqrscp, for one, returns only the keys of its index). Runs on a free
+``ignore_keys`` answers every C-FIND with everything it holds, ``returns`` limits the keys
+its answers carry (DCMTK's dcmqrscp, for one, returns only the keys of its index), and ``cap``
+stops an answer after that many matches without saying so. Runs on a free
 loopback port; the C-MOVE requests it received are kept in ``moves``.
 """
 
@@ -53,7 +54,8 @@ def _matches(ds: Dataset, query: Dataset) -> bool:
 class StrictQRSCP:
     def __init__(self, aet: str, objects: list[Dataset], destinations: dict[str, tuple[str, int]],
                  single_uid: bool = False, refuse: set[str] | None = None,
-                 ignore_keys: bool = False, returns: set[str] | None = None) -> None:
+                 ignore_keys: bool = False, returns: set[str] | None = None,
+                 cap: int = 0) -> None:
         for ds in objects:
             to_bytes(ds)  # gives each a file meta (the transfer syntax its C-STORE uses)
         self.aet, self.objects, self.destinations = aet, objects, destinations
@@ -61,6 +63,7 @@ class StrictQRSCP:
         self.ignore_keys = ignore_keys  # C-FIND answers every object it holds, like a peer
         # that matches only the keys it indexes
         self.returns = returns  # the keys it can return (None: every key asked)
+        self.cap = cap  # stops answering after this many matches, with a Success status
         self.port = free_port()
         self.moves: list[list[str]] = []
         self.ae = AE(ae_title=aet)
@@ -71,8 +74,12 @@ class StrictQRSCP:
 
     def _on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
         query = event.identifier
+        sent = 0
         for ds in self.objects:
+            if self.cap and sent == self.cap:
+                break
             if self.ignore_keys or _matches(ds, query):
+                sent += 1
                 answer = Dataset()
                 for key in query.dir():
                     if key != "QueryRetrieveLevel" and (self.returns is None or
@@ -111,3 +118,19 @@ class StrictQRSCP:
     def __exit__(self, *exc: object) -> None:
         if self.server is not None:
             self.server.shutdown()
+
+
+def add_source(site: object, server: StrictQRSCP, name: str = "strict", **settings: object,
+               ) -> None:
+    """Name ``server`` as an ARIA-type source of the demo site (and create its R&V limit)."""
+    from pathlib import Path
+
+    from radonc_backup.config import load_site
+    from tasks.limits import ensure_rv_limits
+
+    cfg = Path(site.config_path)  # type: ignore[attr-defined]
+    extra = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in settings.items())
+    cfg.write_text(cfg.read_text() + f'\n[DEMO.sources.{name}]\ntype = "aria"\n'
+                                     f'aet = "{server.aet}"\nip = "127.0.0.1"\n'
+                                     f'port = {server.port}\n{extra}')
+    ensure_rv_limits(load_site("DEMO", str(cfg)))

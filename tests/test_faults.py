@@ -27,6 +27,7 @@ from flows.incremental_backup import incremental_backup
 from flows.nightly_backup import nightly_backup
 from radonc_backup.ledger import Lane, Ledger
 from tests.conftest import three_numbers
+from tests.qr_scp import StrictQRSCP, add_source
 from tests.test_backup_flows import LANE, at, course, ledger, push, run, task_run_counts, uids, \
     wait_for_arrivals
 
@@ -263,3 +264,51 @@ def test_the_next_incremental_walks_contexts_a_killed_run_left_unwalked(
 
     third = incremental_backup(site="DEMO", config=str(site.config_path), return_state=True)
     assert third.result()["plan_context"] == "nothing new"
+
+
+def test_a_silently_capping_peer_loses_no_record_when_a_day_is_split(
+        make_site: Callable[..., DemoSite]) -> None:
+    """Case 3: a peer that stops at 5 matches without saying so. The day's 7 records are asked
+    again in halves; the record at 11:59:59.5 sits on the halves' boundary, and the one without
+    a TreatmentTime matches no time range: the nightly's per-patient pass finds it."""
+    site = make_site(extra_backup_modalities={"CAPPED_RV": ("CAPPED_RV", "127.0.0.1", 1)})
+    a, b, c = (course(f"E2E80{n}", at(-10, 8)) for n in range(3))
+    untimed = a.add_record(at(0, 7, 20))
+    del untimed.TreatmentTime
+    boundary = b.add_record(at(0, 11, 59) + timedelta(seconds=59))
+    boundary.TreatmentTime = "115959.5"
+    records = [a.add_record(at(0, 7)), a.add_record(at(0, 7, 10)), untimed, boundary,
+               b.add_record(at(0, 13)), c.add_record(at(0, 15)), c.add_record(at(0, 16))]
+    server = StrictQRSCP("CAPPED_RV", records,
+                         {site.backup.aet: ("127.0.0.1", site.backup.dicom_port)}, cap=5)
+    add_source(site, server, "capped", max_find_results=5)
+    with server:
+        state = run(nightly_backup, site, at(1, 5), days=1, source="capped", backfill=False)
+    assert state.is_completed(), state.message
+    assert str(untimed.SOPInstanceUID) in state.result()["found_by_patient"]
+    assert three_numbers(site, records, TODAY) == (0, 0, 0)
+
+
+def test_a_failed_plan_context_is_not_completed_and_the_next_run_completes_it(
+        make_site: Callable[..., DemoSite]) -> None:
+    """Case 7: the records are safe but a plan's CT is not on the R&V: the run ends
+    'Completed (context incomplete)', not Completed; once the CT is there, an incremental run
+    with nothing new completes the context, once it was last walked context_retry_minutes
+    (60) ago."""
+    site = make_site()
+    now = datetime.now(ZoneInfo("America/New_York")).replace(tzinfo=None)
+    c = make_course(Patient("E2E900", "Context^Incomplete"), now - timedelta(hours=5),
+                    delivered=1, slices=2)
+    site.rv.upload([to_bytes(ds) for ds in c.all() if ds not in c.images.instances])
+    first = incremental_backup(site="DEMO", config=str(site.config_path), return_state=True)
+    assert first.name == "Completed (context incomplete)", (first.name, first.message)
+    assert first.result()["verified"] == 1
+
+    site.rv.upload([to_bytes(ds) for ds in c.images.instances])
+    soon = incremental_backup(site="DEMO", config=str(site.config_path), return_state=True)
+    assert soon.result()["plan_context"] == "nothing new", "walked again after an hour"
+    later = datetime.now(ZoneInfo("UTC")) + timedelta(minutes=61)
+    second = incremental_backup(site="DEMO", config=str(site.config_path), now=later,
+                                return_state=True)
+    assert second.name == "Completed" and second.result()["plan_context"] == "Completed"
+    assert three_numbers(site, c.records, now.date(), others=c.context()) == (0, 0, 0)

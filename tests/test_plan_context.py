@@ -172,8 +172,10 @@ def compressed_series(study: Study, key: str, files: list[str]) -> Series:
     return series
 
 
-def test_compressed_series_arrive_intact(site: DemoSite) -> None:
-    study = Study(Patient("CTX006", "Compressed^Images"), study_date="20261101")
+def compressed_plan(site: DemoSite, patient: Patient) -> list[Dataset]:
+    """On the R&V: a plan whose structure set references a JPEG-LS + RLE series and a JPEG 2000
+    series, in their own transfer syntaxes, and today's record; returns the images."""
+    study = Study(patient, study_date="20261101")
     mr = compressed_series(study, "mr-lossless",
                            ["MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm"])
     j2k = compressed_series(study, "j2k", ["JPEG2000.dcm"])
@@ -182,16 +184,26 @@ def test_compressed_series_arrive_intact(site: DemoSite) -> None:
     record = make_treatment_record(study, plan, 1, TODAY - timedelta(hours=6))
     site.rv.upload([_file_bytes(ds) for ds in [*mr.instances, *j2k.instances]])
     upload(site.rv, [struct, plan, record])
-    back_up_records(site)
+    return [*mr.instances, *j2k.instances]
 
-    state = backfill(site)
-    assert state.is_completed(), state.message
+
+def assert_arrived_intact(site: DemoSite, originals: list[Dataset]) -> None:
+    """Each image is in the backup in its own transfer syntax, pixel data unchanged."""
     with site.backup.rest() as client:
-        for original in [*mr.instances, *j2k.instances]:
-            orthanc_id = client.post("/tools/lookup", content=original.SOPInstanceUID).json()[0]
-            copy = dcmread(BytesIO(client.get(f"/instances/{orthanc_id['ID']}/file").content))
+        for original in originals:
+            found = client.post("/tools/lookup", content=original.SOPInstanceUID).json()
+            assert found, f"{original.file_meta.TransferSyntaxUID.name} did not arrive"
+            copy = dcmread(BytesIO(client.get(f"/instances/{found[0]['ID']}/file").content))
             assert copy.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
             assert copy.PixelData == original.PixelData
+
+
+def test_compressed_series_arrive_intact(site: DemoSite) -> None:
+    images = compressed_plan(site, Patient("CTX006", "Compressed^Images"))
+    back_up_records(site)
+    state = backfill(site)
+    assert state.is_completed(), state.message
+    assert_arrived_intact(site, images)
 
 
 def _file_bytes(ds: Dataset) -> bytes:

@@ -4,7 +4,6 @@ in-process Q/R SCPs shaped like vendors' conformance statements, with a real bac
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -12,11 +11,9 @@ import pytest
 
 from demo.site import DemoSite
 from flows.incremental_backup import incremental_backup
-from radonc_backup.config import load_site
 from radonc_backup.ledger import Lane
-from tasks.limits import ensure_rv_limits
 from tests.conftest import missed
-from tests.qr_scp import StrictQRSCP
+from tests.qr_scp import StrictQRSCP, add_source
 from tests.test_backup_flows import at, course, ledger, run, uids
 
 pytestmark = pytest.mark.usefixtures("prefect")
@@ -39,10 +36,7 @@ def strict_site(make_site: Callable[..., DemoSite], everything: bool = False,
         held.append(courses[0].add_record(at(-7, 8)))
     server = StrictQRSCP("STRICT_RV", held,
                          {site.backup.aet: ("127.0.0.1", site.backup.dicom_port)}, **scp)
-    cfg = Path(site.config_path)
-    cfg.write_text(cfg.read_text() + f'\n[DEMO.sources.strict]\ntype = "aria"\n'
-                                     f'aet = "STRICT_RV"\nip = "127.0.0.1"\nport = {server.port}\n')
-    ensure_rv_limits(load_site("DEMO", str(cfg)))
+    add_source(site, server)
     return site, server, records
 
 
@@ -153,38 +147,19 @@ def test_a_c_get_source_relays_compressed_objects_in_their_own_syntax(
     stores each object in the syntax it came in: JPEG-LS, RLE and JPEG 2000 images arrive with
     the same transfer syntax and pixel data (one context listing every syntax made the peer
     pick one, and a J2K object was refused before it was sent)."""
-    from io import BytesIO
-
-    from pydicom import dcmread
-
-    from demo.synthetic import Patient, Study, make_rtplan, make_rtstruct, make_treatment_record, \
-        to_bytes
+    from demo.synthetic import Patient
     from flows.plan_context_backfill import plan_context_backfill
-    from tests.test_plan_context import TODAY, _file_bytes, compressed_series
+    from tests.test_plan_context import TODAY, assert_arrived_intact, compressed_plan
 
     site = make_site()
     cfg = Path(site.config_path)
     cfg.write_text(cfg.read_text() + f'\n[DEMO.sources.mim]\ntype = "mim"\naet = "{site.rv.aet}"\n'
                                      f'ip = "127.0.0.1"\nport = {site.rv.dicom_port}\n')
-    study = Study(Patient("RV300", "Compressed^ByGet"), study_date="20261101")
-    mr = compressed_series(study, "mr-lossless",
-                           ["MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm"])
-    j2k = compressed_series(study, "j2k", ["JPEG2000.dcm"])
-    struct = make_rtstruct(study, mr, key="ss", also=[j2k])
-    plan = make_rtplan(study, struct, mr.frame_of_reference_uid)
-    record = make_treatment_record(study, plan, 1, TODAY - timedelta(hours=6))
-    site.rv.upload([_file_bytes(ds) for ds in [*mr.instances, *j2k.instances]])
-    site.rv.upload([to_bytes(ds) for ds in [struct, plan, record]])
+    images = compressed_plan(site, Patient("RV300", "Compressed^ByGet"))
 
     first = incremental_backup(site="DEMO", source="mim", config=str(cfg), backfill=False,
                                now=TODAY.replace(tzinfo=NY), return_state=True)
     assert first.is_completed(), first.message
     state = plan_context_backfill(site="DEMO", source="mim", config=str(cfg), return_state=True)
     assert state.is_completed(), state.message
-    with site.backup.rest() as client:
-        for original in [*mr.instances, *j2k.instances]:
-            found = client.post("/tools/lookup", content=original.SOPInstanceUID).json()
-            assert found, f"{original.file_meta.TransferSyntaxUID.name} did not arrive"
-            copy = dcmread(BytesIO(client.get(f"/instances/{found[0]['ID']}/file").content))
-            assert copy.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
-            assert copy.PixelData == original.PixelData
+    assert_arrived_intact(site, images)
