@@ -1,4 +1,4 @@
-"""DICOM tools for the shell: echo, find, move, get, store and check against a site's peers.
+"""DICOM tools for the shell: echo, find, move, get, store, check and probe a site's peers.
 
 What clinics used ``dicom_utils`` for, through the same network layer the flows use, so a
 physicist tests exactly what a backup run will do. A peer is a configured alias of the site
@@ -24,6 +24,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 from pydicom import dcmread
@@ -32,9 +33,11 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
-from .config import DicomPeer, MosaiqSource, OrthancTarget, Site, load_site, resolve_secret
+from .config import AriaSource, DicomPeer, MimSource, MosaiqSource, OrthancTarget, Site, \
+    load_site, resolve_secret
 from .dicom_net import DicomClient, Peer, Timeouts, identifier
 from .errors import BackupError, ConfigError, DicomError, RetriableDicomError
+from .probe import probe
 
 OK, REFUSED, USAGE, UNREACHABLE, PARTIAL = 0, 1, 2, 3, 4
 
@@ -300,6 +303,28 @@ def cmd_check(args: argparse.Namespace, site: Site | None) -> int:
     return OK if not failing else UNREACHABLE
 
 
+def cmd_probe(args: argparse.Namespace, site: Site | None) -> int:
+    if site is None:
+        raise UsageError("probe needs --site")
+    alias, source = site.source(args.source)
+    if not isinstance(source, (AriaSource, MimSource)):
+        raise UsageError(f"site {site.name}: source {alias} is of type {source.type}: probe "
+                         "checks DICOM Q/R sources (aria, mim)")
+    today = datetime.now(site.tz).date()
+    report = probe(site.client(source), source, today)
+    rows = [{"check": c.name, "verdict": c.verdict, "found": c.found} for c in report.checks]
+    verdict = (f"site {site.name}: source {alias} ({report.peer}) "
+               + ("works with this configuration" if report.works else
+                  "will NOT work with this configuration: see the FAIL lines"))
+    settings = "".join(f"\n  {line}" for line in report.settings)
+    emit(args, table(rows, ["check", "verdict", "found"])
+         + (f"\nsettings that fit [{site.name}.sources.{alias}]:{settings}" if settings else "")
+         + f"\n{verdict}",
+         {"site": site.name, "source": alias, "peer": report.peer, "checks": rows,
+          "settings": report.settings, "works": report.works})
+    return OK if report.works else REFUSED
+
+
 def _common(parser: argparse.ArgumentParser, peer: bool = True) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -354,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="echo every peer of a site and report what answers")
     _common(check, peer=False)
     check.set_defaults(run=cmd_check)
+    probe_cmd = commands.add_parser(
+        "probe", help="check that a source's Q/R service answers the way the backup needs "
+                      "(moves nothing) and print the settings that fit")
+    _common(probe_cmd, peer=False)
+    probe_cmd.add_argument("source", nargs="?", help="source alias (default: the site's "
+                                                      "default source)")
+    probe_cmd.set_defaults(run=cmd_probe)
     return parser
 
 

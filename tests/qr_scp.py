@@ -6,8 +6,9 @@ at IMAGE level (relational, on the keys the backup asks) and performs C-MOVE sub
 itself, C-STOREing to the destination AE; ``single_uid`` refuses (0xA900) a C-MOVE listing
 several UIDs, ``refuse`` answers 0xC000 for the UIDs it holds but will not send,
 ``ignore_keys`` answers every C-FIND with everything it holds, ``returns`` limits the keys
-its answers carry (DCMTK's dcmqrscp, for one, returns only the keys of its index), and ``cap``
-stops an answer after that many matches without saying so. Runs on a free
+its answers carry (DCMTK's dcmqrscp, for one, returns only the keys of its index), ``cap``
+stops an answer after that many matches without saying so, and ``hierarchical_only``
+refuses relational queries. Runs on a free
 loopback port; the C-MOVE requests it received are kept in ``moves``.
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, \
-    StudyRootQueryRetrieveInformationModelMove
+    StudyRootQueryRetrieveInformationModelMove, Verification
 
 from demo.orthanc import free_port
 from demo.synthetic import to_bytes
@@ -55,7 +56,7 @@ class StrictQRSCP:
     def __init__(self, aet: str, objects: list[Dataset], destinations: dict[str, tuple[str, int]],
                  single_uid: bool = False, refuse: set[str] | None = None,
                  ignore_keys: bool = False, returns: set[str] | None = None,
-                 cap: int = 0) -> None:
+                 cap: int = 0, hierarchical_only: bool = False) -> None:
         for ds in objects:
             to_bytes(ds)  # gives each a file meta (the transfer syntax its C-STORE uses)
         self.aet, self.objects, self.destinations = aet, objects, destinations
@@ -64,28 +65,43 @@ class StrictQRSCP:
         # that matches only the keys it indexes
         self.returns = returns  # the keys it can return (None: every key asked)
         self.cap = cap  # stops answering after this many matches, with a Success status
+        # refuses a query below STUDY level that does not name its one parent study (and, at
+        # IMAGE level, series), as a hierarchical-only SCP does
+        self.hierarchical_only = hierarchical_only
         self.port = free_port()
         self.moves: list[list[str]] = []
         self.ae = AE(ae_title=aet)
         self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
         self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+        self.ae.add_supported_context(Verification)
         self.ae.requested_contexts = StoragePresentationContexts
         self.server = None
 
     def _on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
         query = event.identifier
+        level = str(query.get("QueryRetrieveLevel", "IMAGE"))
+        parents = {"SERIES": ["StudyInstanceUID"],
+                   "IMAGE": ["StudyInstanceUID", "SeriesInstanceUID"]}.get(level, [])
+        if self.hierarchical_only and any(len(_values(query.get(k))) != 1 for k in parents):
+            yield 0xA900, None  # Identifier does not match SOP Class
+            return
+        seen: set[str] = set()
         sent = 0
         for ds in self.objects:
             if self.cap and sent == self.cap:
                 break
             if self.ignore_keys or _matches(ds, query):
+                if level == "STUDY":  # one answer per study
+                    if ds.StudyInstanceUID in seen:
+                        continue
+                    seen.add(ds.StudyInstanceUID)
                 sent += 1
                 answer = Dataset()
                 for key in query.dir():
                     if key != "QueryRetrieveLevel" and (self.returns is None or
                                                         key in self.returns):
                         setattr(answer, key, ds.get(key, ""))
-                answer.QueryRetrieveLevel = "IMAGE"
+                answer.QueryRetrieveLevel = level
                 yield 0xFF00, answer
         yield 0x0000, None
 

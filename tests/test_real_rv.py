@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from demo.site import DemoSite
+from demo.synthetic import to_bytes
 from flows.incremental_backup import incremental_backup
 from radonc_backup.ledger import Lane
 from tests.conftest import missed
@@ -163,3 +164,47 @@ def test_a_c_get_source_relays_compressed_objects_in_their_own_syntax(
     state = plan_context_backfill(site="DEMO", source="mim", config=str(cfg), return_state=True)
     assert state.is_completed(), state.message
     assert_arrived_intact(site, images)
+
+
+def probe_cli(site: DemoSite, source: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from radonc_backup.dicom_tools import main
+
+    code = main(["probe", "--site", "DEMO", "--config", str(site.config_path), source])
+    return code, capsys.readouterr().out
+
+
+def test_probe_passes_a_peer_that_works_and_lists_its_c_get_syntaxes(
+        make_site: Callable[..., DemoSite], capsys: pytest.CaptureFixture[str]) -> None:
+    site = make_site()
+    records = course("RV400", at(-1, 9), delivered=2).records
+    site.rv.upload([to_bytes(r) for r in records])
+    code, out = probe_cli(site, "aria", capsys)
+    assert code == 0, out
+    assert "works with this configuration" in out and "FAIL" not in out
+    assert "C-MOVE service" in out
+    cfg = Path(site.config_path)
+    cfg.write_text(cfg.read_text() + f'\n[DEMO.sources.mim]\ntype = "mim"\naet = "{site.rv.aet}"\n'
+                                     f'ip = "127.0.0.1"\nport = {site.rv.dicom_port}\n')
+    code, out = probe_cli(site, "mim", capsys)
+    assert code == 0, out
+    syntaxes = [line for line in out.splitlines() if line.startswith("C-GET transfer syntaxes")]
+    assert syntaxes and "JPEG 2000" in syntaxes[0] and "JPEG-LS" in syntaxes[0], out
+
+
+def test_probe_fails_a_hierarchical_only_peer_and_a_blind_one(
+        make_site: Callable[..., DemoSite], capsys: pytest.CaptureFixture[str]) -> None:
+    """The two peers no setting makes work today: the probe says so, exit 1, before any run."""
+    site, server, _ = strict_site(make_site, hierarchical_only=True)
+    with server:
+        code, out = probe_cli(site, "strict", capsys)
+    assert code == 1, out
+    assert "hierarchical-only" in out and "will NOT work with this configuration" in out
+
+    blind = StrictQRSCP("BLIND_RV", server.objects, {}, ignore_keys=True,
+                        returns={"PatientID", "StudyInstanceUID", "SeriesInstanceUID",
+                                 "SOPInstanceUID"})
+    add_source(site, blind, "blind")
+    with blind:
+        code, out = probe_cli(site, "blind", capsys)
+    assert code == 1, out
+    assert "without SOPClassUID or Modality, also when asked by UID" in out

@@ -1,0 +1,165 @@
+"""Probe an R&V's Q/R service before trusting it: what it answers, not what Orthanc would.
+
+`dicom_tools probe --site X [source]` runs these checks with C-ECHO, C-FIND and association
+negotiation only (it moves nothing), prints what it found, the settings that fit, and exits
+non-zero when the site's configuration will not work with this peer. Each check is a plain
+function of a ``DicomClient`` so tests can run it against in-process SCPs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+
+from pydicom.dataset import Dataset
+from pynetdicom import build_role
+from pynetdicom.presentation import build_context
+
+from .config import AriaSource, MimSource
+from .dicom_net import RT_RECORD_CLASSES, DicomClient, contexts_for, identifier
+from .errors import DicomError, FatalDicomError
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+RT_BEAMS_RECORD = "1.2.840.10008.5.1.4.1.1.481.4"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@dataclass
+class Check:
+    name: str
+    verdict: str  # ok, warn, FAIL
+    found: str
+
+
+@dataclass
+class ProbeReport:
+    peer: str
+    checks: list[Check] = field(default_factory=list)
+    settings: list[str] = field(default_factory=list)  # lines to copy into the site's TOML
+
+    def add(self, name: str, verdict: str, found: str) -> None:
+        self.checks.append(Check(name, verdict, found))
+
+    @property
+    def works(self) -> bool:
+        return all(c.verdict != FAIL for c in self.checks)
+
+
+def _record_query(start: date, end: date) -> Dataset:
+    return identifier("IMAGE", Modality="RTRECORD", PatientID="", StudyInstanceUID="",
+                      SeriesInstanceUID="", SOPInstanceUID="", SOPClassUID="",
+                      TreatmentDate=f"{start:%Y%m%d}-{end:%Y%m%d}", TreatmentTime="")
+
+
+def probe(client: DicomClient, source: AriaSource | MimSource, today: date) -> ProbeReport:
+    """Every check; a peer that does not answer the echo gets no further checks."""
+    report = ProbeReport(client.peer.label)
+    try:
+        client.echo()
+    except DicomError as exc:
+        report.add("C-ECHO", FAIL, str(exc))
+        return report
+    report.add("C-ECHO", OK, "answers")
+    _records(client, source, today, report)
+    _hierarchical(client, today, report)
+    _retrieve(client, source, report)
+    return report
+
+
+def _records(client: DicomClient, source: AriaSource | MimSource, today: date,
+             report: ProbeReport) -> None:
+    """The query every backup run makes: relational, IMAGE level, the last 7 days' records."""
+    start = today - timedelta(days=6)
+    try:
+        answers = list(client.find(_record_query(start, today)))
+    except FatalDicomError as exc:
+        report.add("relational record query", FAIL,
+                   f"refused ({exc.detail}): a hierarchical-only peer; the backup's record "
+                   "discovery is relational today (docs/r-and-v-compatibility.md)")
+        return
+    blind = [a for a in answers if not (a.get("SOPClassUID") or a.get("Modality"))]
+    other = [a for a in answers if a.get("SOPClassUID")
+             and str(a.SOPClassUID) not in RT_RECORD_CLASSES]
+    dates = [str(a.get("TreatmentDate", "") or "") for a in answers]
+    outside = [d for d in dates if d and not f"{start:%Y%m%d}" <= d <= f"{today:%Y%m%d}"]
+    undated = sum(1 for a in answers if "TreatmentDate" not in a)
+    report.add("relational record query", OK,
+               f"{len(answers)} RT Record(s) treated {start} to {today}")
+    if blind:
+        uid = str(blind[0].get("SOPInstanceUID", ""))
+        again = [a for a in client.find(identifier(
+            "IMAGE", SOPInstanceUID=uid, SOPClassUID="", Modality="", TreatmentDate=""))
+            if a.get("SOPClassUID") or a.get("Modality")]
+        if not again:
+            report.add("answers say what they are", FAIL,
+                       f"{len(blind)} match(es) without SOPClassUID or Modality, also when asked "
+                       f"by UID ({uid}): runs stop rather than move them blind")
+        else:
+            report.add("answers say what they are", FAIL if len(blind) > 200 else WARN,
+                       f"{len(blind)} match(es) without SOPClassUID or Modality: each is asked "
+                       "again by its UID (at most 200 a run)")
+    if other:
+        report.add("Modality/SOPClassUID honoured", WARN,
+                   f"{len(other)} match(es) of other classes: the peer ignores the key; runs "
+                   "drop them and say so")
+    if outside or undated:
+        report.add("TreatmentDate returned and honoured", WARN,
+                   f"{len(outside)} match(es) outside the range, {undated} without the key")
+    try:
+        old = list(client.find(_record_query(date(1900, 1, 1), date(1900, 1, 1))))
+    except DicomError as exc:
+        report.add("TreatmentDate honoured", WARN, f"a query for 1900-01-01 failed: {exc}")
+    else:
+        report.add("TreatmentDate honoured", OK if not old else WARN,
+                   "nothing treated on 1900-01-01" if not old else
+                   f"{len(old)} match(es) for 1900-01-01: the peer ignores TreatmentDate")
+    cap = source.max_find_results
+    if cap and len(answers) >= cap:
+        report.add("answer cap", WARN, f"{len(answers)} matches reach max_find_results = {cap}: "
+                                       "runs split such windows")
+    elif not cap and len(answers) >= 100 and len(answers) % 100 == 0:
+        report.add("answer cap", WARN, f"exactly {len(answers)} matches: a round number, maybe "
+                                       "a silent cap; ask the vendor and set max_find_results")
+        report.settings.append(f"max_find_results = {len(answers)}  # if that is the cap")
+    else:
+        report.add("answer cap", OK, f"{len(answers)} matches, no sign of a cap"
+                   + (f" (max_find_results = {cap})" if cap else ""))
+
+
+def _hierarchical(client: DicomClient, today: date, report: ProbeReport) -> None:
+    since = today - timedelta(days=6)
+    try:
+        studies = list(client.find(identifier("STUDY", StudyDate=f"{since:%Y%m%d}-",
+                                               StudyInstanceUID="", PatientID="")))
+    except DicomError as exc:
+        report.add("STUDY-level query", WARN, f"refused: {exc}")
+        return
+    report.add("STUDY-level query", OK, f"{len(studies)} studies from the last 7 days")
+
+
+def _retrieve(client: DicomClient, source: AriaSource | MimSource, report: ProbeReport) -> None:
+    """Which retrieve service the peer accepts, and for C-GET which transfer syntaxes."""
+    wanted = client.get_model if isinstance(source, MimSource) else client.move_model
+    name = "C-GET" if isinstance(source, MimSource) else "C-MOVE"
+    contexts = [build_context(wanted)]
+    roles: list[object] = []
+    if isinstance(source, MimSource):
+        contexts += contexts_for([RT_BEAMS_RECORD, CT_IMAGE])
+        roles = [build_role(RT_BEAMS_RECORD, scp_role=True), build_role(CT_IMAGE, scp_role=True)]
+    try:
+        with client.association(name, contexts, roles) as assoc:
+            accepted = assoc.accepted_contexts
+    except DicomError as exc:
+        report.add(f"{name} service", FAIL, str(exc))
+        return
+    if not any(cx.abstract_syntax == wanted for cx in accepted):
+        report.add(f"{name} service", FAIL, f"the peer accepts no {name} for this source's type "
+                                            f"({source.type})")
+        return
+    report.add(f"{name} service", OK, "accepted (a probe moves nothing: a UID-list refusal "
+                                      "shows in the first run's summary)")
+    if isinstance(source, MimSource):
+        syntaxes = sorted({cx.transfer_syntax[0].name for cx in accepted
+                           if cx.abstract_syntax == CT_IMAGE})
+        report.add("C-GET transfer syntaxes (CT)", OK if len(syntaxes) > 2 else WARN,
+                   ", ".join(syntaxes) or "none: images cannot come by C-GET")
