@@ -297,7 +297,8 @@ class DicomClient:
         finally:
             ae.shutdown()
 
-    def _refused(self, operation: str, status: int, detail: str, about: str) -> FatalDicomError:
+    def _refused(self, operation: str, status: int, detail: str,
+                 about: str | None) -> FatalDicomError:
         """The peer refused one identifier; the association is still up for the next."""
         exc = FatalDicomError(self.site, self.peer.label, operation, detail, about or None,
                               self.calling_ae)
@@ -410,6 +411,8 @@ class DicomClient:
                 return 0xA700
             return 0x0000
 
+        about = str(identifier.get("SeriesInstanceUID", "") or identifier.get("StudyInstanceUID",
+                                                                                "")) or None
         classes = [c for c in sop_classes if c] or STORAGE_CLASSES
         contexts = [build_context(self.get_model), *contexts_for(classes)]
         roles = [build_role(uid, scp_role=True) for uid in dict.fromkeys(classes)]
@@ -426,7 +429,12 @@ class DicomClient:
                 if status >> 8 == 0xA7:
                     raise self._error(True, "C-GET", f"peer out of resources (0x{status:04X})")
                 if status >> 8 == 0xA9:
-                    raise self._error(False, "C-GET", f"identifier rejected (0x{status:04X})")
+                    raise self._refused("C-GET", status, f"identifier rejected (0x{status:04X})",
+                                        about)
+                if status >> 12 == 0xC and last.completed + last.warning == 0:
+                    raise self._refused("C-GET", status, f"the peer failed the retrieve "
+                                                         f"(0x{status:04X}) and sent nothing "
+                                                         f"({last.failed} failed)", about)
         return last
 
     def store(self, datasets: Iterable[Dataset]) -> list[StoreResult]:

@@ -351,12 +351,43 @@ def transfer(site: Site, source: AriaSource | MimSource, target: BackupTarget,
         return delivery
     if store_client is None:
         raise ConfigError(f"site {site.name}: MIM relay needs a DICOM backup target")
-    refused: list[str] = []
-    for ident in identifiers:
+    return _relay(client, store_client, source, identifiers, batch)
+
+
+def _relay(client: DicomClient, store_client: DicomClient, source: AriaSource | MimSource,
+           identifiers: list[Dataset], batch: list[InstanceRef]) -> Delivery:
+    """C-GET each identifier and C-STORE what arrives to the backup. A refused identifier
+    fails its own UIDs; a refused UID list is asked again one UID per request."""
+    delivery = Delivery("")
+    classes = sorted({r.sop_class_uid for r in batch})
+    pending, lists, singles_ok, not_stored = list(identifiers), 0, 0, 0
+    while pending:
+        ident = pending.pop(0)
+        uids = uid_list(ident.get("SOPInstanceUID"))
         received: list[Dataset] = []
-        client.get(ident, received.append, sorted({r.sop_class_uid for r in batch}))
-        refused += [r.sop_instance_uid for r in store_client.store(received) if not r.ok]
-    return Delivery(f"C-GET + C-STORE relay, {len(refused)} refused by the backup")
+        try:
+            client.get(ident, received.append, classes)
+            if lists and len(uids) == 1:
+                singles_ok += 1
+        except FatalDicomError as exc:
+            if not exc.refused_identifier:
+                raise
+            if len(uids) > 1:
+                lists += 1
+                pending += one_uid_each(ident)
+            else:
+                delivery.refused.update({u: str(exc) for u in uids or [
+                    r.sop_instance_uid for r in batch
+                    if r.series_uid == str(ident.get("SeriesInstanceUID", ""))]})
+        not_stored += sum(1 for r in store_client.store(received) if not r.ok)
+    if lists and singles_ok:
+        delivery.notes.append(f"{source.label} refused {lists} C-GET(s) listing several UIDs; "
+                              'each UID was asked on its own: set retrieve = "one_uid" for this '
+                              "source")
+    delivery.claims = (f"C-GET + C-STORE relay, {not_stored} refused by the backup"
+                       + (f", {len(delivery.refused)} refused by the source"
+                          if delivery.refused else ""))
+    return delivery
 
 
 def _parallel_moves(client: DicomClient, identifiers: list[Dataset], destination: str,

@@ -2,14 +2,14 @@
 
 Real R&V servers differ from Orthanc in ways that once lost or mixed up data: some take one
 SOP Instance UID per retrieve, some refuse single objects. This SCP answers Study Root C-FIND
-at IMAGE level (relational, on the keys the backup asks) and performs C-MOVE sub-operations
-itself, C-STOREing to the destination AE; ``single_uid`` refuses (0xA900) a C-MOVE listing
-several UIDs, ``refuse`` answers 0xC000 for the UIDs it holds but will not send,
-``ignore_keys`` answers every C-FIND with everything it holds, ``returns`` limits the keys
-its answers carry (DCMTK's dcmqrscp, for one, returns only the keys of its index), ``cap``
-stops an answer after that many matches without saying so, and ``hierarchical_only``
-refuses relational queries. Runs on a free
-loopback port; the C-MOVE requests it received are kept in ``moves``.
+(relational unless told otherwise, on the keys the backup asks) and performs C-MOVE
+sub-operations itself, C-STOREing to the destination AE (C-GET ones back on the association).
+``single_uid`` refuses (0xA900) a C-MOVE or C-GET listing several UIDs; ``refuse`` answers
+0xC000 for the UIDs it holds but will not send; ``ignore_keys`` answers every C-FIND with
+everything it holds; ``returns`` limits the keys its answers carry (DCMTK's dcmqrscp, for one,
+returns only the keys of its index); ``cap`` stops an answer after that many matches without
+saying so; ``hierarchical_only`` refuses relational queries. Runs on a free loopback port; the
+UIDs of each retrieve request it received are kept in ``moves``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, \
-    StudyRootQueryRetrieveInformationModelMove, Verification
+    StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove, \
+    Verification
 
 from demo.orthanc import free_port
 from demo.synthetic import to_bytes
@@ -74,6 +75,10 @@ class StrictQRSCP:
         self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
         self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
         self.ae.add_supported_context(Verification)
+        self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+        for cx in StoragePresentationContexts:  # C-GET sends back on the same association
+            self.ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES,
+                                          scu_role=True, scp_role=True)
         self.ae.requested_contexts = StoragePresentationContexts
         self.server = None
 
@@ -105,6 +110,27 @@ class StrictQRSCP:
                 yield 0xFF00, answer
         yield 0x0000, None
 
+    def _refusal(self, uids: list[str]) -> int | None:
+        if self.single_uid and len(uids) > 1:
+            return 0xA900  # Identifier does not match SOP Class: one UID per request
+        if any(u in self.refuse for u in uids):
+            return 0xC000  # Unable to process
+        return None
+
+    def _on_get(self, event: evt.Event) -> Iterator[object]:
+        query = event.identifier
+        uids = _values(query.get("SOPInstanceUID"))
+        self.moves.append(uids)
+        refusal = self._refusal(uids)
+        if refusal is not None:
+            yield 1
+            yield refusal, None
+            return
+        found = [ds for ds in self.objects if _matches(ds, query)]
+        yield len(found)
+        for ds in found:
+            yield 0xFF00, ds
+
     def _on_move(self, event: evt.Event) -> Iterator[object]:
         query = event.identifier
         uids = _values(query.get("SOPInstanceUID"))
@@ -113,13 +139,10 @@ class StrictQRSCP:
         if isinstance(destination, bytes):
             destination = destination.decode("ascii")
         yield self.destinations.get(destination.strip(), (None, None))
-        if self.single_uid and len(uids) > 1:
+        refusal = self._refusal(uids)
+        if refusal is not None:
             yield 1
-            yield 0xA900, None  # Identifier does not match SOP Class: one UID per request
-            return
-        if any(u in self.refuse for u in uids):
-            yield 1
-            yield 0xC000, None  # Unable to process
+            yield refusal, None
             return
         found = [ds for ds in self.objects if _matches(ds, query)]
         yield len(found)
@@ -128,7 +151,8 @@ class StrictQRSCP:
 
     def __enter__(self) -> "StrictQRSCP":
         self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
-            (evt.EVT_C_FIND, self._on_find), (evt.EVT_C_MOVE, self._on_move)])
+            (evt.EVT_C_FIND, self._on_find), (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_C_GET, self._on_get)])
         return self
 
     def __exit__(self, *exc: object) -> None:

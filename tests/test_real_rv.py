@@ -208,3 +208,26 @@ def test_probe_fails_a_hierarchical_only_peer_and_a_blind_one(
         code, out = probe_cli(site, "blind", capsys)
     assert code == 1, out
     assert "without SOPClassUID or Modality, also when asked by UID" in out
+
+
+def test_a_c_get_peer_taking_one_uid_gets_one_and_a_refused_record_fails_alone(
+        make_site: Callable[..., DemoSite]) -> None:
+    """The MIM path (C-GET, relayed by C-STORE) against the same peer: a refused UID list is
+    asked one UID at a time, the refused record fails alone with the peer's status."""
+    site, server, records = strict_site(make_site, single_uid=True)
+    refused = records[2]
+    server.refuse = {str(refused.SOPInstanceUID)}
+    cfg = Path(site.config_path)
+    cfg.write_text(cfg.read_text() + f'\n[DEMO.sources.strictget]\ntype = "mim"\n'
+                                     f'aet = "STRICT_RV"\nip = "127.0.0.1"\n'
+                                     f'port = {server.port}\n')
+    with server:
+        state = run(incremental_backup, site, at(0, 16), source="strictget", backfill=False)
+    assert state.is_failed()
+    rows = {r.ref.sop_instance_uid: r for r in ledger(site).rows(Lane("DEMO", "strictget",
+                                                                       "orthanc"))}
+    assert {u for u, r in rows.items() if r.state == "verified"} == \
+        uids(*records) - {str(refused.SOPInstanceUID)}
+    assert "0xC000" in str(rows[str(refused.SOPInstanceUID)].last_error)
+    assert 'set retrieve = "one_uid"' in latest_artifact("incremental-backup-demo-strictget")
+    assert site.backup.sop_instance_uids() == uids(*records) - {str(refused.SOPInstanceUID)}
