@@ -95,6 +95,14 @@ class _DicomSource(DicomPeer):
     relational_move: bool = False
     """The peer accepts one IMAGE-level C-MOVE listing UIDs of many series (relational retrieve).
     ARIA does not: leave false and each series is moved with its full hierarchy."""
+    query: Literal["relational", "hierarchical"] = "relational"
+    """How RT Records are found: ``relational`` (one IMAGE-level C-FIND per window), or
+    ``hierarchical`` for peers that accept only Study -> Series -> Image queries: each run walks
+    the studies known to hold the lane's records and the studies of the last ``new_study_days``
+    (docs/r-and-v-compatibility.md gives the cost). Plan-context lookups are relational still."""
+    new_study_days: int = Field(default=60, ge=1)
+    """Hierarchical query only: studies with a StudyDate this recent are searched for RT Record
+    series (a plan's study is often weeks older than its first fraction)."""
     retrieve: Literal["uid_list", "one_uid", "series"] = "uid_list"
     """How C-MOVE/C-GET names what to send: ``uid_list`` (one request per series listing its
     UIDs), ``one_uid`` (one request per instance, for peers that take a single UID), ``series``

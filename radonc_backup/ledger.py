@@ -227,6 +227,17 @@ class Ledger:
                 (lane.site, lane.source, lane.backup, day)).fetchall()
         return sorted(r[0] for r in rows)
 
+    def studies_with_records_since(self, lane: Lane, day: str) -> list[tuple[str, str]]:
+        """(Patient ID, Study UID) of each study holding an RT Record of this lane treated on or
+        after ``day`` (YYYYMMDD), or one whose treatment date is unknown."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT patient_id, study_uid FROM instances WHERE site=? AND "
+                "source=? AND backup=? AND kind='record' AND study_uid != '' AND "
+                "(treatment_date >= ? OR treatment_date = '')",
+                (lane.site, lane.source, lane.backup, day)).fetchall()
+        return sorted((r[0], r[1]) for r in rows)
+
     def states(self, lane: Lane, uids: Iterable[str]) -> dict[str, str]:
         """State of each UID the ledger knows (unknown UIDs are absent)."""
         wanted = list(dict.fromkeys(uids))

@@ -73,9 +73,16 @@ def _records(client: DicomClient, source: AriaSource | MimSource, today: date,
     try:
         answers = list(client.find(_record_query(start, today)))
     except FatalDicomError as exc:
-        report.add("relational record query", FAIL,
-                   f"refused ({exc.detail}): a hierarchical-only peer; the backup's record "
-                   "discovery is relational today (docs/r-and-v-compatibility.md)")
+        if source.query == "hierarchical":
+            report.add("relational record query", WARN,
+                       f"refused ({exc.detail}): a hierarchical-only peer. Records are found "
+                       "by the hierarchical walk this source is set to; plan-context lookups "
+                       "are still relational and will fail (docs/r-and-v-compatibility.md)")
+        else:
+            report.add("relational record query", FAIL,
+                       f"refused ({exc.detail}): a hierarchical-only peer; set query = "
+                       '"hierarchical" (records only: plan-context lookups are relational)')
+            report.settings.append('query = "hierarchical"')
         return
     blind = [a for a in answers if not (a.get("SOPClassUID") or a.get("Modality"))]
     other = [a for a in answers if a.get("SOPClassUID")

@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 
 from pydicom.dataset import Dataset
 
@@ -156,6 +156,76 @@ def find_records(client: DicomClient, queries: Iterable[DayQuery], cap: int = 0,
             ref = screen.keep(m, query)
             if ref is not None:
                 found.setdefault(ref.sop_instance_uid, ref)
+    return sorted(found.values(), key=lambda r: (r.treatment_date, r.treatment_time,
+                                                 r.sop_instance_uid))
+
+
+def find_records_hierarchical(client: DicomClient, queries: Iterable[DayQuery],
+                              studies: Iterable[tuple[str, str]], study_since: date | None,
+                              cap: int = 0, screen: Screen | None = None,
+                              patient_ids: Iterable[str] = ()) -> list[InstanceRef]:
+    """Every RT Record in the queries' windows (or, with ``patient_ids``, every record of those
+    patients), found the way a hierarchical-only peer accepts: Study -> Series -> Image.
+
+    The studies walked: ``studies`` (the ledger's, known to hold the lane's records), those with
+    a StudyDate from ``study_since`` (one STUDY-level C-FIND), and each patient's (one each).
+    In each, one SERIES-level C-FIND for RT Record series, and in each of those one IMAGE-level
+    C-FIND listing its records; the windows are applied to the answers, and a record with no
+    TreatmentDate is kept (it cannot be placed, and it is an RT Record). Cost per run: 1 +
+    patients + studies + record series C-FINDs. An answer that reaches ``cap`` is an error,
+    never a silent cut.
+    """
+    screen = screen or Screen(client)
+    windows = list(queries)
+    walk: dict[str, str] = {study: patient for patient, study in studies}
+
+    def capped(answers: list[Dataset], what: str) -> list[Dataset]:
+        if cap and len(answers) >= cap:
+            raise FatalDicomError(client.site, client.peer.label, "C-FIND",
+                                  f"{what}: {len(answers)} answers reach the peer's cap of "
+                                  f"{cap}: raise its C-FIND result limit",
+                                  calling_ae=client.calling_ae)
+        return answers
+
+    asks = [("studies from " + str(study_since),
+             identifier("STUDY", StudyDate=f"{study_since:%Y%m%d}-", StudyInstanceUID="",
+                        PatientID=""))] if study_since is not None else []
+    asks += [(f"patient {p}", identifier("STUDY", PatientID=p, StudyInstanceUID=""))
+             for p in patient_ids]
+    for what, ask in asks:
+        for m in capped(list(client.find(ask)), what):
+            if m.get("StudyInstanceUID"):
+                walk.setdefault(str(m.StudyInstanceUID), str(m.get("PatientID", "") or ""))
+    found: dict[str, InstanceRef] = {}
+    for study, patient in sorted(walk.items()):
+        series = capped(list(client.find(identifier(
+            "SERIES", StudyInstanceUID=study, SeriesInstanceUID="", Modality="RTRECORD"))),
+            f"study {study}")
+        for s in series:
+            modality = str(s.get("Modality", "") or "")
+            if modality not in ("RTRECORD", ""):
+                screen.ignored["Modality"] += 1  # the peer answered another series
+                continue
+            if not s.get("SeriesInstanceUID"):
+                continue
+            images = capped(list(client.find(identifier(
+                "IMAGE", StudyInstanceUID=study, SeriesInstanceUID=str(s.SeriesInstanceUID),
+                SOPInstanceUID="", SOPClassUID="", PatientID="", TreatmentDate="",
+                TreatmentTime=""))), f"series {s.SeriesInstanceUID}")
+            for m in images:
+                if not m.get("SOPInstanceUID"):
+                    continue
+                m.StudyInstanceUID, m.SeriesInstanceUID = study, s.SeriesInstanceUID
+                if not m.get("PatientID"):
+                    m.PatientID = patient
+                if not m.get("SOPClassUID") and modality == "RTRECORD":
+                    m.Modality = "RTRECORD"  # a record series says what its images are
+                ref = screen.keep(m)
+                if ref is None:
+                    continue
+                if patient_ids or not ref.treatment_date \
+                        or any(_in_query(ref, q) for q in windows):
+                    found.setdefault(ref.sop_instance_uid, ref)
     return sorted(found.values(), key=lambda r: (r.treatment_date, r.treatment_time,
                                                  r.sop_instance_uid))
 

@@ -8,6 +8,7 @@ what lets a rerun skip finished work.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from prefect import Task, get_run_logger, task
@@ -19,7 +20,7 @@ from radonc_backup.errors import is_retriable
 from radonc_backup.instance import InstanceRef
 from radonc_backup.lane import open_lane
 from radonc_backup.rt_backup import Awaiting, BatchOutcome, Screen, find_patient_records, \
-    find_records, move_and_verify, settle, verify_present
+    find_records, find_records_hierarchical, move_and_verify, settle, verify_present
 from radonc_backup.validation import Validation, validate_lane
 from radonc_backup.windows import DayQuery
 from tasks.progress import INSTANCES_FROM, Progress
@@ -61,11 +62,19 @@ def find_rt_records(site: str, source: str | None, backup: str | None, config: s
     lane = open_lane(site, source, backup, config)
     client = lane.site.client(lane.source)
     screen = Screen(client)
-    refs = find_records(client, queries, cap=lane.source.max_find_results,
-                        on_split=lambda q: logger.info("window %s hit the peer's cap of %d: "
-                                                       "splitting", q,
-                                                       lane.source.max_find_results),
-                        screen=screen)
+    if lane.source.query == "hierarchical" and queries:
+        first, last = min(q.day for q in queries), max(q.day for q in queries)
+        since = first - timedelta(days=lane.site.settings.patient_pass_days)
+        refs = find_records_hierarchical(
+            client, queries, lane.ledger.studies_with_records_since(lane.lane, f"{since:%Y%m%d}"),
+            last - timedelta(days=lane.source.new_study_days), lane.source.max_find_results,
+            screen)
+    else:
+        refs = find_records(client, queries, cap=lane.source.max_find_results,
+                            on_split=lambda q: logger.info("window %s hit the peer's cap of %d: "
+                                                           "splitting", q,
+                                                           lane.source.max_find_results),
+                            screen=screen)
     for note in screen.notes():
         logger.warning("site %s: %s", site, note)
     logger.info("site %s: %d RT Records on %s in %d window(s)", site, len(refs),
@@ -80,8 +89,12 @@ def find_rt_records_by_patient(site: str, source: str | None, backup: str | None
     lane = open_lane(site, source, backup, config)
     client = lane.site.client(lane.source)
     screen = Screen(client)
-    refs = find_patient_records(client, patient_ids, cap=lane.source.max_find_results,
-                                screen=screen)
+    if lane.source.query == "hierarchical":
+        refs = find_records_hierarchical(client, [], [], None, lane.source.max_find_results,
+                                         screen, patient_ids)
+    else:
+        refs = find_patient_records(client, patient_ids, cap=lane.source.max_find_results,
+                                    screen=screen)
     for note in screen.notes():
         get_run_logger().warning("site %s: %s", site, note)
     get_run_logger().info("site %s: %d RT Records of %d patient(s) on %s", site, len(refs),

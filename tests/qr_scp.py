@@ -71,6 +71,8 @@ class StrictQRSCP:
         self.hierarchical_only = hierarchical_only
         self.port = free_port()
         self.moves: list[list[str]] = []
+        self.finds: list[str] = []  # the level of each C-FIND received
+        self.refused_finds = 0
         self.ae = AE(ae_title=aet)
         self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
         self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
@@ -87,7 +89,9 @@ class StrictQRSCP:
         level = str(query.get("QueryRetrieveLevel", "IMAGE"))
         parents = {"SERIES": ["StudyInstanceUID"],
                    "IMAGE": ["StudyInstanceUID", "SeriesInstanceUID"]}.get(level, [])
+        self.finds.append(level)
         if self.hierarchical_only and any(len(_values(query.get(k))) != 1 for k in parents):
+            self.refused_finds += 1
             yield 0xA900, None  # Identifier does not match SOP Class
             return
         seen: set[str] = set()
@@ -96,10 +100,11 @@ class StrictQRSCP:
             if self.cap and sent == self.cap:
                 break
             if self.ignore_keys or _matches(ds, query):
-                if level == "STUDY":  # one answer per study
-                    if ds.StudyInstanceUID in seen:
+                key = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID"}.get(level)
+                if key:  # one answer per study or series
+                    if ds.get(key) in seen:
                         continue
-                    seen.add(ds.StudyInstanceUID)
+                    seen.add(ds.get(key))
                 sent += 1
                 answer = Dataset()
                 for key in query.dir():

@@ -12,6 +12,7 @@ import pytest
 from demo.site import DemoSite
 from demo.synthetic import to_bytes
 from flows.incremental_backup import incremental_backup
+from flows.nightly_backup import nightly_backup
 from radonc_backup.ledger import Lane
 from tests.conftest import missed
 from tests.qr_scp import StrictQRSCP, add_source
@@ -231,3 +232,35 @@ def test_a_c_get_peer_taking_one_uid_gets_one_and_a_refused_record_fails_alone(
     assert "0xC000" in str(rows[str(refused.SOPInstanceUID)].last_error)
     assert 'set retrieve = "one_uid"' in latest_artifact("incremental-backup-demo-strictget")
     assert site.backup.sop_instance_uids() == uids(*records) - {str(refused.SOPInstanceUID)}
+
+
+def test_a_hierarchical_only_peer_is_walked_study_series_image_within_the_stated_cost(
+        make_site: Callable[..., DemoSite]) -> None:
+    """query = "hierarchical": a peer that refuses relational queries. Each run asks for the
+    studies of the last new_study_days, then per study for its RT Record series, then per
+    series for its records: 1 + studies + series C-FINDs (here 1 + 3 + 3), never a relational
+    query; the window's records move and nothing else (the CT, plans, doses and last week's
+    record are not asked for or are dropped)."""
+    from collections import Counter
+
+    site, server, records = strict_site(make_site, everything=True, hierarchical_only=True)
+    cfg = Path(site.config_path)
+    cfg.write_text(cfg.read_text().replace(f"port = {server.port}\n",
+                                           f'port = {server.port}\nquery = "hierarchical"\n'))
+    with server:
+        state = run(incremental_backup, site, at(0, 16), source="strict", backfill=False)
+        assert state.is_completed(), state.message
+        assert Counter(server.finds) == {"STUDY": 1, "SERIES": 3, "IMAGE": 3}
+        assert server.refused_finds == 0
+        assert site.backup.sop_instance_uids() == uids(*records)
+
+        server.finds.clear()
+        again = run(incremental_backup, site, at(0, 16, 10), source="strict", backfill=False)
+        assert again.is_completed() and again.result()["moved"] == 0
+        assert Counter(server.finds) == {"STUDY": 1, "SERIES": 3, "IMAGE": 3}
+
+        server.finds.clear()  # the nightly's per-patient pass: one STUDY query a patient
+        nightly = run(nightly_backup, site, at(1, 5), days=1, source="strict", backfill=False)
+        assert nightly.is_completed(), nightly.message
+        assert server.refused_finds == 0 and Counter(server.finds)["STUDY"] == 1 + 3
+    assert missed(site, uids(*records)) == (0, 0)
