@@ -99,7 +99,8 @@ class _DicomSource(DicomPeer):
     """How RT Records are found: ``relational`` (one IMAGE-level C-FIND per window), or
     ``hierarchical`` for peers that accept only Study -> Series -> Image queries: each run walks
     the studies known to hold the lane's records and the studies of the last ``new_study_days``
-    (docs/r-and-v-compatibility.md gives the cost). Plan-context lookups are relational still."""
+    (docs/r-and-v-compatibility.md gives the cost); plan-context lookups walk the patient's
+    studies and series."""
     new_study_days: int = Field(default=60, ge=1)
     """Hierarchical query only: studies with a StudyDate this recent are searched for RT Record
     series (a plan's study is often weeks older than its first fraction)."""

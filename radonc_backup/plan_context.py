@@ -122,6 +122,10 @@ class ContextWalker:
         self.images_now = images_now  # False outside the source's image_hours: images wait
         self.client = site.client(source)
         self.where = f"{lane.source} ({source.aet})"
+        # A hierarchical-only peer: plan, structure set and doses are found by walking the
+        # patient's studies and series (the series lookups name their study and series anyway).
+        self.hierarchical = source.query == "hierarchical"
+        self._studies: dict[str, list[str]] = {}
 
     def walk(self, link: PlanLink) -> ContextOutcome:
         out = ContextOutcome(link.plan_uid, link.patient_id)
@@ -182,7 +186,7 @@ class ContextWalker:
                                             str(copy.get("StudyInstanceUID", "")),
                                             str(copy.get("SeriesInstanceUID", "")))])
             return copy
-        ref = self._find_instance(uid, patient_id)
+        ref = self._find_instance(uid, patient_id, kind)
         if ref is None:
             out.problem(f"{kind} {uid} not found on {self.where}")
             return None
@@ -229,8 +233,10 @@ class ContextWalker:
         q = identifier("IMAGE", PatientID=patient_id, Modality="RTDOSE", StudyInstanceUID="",
                        SeriesInstanceUID="", SOPInstanceUID="", SOPClassUID="",
                        ReferencedRTPlanSequence=Sequence([item]))
+        matches = (self._walk(patient_id, "RTDOSE", ReferencedRTPlanSequence=Sequence([item]))
+                   if self.hierarchical else self.client.find(q))
         doses = []
-        for match in self.client.find(q):
+        for match in matches:
             refs = _referenced(match, "ReferencedRTPlanSequence")
             # A peer that does not return the sequence gets the dose moved and read afterwards.
             if not refs or plan_uid in refs:
@@ -247,10 +253,35 @@ class ContextWalker:
                     out.problem(f"RTDOSE {d.sop_instance_uid} not verified in backup "
                                 f"{self.lane.backup}")
 
-    def _find_instance(self, uid: str, patient_id: str) -> InstanceRef | None:
+    def _walk(self, patient_id: str, modality: str, **keys: object) -> list[Dataset]:
+        """For a hierarchical-only peer: the patient's studies (asked once per walk), their
+        series of ``modality``, and those series' instances with ``keys`` returned."""
+        if patient_id not in self._studies:
+            self._studies[patient_id] = [
+                str(m.StudyInstanceUID) for m in self.client.find(identifier(
+                    "STUDY", PatientID=patient_id, StudyInstanceUID=""))
+                if m.get("StudyInstanceUID")]
+        found: list[Dataset] = []
+        for study in self._studies[patient_id]:
+            for series in self.client.find(identifier("SERIES", StudyInstanceUID=study,
+                                                      SeriesInstanceUID="", Modality=modality)):
+                if str(series.get("Modality", "") or modality) != modality \
+                        or not series.get("SeriesInstanceUID"):
+                    continue
+                for m in self.client.find(identifier(
+                        "IMAGE", StudyInstanceUID=study,
+                        SeriesInstanceUID=str(series.SeriesInstanceUID), SOPInstanceUID="",
+                        SOPClassUID="", **keys)):
+                    m.StudyInstanceUID, m.SeriesInstanceUID = study, series.SeriesInstanceUID
+                    m.PatientID = patient_id
+                    found.append(m)
+        return found
+
+    def _find_instance(self, uid: str, patient_id: str, kind: str) -> InstanceRef | None:
         q = identifier("IMAGE", PatientID=patient_id, StudyInstanceUID="", SeriesInstanceUID="",
                        SOPInstanceUID=uid, SOPClassUID="")
-        matches = [m for m in self.client.find(q) if str(m.get("SOPInstanceUID", "")) == uid]
+        answers = self._walk(patient_id, kind) if self.hierarchical else self.client.find(q)
+        matches = [m for m in answers if str(m.get("SOPInstanceUID", "")) == uid]
         return InstanceRef.from_match(matches[0]) if matches else None
 
     def _find_series(self, patient_id: str, study_uid: str, series_uid: str,

@@ -74,14 +74,13 @@ def _records(client: DicomClient, source: AriaSource | MimSource, today: date,
         answers = list(client.find(_record_query(start, today)))
     except FatalDicomError as exc:
         if source.query == "hierarchical":
-            report.add("relational record query", WARN,
-                       f"refused ({exc.detail}): a hierarchical-only peer. Records are found "
-                       "by the hierarchical walk this source is set to; plan-context lookups "
-                       "are still relational and will fail (docs/r-and-v-compatibility.md)")
+            report.add("relational record query", OK,
+                       f"refused ({exc.detail}): a hierarchical-only peer, walked "
+                       "hierarchically as this source is set to")
         else:
             report.add("relational record query", FAIL,
                        f"refused ({exc.detail}): a hierarchical-only peer; set query = "
-                       '"hierarchical" (records only: plan-context lookups are relational)')
+                       '"hierarchical"')
             report.settings.append('query = "hierarchical"')
         return
     blind = [a for a in answers if not (a.get("SOPClassUID") or a.get("Modality"))]

@@ -264,3 +264,25 @@ def test_a_hierarchical_only_peer_is_walked_study_series_image_within_the_stated
         assert nightly.is_completed(), nightly.message
         assert server.refused_finds == 0 and Counter(server.finds)["STUDY"] == 1 + 3
     assert missed(site, uids(*records)) == (0, 0)
+
+
+def test_plan_contexts_are_walked_hierarchically_too(make_site: Callable[..., DemoSite]) -> None:
+    """With query = "hierarchical" the plan, structure set and doses are found by walking the
+    patient's studies and series: the whole context arrives, no relational query is sent."""
+    from flows.plan_context_backfill import plan_context_backfill
+
+    site, server, records = strict_site(make_site, everything=True, hierarchical_only=True)
+    cfg = Path(site.config_path)
+    cfg.write_text(cfg.read_text().replace(f"port = {server.port}\n",
+                                           f'port = {server.port}\nquery = "hierarchical"\n'))
+    with server:
+        state = run(incremental_backup, site, at(0, 16), source="strict", backfill=False)
+        assert state.is_completed(), state.message
+        context = plan_context_backfill(site="DEMO", source="strict", config=str(cfg),
+                                        return_state=True)
+        assert context.is_completed(), context.message
+        assert server.refused_finds == 0
+    plan_context = {str(ds.SOPInstanceUID) for ds in server.objects if ds.Modality != "RTRECORD"}
+    assert context.result()["complete"] == 3
+    assert site.backup.sop_instance_uids() == uids(*records) | plan_context, "nothing else"
+    assert missed(site, uids(*records) | plan_context) == (0, 0)
