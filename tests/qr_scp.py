@@ -123,27 +123,19 @@ class StrictQRSCP:
         return None
 
     def _on_get(self, event: evt.Event) -> Iterator[object]:
-        query = event.identifier
-        uids = _values(query.get("SOPInstanceUID"))
-        self.moves.append(uids)
-        refusal = self._refusal(uids)
-        if refusal is not None:
-            yield 1
-            yield refusal, None
-            return
-        found = [ds for ds in self.objects if _matches(ds, query)]
-        yield len(found)
-        for ds in found:
-            yield 0xFF00, ds
+        yield from self._sub_operations(event.identifier)
 
     def _on_move(self, event: evt.Event) -> Iterator[object]:
-        query = event.identifier
-        uids = _values(query.get("SOPInstanceUID"))
-        self.moves.append(uids)
         destination = event.move_destination
         if isinstance(destination, bytes):
             destination = destination.decode("ascii")
         yield self.destinations.get(destination.strip(), (None, None))
+        yield from self._sub_operations(event.identifier)
+
+    def _sub_operations(self, query: Dataset) -> Iterator[object]:
+        """What a retrieve yields after its destination: a count, then the objects."""
+        uids = _values(query.get("SOPInstanceUID"))
+        self.moves.append(uids)
         refusal = self._refusal(uids)
         if refusal is not None:
             yield 1

@@ -25,6 +25,7 @@ NY = ZoneInfo("America/New_York")
 
 
 def strict_site(make_site: Callable[..., DemoSite], everything: bool = False,
+                settings: dict[str, object] | None = None,
                 **scp: object) -> tuple[DemoSite, StrictQRSCP, list]:
     """A backup Orthanc and a strict SCP as source "strict" holding three courses' records
     (two each, yesterday and today; ``everything``: also their CT, plan, structure set, dose
@@ -38,7 +39,7 @@ def strict_site(make_site: Callable[..., DemoSite], everything: bool = False,
         held.append(courses[0].add_record(at(-7, 8)))
     server = StrictQRSCP("STRICT_RV", held,
                          {site.backup.aet: ("127.0.0.1", site.backup.dicom_port)}, **scp)
-    add_source(site, server)
+    add_source(site, server, **(settings or {}))
     return site, server, records
 
 
@@ -243,10 +244,8 @@ def test_a_hierarchical_only_peer_is_walked_study_series_image_within_the_stated
     record are not asked for or are dropped)."""
     from collections import Counter
 
-    site, server, records = strict_site(make_site, everything=True, hierarchical_only=True)
-    cfg = Path(site.config_path)
-    cfg.write_text(cfg.read_text().replace(f"port = {server.port}\n",
-                                           f'port = {server.port}\nquery = "hierarchical"\n'))
+    site, server, records = strict_site(make_site, everything=True, hierarchical_only=True,
+                                        settings={"query": "hierarchical"})
     with server:
         state = run(incremental_backup, site, at(0, 16), source="strict", backfill=False)
         assert state.is_completed(), state.message
@@ -271,15 +270,13 @@ def test_plan_contexts_are_walked_hierarchically_too(make_site: Callable[..., De
     patient's studies and series: the whole context arrives, no relational query is sent."""
     from flows.plan_context_backfill import plan_context_backfill
 
-    site, server, records = strict_site(make_site, everything=True, hierarchical_only=True)
-    cfg = Path(site.config_path)
-    cfg.write_text(cfg.read_text().replace(f"port = {server.port}\n",
-                                           f'port = {server.port}\nquery = "hierarchical"\n'))
+    site, server, records = strict_site(make_site, everything=True, hierarchical_only=True,
+                                        settings={"query": "hierarchical"})
     with server:
         state = run(incremental_backup, site, at(0, 16), source="strict", backfill=False)
         assert state.is_completed(), state.message
-        context = plan_context_backfill(site="DEMO", source="strict", config=str(cfg),
-                                        return_state=True)
+        context = plan_context_backfill(site="DEMO", source="strict",
+                                        config=str(site.config_path), return_state=True)
         assert context.is_completed(), context.message
         assert server.refused_finds == 0
     plan_context = {str(ds.SOPInstanceUID) for ds in server.objects if ds.Modality != "RTRECORD"}
