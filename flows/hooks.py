@@ -1,9 +1,9 @@
 """Flow-run state hooks: the site's log file for the run, and the failure e-mail.
 
 Every flow uses ``RUN_HOOKS``: the log file opens when the run starts running and closes when
-it ends, however it ends; a failed or crashed run mails the site's recipients, once per problem (the same
-problem again is not mailed again), and the first run that completes afterwards mails that it
-cleared (``radonc_backup.alerts``).
+it ends, however it ends; a failed or crashed run mails the site's recipients, once per problem
+(the same problem again is not mailed again), and the first run that completes afterwards mails
+that it cleared (``radonc_backup.alerts``).
 """
 
 from __future__ import annotations

@@ -175,12 +175,13 @@ def publish(summary: dict[str, object], outcomes: list[ContextOutcome]) -> None:
                           table=unresolved or [{"plan or record": "", "patient id": "",
                                                 "state": "", "unresolved": "nothing unresolved"}],
                           description=f"Plan contexts not complete, site {summary['site']}")
+    notes: list[str] = summary["peer_notes"]  # type: ignore[assignment]
     create_markdown_artifact(
         key=key, markdown=(f"# Plan-context backfill: site {summary['site']}\n\n"
                            f"{summary['plans']} plan(s): {summary['complete']} complete, "
                            f"{summary['incomplete']} incomplete, {summary['deferred']} "
                            f"deferred to off-peak hours, {summary['skipped']} skipped.\n"
-                           + "".join(f"\n- {n}" for n in summary["peer_notes"])))  # type: ignore[attr-defined]
+                           + "".join(f"\n- {n}" for n in notes)))
 
 
 if __name__ == "__main__":

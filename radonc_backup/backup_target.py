@@ -229,7 +229,8 @@ class OrthancBackup:
         return None
 
     def last_change(self) -> int:
-        return int(self._json(self._get("/changes?last"), "/changes")["Last"])  # type: ignore[index]
+        last = self._json(self._get("/changes?last"), "/changes")
+        return int(last["Last"])  # type: ignore[index]
 
     def changes_since(self, seq: int, page: int = 10000) -> ChangeSummary:
         """The instances the change log says arrived after ``seq``. Orthanc removes a deleted
@@ -255,8 +256,8 @@ class OrthancBackup:
             series_id = str(self._json(r, "/instances")["ParentSeries"])  # type: ignore[index]
             if series_id not in modality:
                 series = self._json(self._get(f"/series/{series_id}"), "/series")
-                modality[series_id] = str(series.get("MainDicomTags", {})  # type: ignore[union-attr]
-                                          .get("Modality", ""))
+                tags = series.get("MainDicomTags", {})  # type: ignore[union-attr]
+                modality[series_id] = str(tags.get("Modality", ""))
             if modality[series_id] == "RTRECORD":
                 found.append(instance_id)
         return found

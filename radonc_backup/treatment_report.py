@@ -94,8 +94,8 @@ class FactCache:
             values[-1] = json.dumps(list(f.warnings))
             rows.append((values[0], rid, *values[1:], f.treated[:10]))
         with self._connect() as conn:
-            conn.executemany(f"INSERT OR REPLACE INTO records VALUES ({', '.join('?' * (len(FIELDS) + 2))})",
-                             rows)
+            marks = ", ".join("?" * (len(FIELDS) + 2))
+            conn.executemany(f"INSERT OR REPLACE INTO records VALUES ({marks})", rows)
 
     def courses(self, start: date, end: date, only: Iterable[str] | None = None,
                 ) -> pd.DataFrame:
