@@ -42,6 +42,7 @@ OBJECT_TYPES = {
     "1.2.840.10008.5.1.4.1.1.130": "PT",
 }
 T = TypeVar("T")
+RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
 TYPES = ("RTPLAN", "RTSTRUCT", "CT", "MR", "PT", "RTDOSE", "OTHER")
 
 
@@ -236,11 +237,22 @@ class ContextWalker:
         matches = (self._walk(patient_id, "RTDOSE", ReferencedRTPlanSequence=Sequence([item]))
                    if self.hierarchical else self.client.find(q))
         doses = []
+        blind = 0
         for match in matches:
+            sop_class = str(match.get("SOPClassUID", "") or "")
+            modality = str(match.get("Modality", "") or "")
+            if (sop_class and sop_class != RT_DOSE) or (modality and modality != "RTDOSE"):
+                continue  # the peer ignored Modality: not a dose
+            if not (sop_class or modality):
+                blind += 1  # never moved blind
+                continue
             refs = _referenced(match, "ReferencedRTPlanSequence")
             # A peer that does not return the sequence gets the dose moved and read afterwards.
             if not refs or plan_uid in refs:
                 doses.append((InstanceRef.from_match(match), bool(refs)))
+        if blind:
+            out.problem(f"{blind} answer(s) to the RT Dose lookup of patient {patient_id} on "
+                        f"{self.where} say neither SOPClassUID nor Modality: not moved")
         if not doses:
             return
         present = self.target.present([d for d, _ in doses])
@@ -274,6 +286,9 @@ class ContextWalker:
                         SOPClassUID="", **keys)):
                     m.StudyInstanceUID, m.SeriesInstanceUID = study, series.SeriesInstanceUID
                     m.PatientID = patient_id
+                    if not (m.get("SOPClassUID") or m.get("Modality")) \
+                            and series.get("Modality") == modality:
+                        m.Modality = modality  # the series said what its instances are
                     found.append(m)
         return found
 

@@ -283,3 +283,39 @@ def test_plan_contexts_are_walked_hierarchically_too(make_site: Callable[..., De
     assert context.result()["complete"] == 3
     assert site.backup.sop_instance_uids() == uids(*records) | plan_context, "nothing else"
     assert missed(site, uids(*records) | plan_context) == (0, 0)
+
+
+@pytest.mark.parametrize("query", ["relational", "hierarchical"])
+def test_dcmqrscp_as_the_r_and_v_moves_its_rt_records_and_nothing_else(
+        make_site: Callable[..., DemoSite], tmp_path: Path, query: str) -> None:
+    """DCMTK's dcmqrscp ignores Modality and returns neither SOPClassUID nor TreatmentDate at
+    IMAGE level: asked for RT Records (or a patient's RT Doses) it answers with every object it
+    holds. The run keeps the RT Records only (by the Modality it returns), with either query
+    setting, and says the peer ignored keys; the backfill then brings each plan's context and
+    not the patient's other series."""
+    from tests.dcmqrscp import Dcmqrscp
+
+    from demo.synthetic import make_image_series
+
+    site = make_site(extra_backup_modalities={"DCMQR_RV": ("DCMQR_RV", "127.0.0.1", 1)})
+    courses = [course(f"DQ{n}", at(-1, 8 + n), delivered=2) for n in range(2)]
+    records = [r for c in courses for r in c.records]
+    unasked = make_image_series(courses[0].study, "mr-unplanned", slices=2, modality="MR")
+    with Dcmqrscp(tmp_path / "dcmqrscp", "DCMQR_RV",
+                  {site.backup.aet: ("127.0.0.1", site.backup.dicom_port)}) as rv:
+        rv.store([ds for c in courses for ds in c.all()] + unasked.instances)
+        add_source(site, rv, "dcmqr", query=query)  # type: ignore[arg-type]
+        state = run(incremental_backup, site, at(0, 16), source="dcmqr", backfill=False)
+        assert state.is_completed(), state.message
+        assert site.backup.sop_instance_uids() == uids(*records), "RT Records, nothing else"
+        if query == "relational":
+            assert any("ignored SOPClassUID/Modality" in n for n in state.result()["peer_notes"])
+
+        from flows.plan_context_backfill import plan_context_backfill
+
+        context = plan_context_backfill(site="DEMO", source="dcmqr",
+                                        config=str(site.config_path), return_state=True)
+    assert context.is_completed(), context.message
+    everything = {str(ds.SOPInstanceUID) for c in courses for ds in c.all()}
+    assert site.backup.sop_instance_uids() == everything, "the plans' context, not the MR"
+    assert missed(site, everything) == (0, 0)
