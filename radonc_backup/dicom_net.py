@@ -36,8 +36,10 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, build_role, evt
+from pynetdicom import sop_class as sop
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.status import code_to_category
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -52,35 +54,23 @@ from pynetdicom.transport import AddressInformation, AssociationSocket
 from .errors import DicomError, FatalDicomError, FindTruncated, RetriableDicomError
 
 RT_RECORD_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.481.4": "RT Beams Treatment Record",
-    "1.2.840.10008.5.1.4.1.1.481.6": "RT Brachy Treatment Record",
-    "1.2.840.10008.5.1.4.1.1.481.7": "RT Treatment Summary Record",
-    "1.2.840.10008.5.1.4.1.1.481.9": "RT Ion Beams Treatment Record",
+    sop.RTBeamsTreatmentRecordStorage: "RT Beams Treatment Record",
+    sop.RTBrachyTreatmentRecordStorage: "RT Brachy Treatment Record",
+    sop.RTTreatmentSummaryRecordStorage: "RT Treatment Summary Record",
+    sop.RTIonBeamsTreatmentRecordStorage: "RT Ion Beams Treatment Record",
 }
 
 STORAGE_CLASSES = [
     *RT_RECORD_CLASSES,
-    "1.2.840.10008.5.1.4.1.1.481.1",  # RT Image
-    "1.2.840.10008.5.1.4.1.1.481.2",  # RT Dose
-    "1.2.840.10008.5.1.4.1.1.481.3",  # RT Structure Set
-    "1.2.840.10008.5.1.4.1.1.481.5",  # RT Plan
-    "1.2.840.10008.5.1.4.1.1.481.8",  # RT Ion Plan
-    "1.2.840.10008.5.1.4.1.1.481.10",  # RT Physician Intent
-    "1.2.840.10008.5.1.4.1.1.481.11",  # RT Segment Annotation
-    "1.2.840.10008.5.1.4.1.1.2",  # CT
-    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT
-    "1.2.840.10008.5.1.4.1.1.4",  # MR
-    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR
-    "1.2.840.10008.5.1.4.1.1.128",  # PET
-    "1.2.840.10008.5.1.4.1.1.130",  # Enhanced PET
-    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
-    "1.2.840.10008.5.1.4.1.1.66",  # Raw Data
-    "1.2.840.10008.5.1.4.1.1.66.1",  # Spatial Registration
-    "1.2.840.10008.5.1.4.1.1.66.3",  # Deformable Spatial Registration
-    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
-    "1.2.840.10008.5.1.4.1.1.12.1",  # X-Ray Angiographic (kV imaging)
-    "1.2.840.10008.5.1.4.1.1.1",  # CR
-    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray
+    *(getattr(sop, name) for name in (
+        "RTImageStorage", "RTDoseStorage", "RTStructureSetStorage", "RTPlanStorage",
+        "RTIonPlanStorage", "RTPhysicianIntentStorage", "RTSegmentAnnotationStorage",
+        "CTImageStorage", "EnhancedCTImageStorage", "MRImageStorage", "EnhancedMRImageStorage",
+        "PositronEmissionTomographyImageStorage", "EnhancedPETImageStorage",
+        "SecondaryCaptureImageStorage", "RawDataStorage", "SpatialRegistrationStorage",
+        "DeformableSpatialRegistrationStorage", "SegmentationStorage",
+        "XRayAngiographicImageStorage",  # kV imaging
+        "ComputedRadiographyImageStorage", "DigitalXRayImageStorageForPresentation")),
 ]
 
 TRANSFER_SYNTAXES = [
@@ -189,7 +179,8 @@ class StoreResult:
 
     @property
     def ok(self) -> bool:
-        return self.status is not None and (self.status == 0 or self.status >> 12 == 0xB)
+        return self.status is not None and code_to_category(self.status) in ("Success",
+                                                                            "Warning")
 
 
 def identifier(level: str, **keys: object) -> Dataset:
@@ -326,18 +317,11 @@ class DicomClient:
                 if status is None:
                     raise self._error(True, "C-FIND", "no response (timeout or association "
                                                       "aborted) before the final status")
-                if status in (0xFF00, 0xFF01):
+                if self._pending("C-FIND", status, status_ds):
                     if match is not None:
                         yield match
                     continue
-                if status == 0x0000:
-                    return
-                if status == 0xFE00:
-                    # Orthanc ends a capped answer this way (LimitFindInstances/Results).
-                    raise FindTruncated(self.site, self.peer.label, "C-FIND",
-                                        "answer cut short by the peer (status 0xFE00)",
-                                        calling_ae=self.calling_ae)
-                self._raise_for_status("C-FIND", status, status_ds)
+                return
             raise self._error(True, "C-FIND", "association ended before a final status")
 
     def move(self, identifiers: Iterable[Dataset], destination: str) -> list[MoveResult]:
@@ -370,25 +354,10 @@ class DicomClient:
                 raise self._error(True, "C-MOVE", "no response (timeout or association aborted)",
                                   about or None)
             last = _sub_operations(status, status_ds)
-            if status in (0xFF00, 0xFF01):
-                continue
             if ident is not None and "FailedSOPInstanceUIDList" in ident:
                 last.failed_uids = uid_list(ident.FailedSOPInstanceUIDList)
-            if status == 0xA801:
-                raise self._error(False, "C-MOVE", f"move destination {destination} is unknown to "
-                                                   "the peer: register it there", about or None)
-            if status >> 8 == 0xA7:
-                raise self._error(True, "C-MOVE", f"peer out of resources (0x{status:04X})",
-                                  about or None)
-            if status >> 8 == 0xA9:
-                raise self._refused("C-MOVE", status, f"identifier rejected (0x{status:04X})",
-                                    about)
-            if status >> 12 == 0xC and last.completed + last.failed + last.warning == 0:
-                raise self._refused("C-MOVE", status, f"peer refused the move (0x{status:04X}) "
-                                                      "before sending anything: the objects are "
-                                                      f"not there, or {destination} is not "
-                                                      "registered there as a move destination",
-                                    about)
+            if self._pending("C-MOVE", status, status_ds, about, last, destination):
+                continue
             return last
         if last is None:
             raise self._error(True, "C-MOVE", "no response", about or None)
@@ -426,15 +395,7 @@ class DicomClient:
                     raise self._error(True, "C-GET", "no response (timeout or association "
                                                      "aborted)")
                 last = _sub_operations(status, status_ds)
-                if status >> 8 == 0xA7:
-                    raise self._error(True, "C-GET", f"peer out of resources (0x{status:04X})")
-                if status >> 8 == 0xA9:
-                    raise self._refused("C-GET", status, f"identifier rejected (0x{status:04X})",
-                                        about)
-                if status >> 12 == 0xC and last.completed + last.warning == 0:
-                    raise self._refused("C-GET", status, f"the peer failed the retrieve "
-                                                         f"(0x{status:04X}) and sent nothing "
-                                                         f"({last.failed} failed)", about)
+                self._pending("C-GET", status, status_ds, about, last)
         return last
 
     def store(self, datasets: Iterable[Dataset]) -> list[StoreResult]:
@@ -458,13 +419,59 @@ class DicomClient:
                 if status is None:
                     raise self._error(True, "C-STORE", "no response (timeout or abort)",
                                       str(ds.SOPInstanceUID))
-                error = "" if status == 0 or status >> 12 == 0xB else f"status 0x{status:04X}"
-                results.append(StoreResult(str(ds.SOPInstanceUID), status, error))
+                result = StoreResult(str(ds.SOPInstanceUID), status)
+                if not result.ok:
+                    result.error = f"status 0x{status:04X} ({code_to_category(status)})"
+                results.append(result)
         return results
 
-    def _raise_for_status(self, operation: str, status: int, status_ds: Dataset) -> None:
-        comment = str(status_ds.get("ErrorComment", "") or "")
-        detail = f"status 0x{status:04X}{': ' + comment if comment else ''}"
+    def _pending(self, operation: str, status: int, status_ds: Dataset,
+                 about: str | None = None, sent: MoveResult | None = None,
+                 destination: str = "") -> bool:
+        """The one reading of a C-FIND/C-MOVE/C-GET response status, by the standard's category
+        (pynetdicom's ``code_to_category``): True while Pending, False when final and usable,
+        else the error for that category raised.
+
+        - Success, Warning: final (a retrieve's failed sub-operations are in its counts, and
+          the backup is checked anyway);
+        - Cancel (0xFE00): a C-FIND answer cut short (``FindTruncated``: the window is split);
+          a retrieve cancelled is final, what arrived is what the backup holds;
+        - Failure 0xA7xx, out of resources: retriable;
+        - Failure 0xA801, move destination unknown: fatal, names the destination;
+        - Failure 0xA9xx (identifier does not match the SOP class), or a retrieve failing
+          before it sent anything: this identifier refused, the association goes on;
+        - any other Failure: fatal for a C-FIND; final for a retrieve that sent something;
+        - a code the standard does not define: fatal, never taken for success.
+        """
+        category = code_to_category(status)
+        comment = str(status_ds.get("ErrorComment", "") or "") if status_ds else ""
+        detail = f"0x{status:04X}{': ' + comment if comment else ''}"
+        if category == "Pending":
+            return True
+        if category in ("Success", "Warning"):
+            return False
+        if category == "Cancel":
+            if operation == "C-FIND":
+                raise FindTruncated(self.site, self.peer.label, operation,
+                                    f"answer cut short by the peer (status {detail})",
+                                    calling_ae=self.calling_ae)
+            return False
+        if category != "Failure":
+            raise self._error(False, operation, f"status {detail} is not a DICOM status: the "
+                                                "answer cannot be trusted", about)
         if status >> 8 == 0xA7:
-            raise self._error(True, operation, f"peer out of resources ({detail})")
-        raise self._error(False, operation, f"request refused ({detail})")
+            raise self._error(True, operation, f"peer out of resources ({detail})", about)
+        if operation == "C-MOVE" and status == 0xA801:
+            raise self._error(False, operation, f"move destination {destination} is unknown to "
+                                                "the peer: register it there", about)
+        if operation == "C-FIND" or sent is None:
+            raise self._error(False, operation, f"request refused ({detail})", about)
+        if status >> 8 == 0xA9:
+            raise self._refused(operation, status, f"identifier rejected ({detail})", about)
+        if sent.completed + sent.warning + (sent.failed if operation == "C-MOVE" else 0) == 0:
+            where = (f"the objects are not there, or {destination} is not registered there as "
+                     "a move destination" if operation == "C-MOVE" else
+                     f"{sent.failed} failed")
+            raise self._refused(operation, status, f"the peer failed the retrieve ({detail}) "
+                                                   f"before sending anything: {where}", about)
+        return False
