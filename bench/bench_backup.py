@@ -8,7 +8,7 @@ run with TCP_NODELAY=1, our DICOM layer sets it on its sockets, and so do the ba
 Baselines (one C-MOVE per record, each on its own association, as a naive script does):
 - raw pynetdicom, with TCP_NODELAY on its socket;
 - dcmtk ``movescu`` (the reference client), one process per record.
-Ours: the move stage of ``move_and_verify`` (one association, per-series C-MOVEs, then a presence
+Ours: the move stage of ``deliver`` (one association, per-series C-MOVEs, then a presence
 check and ledger writes), in hierarchical (ARIA) and relational mode, and the whole
 ``incremental_backup`` flow run through Prefect.
 """
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -45,7 +46,7 @@ from radonc_backup.dicom_net import DicomClient, Peer  # noqa: E402
 from radonc_backup.instance import InstanceRef  # noqa: E402
 from radonc_backup.lane import open_lane  # noqa: E402
 from radonc_backup.ledger import Lane, Ledger  # noqa: E402
-from radonc_backup.rt_backup import move_and_verify, move_identifiers  # noqa: E402
+from radonc_backup.transfer import deliver, move_identifiers  # noqa: E402
 
 NY = ZoneInfo("America/New_York")
 DAY = datetime(2026, 11, 20, 8, 0)
@@ -143,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             clear_backup(site)
             lane = open_lane("DEMO", config=str(site.config_path))
             source = lane.source.model_copy(update={"relational_move": relational})
-            ledger = Ledger(workdir / f"bench-ledger-{time.monotonic_ns()}.sqlite")
-            ledger.record_found(lane.lane, refs)
+            ledger = Ledger(workdir / f"bench-ledger-{time.monotonic_ns()}.sqlite").at(lane.lane)
+            ledger.record_found(refs)
+            fresh = replace(lane, source=source, ledger=ledger)
             t = time.perf_counter()
-            outcome = move_and_verify(lane.site, source, lane.target, ledger, lane.lane, refs)
+            outcome = deliver(fresh, refs)
             elapsed = time.perf_counter() - t
             assert len(outcome.verified) == n and not outcome.failed
             return elapsed
@@ -156,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         results["baseline: pynetdicom as shipped, one association + C-MOVE per record"] = timed(
             per_record_plain_pynetdicom)
         results["baseline: dcmtk movescu, one process per record"] = timed(per_record_movescu)
-        results["ours: move_and_verify, hierarchical (ARIA), one batch"] = timed(
+        results["ours: deliver, hierarchical (ARIA), one batch"] = timed(
             lambda: ours(False))
-        results["ours: move_and_verify, relational, one batch"] = timed(lambda: ours(True))
+        results["ours: deliver, relational, one batch"] = timed(lambda: ours(True))
 
         from flows.incremental_backup import incremental_backup
 
@@ -200,10 +202,10 @@ def noop_run(site: DemoSite, refs: list[InstanceRef], rows: int, workdir: Path) 
     filler = [InstanceRef(f"1.2.826.0.1.3680043.8.498.9.{i}", "1.2.840.10008.5.1.4.1.1.481.4",
                           f"OLD{i % 5000:05d}", f"1.2.3.{i % 5000}", f"1.2.3.{i % 5000}.1",
                           "20251201", "080000") for i in range(rows)]
-    ledger.record_found(lane, filler + refs)
-    ledger.mark_verified(lane, [r.sop_instance_uid for r in filler + refs])
+    ledger.at(lane).record_found(filler + refs)
+    ledger.at(lane).mark_verified([r.sop_instance_uid for r in filler + refs])
     end = (DAY + timedelta(hours=10)).replace(tzinfo=NY)
-    ledger.advance_watermark(lane, end - timedelta(minutes=1))
+    ledger.at(lane).advance_watermark(end - timedelta(minutes=1))
     timings = []
     for k in range(3):
         t = time.perf_counter()
@@ -237,7 +239,7 @@ def write_report(path: Path, results: dict[str, float], n: int, rows: int, noop:
     lines += [
         "",
         "Goal (issue: verified RT Record backup): per-record cost of the batched backup at least "
-        "5x lower than one C-MOVE per record. The rows marked *ours: move_and_verify* are the "
+        "5x lower than one C-MOVE per record. The rows marked *ours: deliver* are the "
         "backup's own work (moves, presence check in the backup, ledger); the flow row adds "
         "Prefect's fixed cost per run (flow and task runs recorded in the server).",
         "",

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -108,10 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         def walker() -> float:
             clear_context(site)
             lane = open_lane("DEMO", config=str(site.config_path))
-            ledger = Ledger(workdir / f"ledger-{time.monotonic_ns()}.sqlite")
+            ledger = Ledger(workdir / f"ledger-{time.monotonic_ns()}.sqlite").at(lane.lane)
             t = time.perf_counter()
-            outcome = ContextWalker(lane.site, lane.source, lane.target, ledger,
-                                    lane.lane).walk(link)
+            outcome = ContextWalker(replace(lane, ledger=ledger)).walk(link)
             elapsed = time.perf_counter() - t
             assert outcome.state == "complete", outcome.unresolved
             return elapsed

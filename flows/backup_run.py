@@ -18,10 +18,11 @@ from prefect.states import Completed
 from radonc_backup.errors import BackupIncomplete
 from radonc_backup.instance import InstanceRef
 from radonc_backup.lane import OpenLane
-from radonc_backup.rt_backup import Awaiting, BatchOutcome, batches, plan_work
+from radonc_backup.rt_backup import batches
+from radonc_backup.transfer import Awaiting, Outcome
 from radonc_backup.windows import DayQuery, utc_now
 from tasks.backup import check_backup, find_rt_records, find_rt_records_by_patient, move_batch, \
-    settle_moves, with_site_retries
+    record_found, settle_moves, with_site_retries
 
 SHOW_FAILED = 20
 
@@ -59,8 +60,7 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
-def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, str | None,
-               str | None], queries: list[DayQuery], window: str,
+def run_backup(flow_name: str, lane: OpenLane, queries: list[DayQuery], window: str,
                advance_to: datetime | None = None,
                patients_since: date | None = None, catch_up: str = "") -> BackupSummary:
     """``patients_since``: also ask, patient by patient and without a date, for the records of
@@ -70,21 +70,19 @@ def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, st
     summary = BackupSummary(lane.lane.site, lane.lane.source, lane.lane.backup, window,
                             catch_up=catch_up)
 
-    by_date = with_site_retries(find_rt_records, settings)(*params, queries)
+    by_date = with_site_retries(find_rt_records, settings)(lane.ref, queries)
     found = by_date.refs
     note_peer(summary, by_date.notes)
     if patients_since is not None:
-        found += by_patient(lane, params, found, patients_since, summary)
-    plan = plan_work(lane.ledger, lane.lane, found)
-    if advance_to is not None:
-        summary.watermark = lane.ledger.advance_watermark(lane.lane, advance_to).isoformat()
+        found += by_patient(lane, found, patients_since, summary)
+    plan, summary.watermark = record_found(lane.ref, found, advance_to)
     summary.found, summary.new, summary.already_verified = plan.found, plan.new, \
         plan.already_verified
     found_uids = {r.sop_instance_uid for r in found}
     summary.retried_from_earlier = sum(1 for r in plan.todo
                                        if r.sop_instance_uid not in found_uids)
 
-    in_backup = set(with_site_retries(check_backup, settings)(*params, plan.todo)) \
+    in_backup = set(with_site_retries(check_backup, settings)(lane.ref, plan.todo)) \
         if plan.todo else set()
     summary.already_in_backup = len(in_backup)
     summary.verified_uids += sorted(in_backup)
@@ -92,9 +90,9 @@ def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, st
 
     awaiting: list[Awaiting] = []
     for batch in batches(todo, settings.batch_size):
-        state = with_site_retries(move_batch, settings)(*params, batch, return_state=True)
+        state = with_site_retries(move_batch, settings)(lane.ref, batch, return_state=True)
         if state.is_completed():
-            outcome: BatchOutcome = state.result()
+            outcome: Outcome = state.result()
             summary.moved += outcome.moved
             summary.verified += len(outcome.verified)
             summary.verified_uids += outcome.verified
@@ -104,11 +102,11 @@ def run_backup(flow_name: str, lane: OpenLane, params: tuple[str, str | None, st
             logger.error("site %s: batch of %d ended %s: %s", summary.site, len(batch),
                          state.name, state.message)
     if awaiting:  # a backup that may index later: one wait for the whole run, not one a batch
-        arrived = with_site_retries(settle_moves, settings)(*params, awaiting)
+        arrived = with_site_retries(settle_moves, settings)(lane.ref, awaiting)
         summary.verified += len(arrived)
         summary.verified_uids += arrived
 
-    remaining = lane.ledger.rows(lane.lane, "found", "moved", "failed")
+    remaining = lane.ledger.rows("found", "moved", "failed")
     summary.failed = len(remaining)
     summary.failed_uids = {r.ref.sop_instance_uid: r.last_error or r.state for r in remaining}
     create_markdown_artifact(markdown=_report(flow_name, summary),
@@ -152,7 +150,7 @@ def catch_up_days(lane: OpenLane) -> int | None:
     run: records that had failed before the loss would otherwise never be asked for again.
     """
     days = lane.site.settings.catch_up_days
-    if not days or lane.ledger.has_records(lane.lane) or not lane.target.holds_rt_records():
+    if not days or lane.ledger.has_records() or not lane.target.holds_rt_records():
         return None
     get_run_logger().warning(
         "site %s: the ledger %s knows no RT Record of %s while backup %s holds some: a lost or "
@@ -166,21 +164,20 @@ def catch_up_note(days: int) -> str:
             f"ledger): looked back {days} whole days")
 
 
-def by_patient(lane: OpenLane, params: tuple[str, str | None, str | None, str | None],
-               found: list[InstanceRef], since: date, summary: BackupSummary,
+def by_patient(lane: OpenLane, found: list[InstanceRef], since: date, summary: BackupSummary,
                ) -> list[InstanceRef]:
     """The records of recent patients that neither the date queries nor the ledger know."""
-    patients = sorted(set(lane.ledger.patients_with_records_since(lane.lane, f"{since:%Y%m%d}"))
+    patients = sorted(set(lane.ledger.patients_with_records_since(f"{since:%Y%m%d}"))
                       | {r.patient_id for r in found if r.patient_id})
     summary.patients_asked = len(patients)
     if not patients:
         return []
-    asked = with_site_retries(find_rt_records_by_patient, lane.site.settings)(*params, patients)
+    asked = with_site_retries(find_rt_records_by_patient, lane.site.settings)(lane.ref, patients)
     note_peer(summary, asked.notes)
     theirs = asked.refs
     dated = {r.sop_instance_uid for r in found}
     unseen = [r for r in theirs if r.sop_instance_uid not in dated]
-    known = lane.ledger.states(lane.lane, [r.sop_instance_uid for r in unseen])
+    known = lane.ledger.states([r.sop_instance_uid for r in unseen])
     caught = [r for r in unseen if r.sop_instance_uid not in known]
     summary.found_by_patient = {
         r.sop_instance_uid: f"patient {r.patient_id}, TreatmentDate "
@@ -204,9 +201,8 @@ def raise_if_incomplete(summary: BackupSummary) -> None:
             f"verified in backup {summary.backup}: {shown}{more}")
 
 
-def backfill_context(lane: OpenLane, summary: BackupSummary,
-                     params: tuple[str, str | None, str | None, str | None],
-                     record_uids: list[str] | None, now: datetime | None = None) -> None:
+def backfill_context(lane: OpenLane, summary: BackupSummary, record_uids: list[str] | None,
+                     now: datetime | None = None) -> None:
     """Run the plan-context backfill as a subflow; its own failure is reported, not raised.
 
     An incomplete plan context must not hide whether the records themselves are backed up, so
@@ -216,9 +212,10 @@ def backfill_context(lane: OpenLane, summary: BackupSummary,
     """
     from flows.plan_context_backfill import plan_context_backfill
 
-    site, source, backup, config = params
+    site, source, backup, config = lane.ref.site, lane.ref.source, lane.ref.backup, \
+        lane.ref.config
     if record_uids is not None and not record_uids \
-            and not lane.ledger.context_work_left(lane.lane, retry_incomplete_before(lane, now)):
+            and not lane.ledger.context_work_left(retry_incomplete_before(lane, now)):
         summary.plan_context = "nothing new"
         return
     state = plan_context_backfill(site=site, source=source, backup=backup, config=config,

@@ -50,20 +50,19 @@ def incremental_backup(site: str, source: str | None = None, backup: str | None 
     """
     lane = open_lane(site, source, backup, config)
     end = (now or utc_now()).astimezone(timezone.utc)
-    watermark = lane.ledger.watermark(lane.lane)
+    watermark = lane.ledger.watermark()
     catch_up = catch_up_days(lane) if watermark is None else None
     start = incremental_start(watermark, end, lane.site.settings.window_overlap_minutes,
                               catch_up or lane.site.settings.lookback_days, lane.site.tz)
     local_start, local_end = local_span(start, end, lane.site.tz)
     # Slots first, before any task run; the backfill subflow works within them.
     with rv_slots(lane.source, occupy=lane.site.settings.move_associations):
-        summary = run_backup("incremental-backup", lane, (site, source, backup, config),
+        summary = run_backup("incremental-backup", lane,
                              day_queries(local_start, local_end),
                              window_label(local_start, local_end), advance_to=end,
                              catch_up=catch_up_note(catch_up) if catch_up else "")
         if backfill:
-            backfill_context(lane, summary, (site, source, backup, config),
-                             summary.verified_uids, now)
+            backfill_context(lane, summary, summary.verified_uids, now)
     raise_if_incomplete(summary)
     return final_state(summary)
 

@@ -40,19 +40,19 @@ def nightly_backup(site: str, days: int = 1, source: str | None = None,
     """
     lane = open_lane(site, source, backup, config)
     today = wall((now or utc_now()).astimezone(timezone.utc), lane.site.tz).date()
-    catch_up = catch_up_days(lane) if lane.ledger.watermark(lane.lane) is None else None
+    catch_up = catch_up_days(lane) if lane.ledger.watermark() is None else None
     queries = whole_days(today, max(days, catch_up or 0))
     window = f"{queries[0].day:%Y-%m-%d} to {queries[-1].day:%Y-%m-%d} (whole days)"
     # Slots first, before any task run; the backfill subflow works within them.
     with rv_slots(lane.source, occupy=lane.site.settings.move_associations):
         pass_days = lane.site.settings.patient_pass_days
-        summary = run_backup("nightly-backup", lane, (site, source, backup, config), queries,
+        summary = run_backup("nightly-backup", lane, queries,
                              window, patients_since=today - timedelta(days=pass_days)
                              if pass_days else None,
                              catch_up=catch_up_note(catch_up) if catch_up else "")
         if backfill:
-            backfill_context(lane, summary, (site, source, backup, config), None, now)
-    copy_ledger(site, source, backup, config, f"{today:%Y%m%d}")
+            backfill_context(lane, summary, None, now)
+    copy_ledger(lane.ref, f"{today:%Y%m%d}")
     raise_if_incomplete(summary)
     return final_state(summary)
 

@@ -68,7 +68,6 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
     """
     logger = get_run_logger()
     lane = open_lane(site, source, backup, config)
-    params = (site, source, backup, config)
     retrying = lane.site.settings
     local_now = wall((now or utc_now()).astimezone(timezone.utc), lane.site.tz)
     images_now = within_hours(lane.source.image_hours, local_now)
@@ -83,27 +82,27 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
     # Slots first, before any task run (see rv_slots). While walking, a C-FIND and a whole-series
     # C-MOVE may overlap: two associations' worth.
     with rv_slots(lane.source, occupy=2):
-        unreadable = with_site_retries(link_new_records, retrying)(*params)
+        unreadable = with_site_retries(link_new_records, retrying)(lane.ref)
         if on_demand:
-            chosen = with_site_retries(select_records, retrying)(*params, ids or None,
+            chosen = with_site_retries(select_records, retrying)(lane.ref, ids or None,
                                                                    start_date, end_date)
-            unreadable.update(with_site_retries(link_new_records, retrying)(*params, chosen))
+            unreadable.update(with_site_retries(link_new_records, retrying)(lane.ref, chosen))
             record_uids = [r.sop_instance_uid for r in chosen]
         # After a backup run (record_uids given): its records' plans, any plan a killed run
         # linked but never walked, and incomplete ones last walked context_retry_minutes ago.
         after_backup = record_uids is not None and not on_demand
         links = lane.ledger.plans(
-            lane.lane, record_uids, pending_only=not on_demand, unwalked_too=after_backup,
+            record_uids, pending_only=not on_demand, unwalked_too=after_backup,
             retry_before=retry_incomplete_before(lane, now) if after_backup else None)
         progress = Progress(f"plan contexts, site {site}", len(links), PLANS_FROM)
         for done, link in enumerate(links, 1):
-            outcomes.append(walk_one(lane, params, link, images_now))
+            outcomes.append(walk_one(lane, link, images_now))
             moved = sum(sum(o.moved.values()) for o in outcomes)
             progress.update(done, f"{moved} object(s) moved")
 
-    summary = summarize(site, lane.lane.source, outcomes, totals(lane.ledger, lane.lane))
+    summary = summarize(site, lane.lane.source, outcomes, totals(lane.ledger))
     summary["unreadable_records"] = unreadable
-    summary["records_without_plan"] = lane.ledger.records_without_plan(lane.lane)
+    summary["records_without_plan"] = lane.ledger.records_without_plan()
     for uid, why in unreadable.items():
         outcomes.append(ContextOutcome(uid, "", "incomplete", [f"RT Record {uid}: {why}"]))
     for uid in summary["records_without_plan"]:  # type: ignore[union-attr]
@@ -122,16 +121,15 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
     return summary
 
 
-def walk_one(lane: OpenLane, params: tuple[str, str | None, str | None, str | None],
-             link: PlanLink, images_now: bool) -> ContextOutcome:
+def walk_one(lane: OpenLane, link: PlanLink, images_now: bool) -> ContextOutcome:
     """One plan's walk as a task; a walk that fails is an incomplete context, not a crash."""
-    state = with_site_retries(walk_plan, lane.site.settings)(*params, link, images_now,
+    state = with_site_retries(walk_plan, lane.site.settings)(lane.ref, link, images_now,
                                                              return_state=True)
     if state.is_completed():
         return state.result()
     failed = ContextOutcome(link.plan_uid, link.patient_id)
     failed.problem(f"walk failed: {state.message}")
-    lane.ledger.set_context(lane.lane, link.plan_uid, link.patient_id, "incomplete",
+    lane.ledger.set_context(link.plan_uid, link.patient_id, "incomplete",
                             failed.unresolved[0])
     return failed
 

@@ -37,7 +37,7 @@ def validation_sweep(site: str, source: str | None = None, backup: str | None = 
         config: Sites TOML file (empty: $RADONC_BACKUP_CONFIG, else config/environments.toml).
     """
     lane = open_lane(site, source, backup, config)
-    result = with_site_retries(validate_backup, lane.site.settings)(site, source, backup, config)
+    result = with_site_retries(validate_backup, lane.site.settings)(lane.ref)
     create_table_artifact(
         key=artifact_key("validation", site, lane.lane.source),
         table=[{"kind": kind, "verified in ledger": result.checked[kind],

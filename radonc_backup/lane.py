@@ -1,7 +1,7 @@
-"""Opening a lane: a site's source, its backup target and the ledger, from plain parameters.
+"""A lane: a site's source, one of its backup targets and the ledger rows of that pair.
 
-Tasks and flows receive only strings (site, aliases, config path) so they hash, serialise and
-show cleanly in the Prefect UI; each opens what it needs here.
+Tasks receive a ``LaneRef`` (frozen, four plain values: it hashes, serialises and shows cleanly
+in the Prefect UI) and open it here; domain code works on the ``OpenLane``.
 """
 
 from __future__ import annotations
@@ -11,22 +11,58 @@ from dataclasses import dataclass
 from .backup_target import DicomScpBackup, OrthancBackup, open_backup
 from .config import AriaSource, MimSource, Site, load_site
 from .dicom_net import DicomClient
-from .ledger import Lane, Ledger
-from .rt_backup import dicom_source
+from .errors import ConfigError
+from .ledger import Lane, LaneLedger, Ledger
+
+
+@dataclass(frozen=True)
+class LaneRef:
+    """Which lane, by name: the site, its source and backup aliases, the config file."""
+
+    site: str
+    source: str
+    backup: str
+    config: str | None = None
+
+    def open(self) -> "OpenLane":
+        return open_lane(self.site, self.source, self.backup, self.config)
 
 
 @dataclass
 class OpenLane:
     site: Site
-    source_alias: str
     source: AriaSource | MimSource
     target: OrthancBackup | DicomScpBackup
-    ledger: Ledger
-    lane: Lane
+    ledger: LaneLedger
+    ref: LaneRef
 
-    def store_client(self) -> DicomClient:
-        """A C-STORE client to the backup's DICOM port (used to relay C-GET results)."""
+    @property
+    def lane(self) -> Lane:
+        return self.ledger.lane
+
+    @property
+    def source_alias(self) -> str:
+        return self.ref.source
+
+    def client(self) -> DicomClient:
+        """A client of the source (the R&V)."""
+        return self.site.client(self.source)
+
+    def store_client(self) -> DicomClient | None:
+        """For a MIM-type source, a C-STORE client to the backup's DICOM port (C-GET results are
+        relayed through it); None for sources that C-MOVE straight to the backup."""
+        if not isinstance(self.source, MimSource):
+            return None
         return self.site.client(self.site.backup(self.lane.backup)[1])
+
+
+def dicom_source(site: Site, alias: str | None) -> tuple[str, AriaSource | MimSource]:
+    name, source = site.source(alias)
+    if not isinstance(source, (AriaSource, MimSource)):
+        raise ConfigError(f"{site.config_path}: site {site.name}: source {name!r} is of type "
+                          f"{source.type!r}; RT Record backup by DICOM needs an 'aria' or 'mim' "
+                          f"source")
+    return name, source
 
 
 def open_lane(site: str, source: str | None = None, backup: str | None = None,
@@ -34,6 +70,6 @@ def open_lane(site: str, source: str | None = None, backup: str | None = None,
     cfg = load_site(site, config)
     source_alias, src = dicom_source(cfg, source)
     target = open_backup(cfg, backup)
-    ledger = Ledger.for_state_dir(cfg.state_dir)
-    return OpenLane(cfg, source_alias, src, target, ledger,
-                    Lane(cfg.name, source_alias, target.alias))
+    lane = Lane(cfg.name, source_alias, target.alias)
+    ledger = Ledger.for_state_dir(cfg.state_dir).at(lane)
+    return OpenLane(cfg, src, target, ledger, LaneRef(site, source_alias, target.alias, config))

@@ -166,25 +166,6 @@ class Ledger:
                 raise
             conn.execute("COMMIT")
 
-    def record_found(self, lane: Lane, refs: Iterable[InstanceRef], kind: str = "record") -> int:
-        """Add instances seen on the source; returns how many were new to the ledger.
-
-        ``kind`` is 'record' for RT Records and 'context' for plan-context objects; the record
-        flows only ever retry records.
-        """
-        now = _now()
-        rows = [(lane.site, lane.source, lane.backup, r.sop_instance_uid, r.sop_class_uid,
-                 r.patient_id, r.study_uid, r.series_uid, r.treatment_date, r.treatment_time,
-                 now, now, kind) for r in refs]
-        with self._write() as conn:
-            before = conn.total_changes
-            conn.executemany(
-                "INSERT OR IGNORE INTO instances (site, source, backup, sop_instance_uid, "
-                "sop_class_uid, patient_id, study_uid, series_uid, treatment_date, "
-                "treatment_time, state, first_seen, updated, kind) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'found', ?, ?, ?)", rows)
-            return conn.total_changes - before
-
     def copy_to(self, folder: Path, day: str, keep: int) -> Path:
         """A consistent copy of the whole ledger (SQLite's online backup, safe while other runs
         write) as ``folder/ledger-<day>.sqlite``; only the newest ``keep`` copies are kept."""
@@ -209,14 +190,47 @@ class Ledger:
             return [Lane(*row) for row in conn.execute(
                 "SELECT DISTINCT site, source, backup FROM instances ORDER BY 1, 2, 3")]
 
-    def has_records(self, lane: Lane) -> bool:
+    def at(self, lane: Lane) -> "LaneLedger":
+        """This ledger as one lane sees it."""
+        return LaneLedger(self, lane)
+
+
+class LaneLedger:
+    """The ledger bound to one lane: every read and write is of that lane's rows."""
+
+    def __init__(self, ledger: Ledger, lane: Lane) -> None:
+        self.ledger, self.lane = ledger, lane
+        self.key = (lane.site, lane.source, lane.backup)
+        self.path = ledger.path
+        self._connect, self._write = ledger._connect, ledger._write
+
+    def record_found(self, refs: Iterable[InstanceRef], kind: str = "record") -> int:
+        """Add instances seen on the source; returns how many were new to the ledger.
+
+        ``kind`` is 'record' for RT Records and 'context' for plan-context objects; the record
+        flows only ever retry records.
+        """
+        now = _now()
+        rows = [(*self.key, r.sop_instance_uid, r.sop_class_uid,
+                 r.patient_id, r.study_uid, r.series_uid, r.treatment_date, r.treatment_time,
+                 now, now, kind) for r in refs]
+        with self._write() as conn:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO instances (site, source, backup, sop_instance_uid, "
+                "sop_class_uid, patient_id, study_uid, series_uid, treatment_date, "
+                "treatment_time, state, first_seen, updated, kind) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'found', ?, ?, ?)", rows)
+            return conn.total_changes - before
+
+    def has_records(self) -> bool:
         """Whether this ledger knows any RT Record of the lane (False: new, or replaced)."""
         with self._connect() as conn:
             return conn.execute("SELECT 1 FROM instances WHERE site=? AND source=? AND "
                                 "backup=? AND kind='record' LIMIT 1",
-                                (lane.site, lane.source, lane.backup)).fetchone() is not None
+                                self.key).fetchone() is not None
 
-    def patients_with_records_since(self, lane: Lane, day: str) -> list[str]:
+    def patients_with_records_since(self, day: str) -> list[str]:
         """Patient IDs with an RT Record of this lane treated on or after ``day`` (YYYYMMDD),
         or with one whose treatment date is unknown."""
         with self._connect() as conn:
@@ -224,10 +238,10 @@ class Ledger:
                 "SELECT DISTINCT patient_id FROM instances WHERE site=? AND source=? AND "
                 "backup=? AND kind='record' AND patient_id != '' AND "
                 "(treatment_date >= ? OR treatment_date = '')",
-                (lane.site, lane.source, lane.backup, day)).fetchall()
+                (*self.key, day)).fetchall()
         return sorted(r[0] for r in rows)
 
-    def studies_with_records_since(self, lane: Lane, day: str) -> list[tuple[str, str]]:
+    def studies_with_records_since(self, day: str) -> list[tuple[str, str]]:
         """(Patient ID, Study UID) of each study holding an RT Record of this lane treated on or
         after ``day`` (YYYYMMDD), or one whose treatment date is unknown."""
         with self._connect() as conn:
@@ -235,10 +249,10 @@ class Ledger:
                 "SELECT DISTINCT patient_id, study_uid FROM instances WHERE site=? AND "
                 "source=? AND backup=? AND kind='record' AND study_uid != '' AND "
                 "(treatment_date >= ? OR treatment_date = '')",
-                (lane.site, lane.source, lane.backup, day)).fetchall()
+                (*self.key, day)).fetchall()
         return sorted((r[0], r[1]) for r in rows)
 
-    def states(self, lane: Lane, uids: Iterable[str]) -> dict[str, str]:
+    def states(self, uids: Iterable[str]) -> dict[str, str]:
         """State of each UID the ledger knows (unknown UIDs are absent)."""
         wanted = list(dict.fromkeys(uids))
         out: dict[str, str] = {}
@@ -248,11 +262,11 @@ class Ledger:
                 for uid, state in conn.execute(
                         f"SELECT sop_instance_uid, state FROM instances WHERE site=? AND source=? "
                         f"AND backup=? AND sop_instance_uid IN ({marks})",
-                        (lane.site, lane.source, lane.backup, *chunk)):
+                        (*self.key, *chunk)):
                     out[uid] = state
         return out
 
-    def unverified(self, lane: Lane, kind: str = "record") -> list[InstanceRef]:
+    def unverified(self, kind: str = "record") -> list[InstanceRef]:
         """Every row of ``kind`` still to be backed up (found, moved or failed), oldest first."""
         sql = ("SELECT sop_instance_uid, sop_class_uid, patient_id, study_uid, series_uid, "
                "treatment_date, treatment_time FROM instances WHERE site=? AND source=? AND "
@@ -260,29 +274,29 @@ class Ledger:
                "ORDER BY first_seen, sop_instance_uid")
         with self._connect() as conn:
             return [InstanceRef(*row) for row in
-                    conn.execute(sql, (lane.site, lane.source, lane.backup, kind))]
+                    conn.execute(sql, (*self.key, kind))]
 
-    def mark_moved(self, lane: Lane, uids: Iterable[str]) -> None:
+    def mark_moved(self, uids: Iterable[str]) -> None:
         """A move was requested: count the attempt. Not proof of anything."""
-        self._update(lane, list(uids),
+        self._update(list(uids),
                      "state='moved', attempts=attempts+1, updated=?", (_now(),))
 
-    def mark_verified(self, lane: Lane, uids: Iterable[str]) -> None:
+    def mark_verified(self, uids: Iterable[str]) -> None:
         """Only after the instance was seen in the backup."""
         now = _now()
-        self._update(lane, list(uids),
+        self._update(list(uids),
                      "state='verified', last_error='', updated=?, verified_at=?", (now, now))
 
-    def mark_failed(self, lane: Lane, errors: dict[str, str]) -> None:
+    def mark_failed(self, errors: dict[str, str]) -> None:
         now = _now()
         with self._write() as conn:
             conn.executemany(
                 "UPDATE instances SET state='failed', last_error=?, updated=? WHERE site=? AND "
                 "source=? AND backup=? AND sop_instance_uid=? AND state != 'verified'",
-                [(err[:2000], now, lane.site, lane.source, lane.backup, uid)
+                [(err[:2000], now, *self.key, uid)
                  for uid, err in errors.items()])
 
-    def reopen_missing(self, lane: Lane, errors: dict[str, str]) -> None:
+    def reopen_missing(self, errors: dict[str, str]) -> None:
         """Verified rows the backup no longer holds go back to failed: the next runs move them
         again. The only way a row leaves 'verified', and only on a presence check's word."""
         now = _now()
@@ -291,10 +305,10 @@ class Ledger:
                 "UPDATE instances SET state='failed', last_error=?, updated=?, verified_at=NULL "
                 "WHERE site=? AND source=? AND backup=? AND sop_instance_uid=? AND "
                 "state='verified'",
-                [(err[:2000], now, lane.site, lane.source, lane.backup, uid)
+                [(err[:2000], now, *self.key, uid)
                  for uid, err in errors.items()])
 
-    def reopen_contexts(self, lane: Lane, patient_ids: Iterable[str], detail: str) -> int:
+    def reopen_contexts(self, patient_ids: Iterable[str], detail: str) -> int:
         """Mark the complete plan contexts of these patients incomplete, to be walked again."""
         ids = sorted(set(patient_ids))
         changed = 0
@@ -304,10 +318,10 @@ class Ledger:
                     f"UPDATE plan_contexts SET state='incomplete', detail=?, updated=? WHERE "
                     f"site=? AND source=? AND backup=? AND state='complete' AND patient_id IN "
                     f"({','.join('?' * len(chunk))})",
-                    (detail[:4000], _now(), lane.site, lane.source, lane.backup, *chunk)).rowcount
+                    (detail[:4000], _now(), *self.key, *chunk)).rowcount
         return changed
 
-    def _update(self, lane: Lane, uids: list[str], assignments: str,
+    def _update(self, uids: list[str], assignments: str,
                 params: tuple[object, ...]) -> None:
         with self._write() as conn:
             for chunk in _chunks(uids):
@@ -315,14 +329,14 @@ class Ledger:
                 conn.execute(
                     f"UPDATE instances SET {assignments} WHERE site=? AND source=? AND backup=? "
                     f"AND state != 'verified' AND sop_instance_uid IN ({marks})",
-                    (*params, lane.site, lane.source, lane.backup, *chunk))
+                    (*params, *self.key, *chunk))
 
-    def rows(self, lane: Lane, *states: str, kind: str = "record") -> list[LedgerRow]:
+    def rows(self, *states: str, kind: str = "record") -> list[LedgerRow]:
         """Rows of the lane, only those in ``states`` if any are given (uses the state index)."""
         sql = ("SELECT sop_instance_uid, sop_class_uid, patient_id, study_uid, series_uid, "
                "treatment_date, treatment_time, state, attempts, last_error, updated "
                "FROM instances WHERE site=? AND source=? AND backup=? AND kind=?")
-        params: tuple[object, ...] = (lane.site, lane.source, lane.backup, kind)
+        params: tuple[object, ...] = (*self.key, kind)
         if states:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             params += states
@@ -330,46 +344,46 @@ class Ledger:
             return [LedgerRow(InstanceRef(*r[:7]), r[7], r[8], r[9], r[10])
                     for r in conn.execute(sql + " ORDER BY sop_instance_uid", params)]
 
-    def counts(self, lane: Lane, kind: str = "record") -> dict[str, int]:
+    def counts(self, kind: str = "record") -> dict[str, int]:
         with self._connect() as conn:
             found = dict(conn.execute(
                 "SELECT state, COUNT(*) FROM instances WHERE site=? AND source=? AND backup=? "
-                "AND kind=? GROUP BY state", (lane.site, lane.source, lane.backup, kind))
+                "AND kind=? GROUP BY state", (*self.key, kind))
                 .fetchall())
         return {s: int(found.get(s, 0)) for s in STATES}
 
-    def watermark(self, lane: Lane) -> datetime | None:
+    def watermark(self) -> datetime | None:
         with self._connect() as conn:
             row = conn.execute("SELECT watermark_utc FROM watermarks WHERE site=? AND source=? "
-                               "AND backup=?", (lane.site, lane.source, lane.backup)).fetchone()
+                               "AND backup=?", self.key).fetchone()
         return datetime.fromisoformat(row[0]) if row else None
 
-    def advance_watermark(self, lane: Lane, to: datetime) -> datetime:
+    def advance_watermark(self, to: datetime) -> datetime:
         """Move the watermark forward to ``to`` (never back); returns the stored value."""
         if to.tzinfo is None:
             raise ValueError("watermark must be timezone-aware")
         value = to.astimezone(timezone.utc).isoformat()
         with self._write() as conn:
             row = conn.execute("SELECT watermark_utc FROM watermarks WHERE site=? AND source=? "
-                               "AND backup=?", (lane.site, lane.source, lane.backup)).fetchone()
+                               "AND backup=?", self.key).fetchone()
             if row and datetime.fromisoformat(row[0]) >= to:
                 return datetime.fromisoformat(row[0])
             conn.execute(
                 "INSERT INTO watermarks (site, source, backup, watermark_utc, updated) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (site, source, backup) DO UPDATE SET "
                 "watermark_utc=excluded.watermark_utc, updated=excluded.updated",
-                (lane.site, lane.source, lane.backup, value, _now()))
+                (*self.key, value, _now()))
         return to.astimezone(timezone.utc)
 
-    def verified_by_class(self, lane: Lane, kind: str = "context") -> dict[str, int]:
+    def verified_by_class(self, kind: str = "context") -> dict[str, int]:
         """Cumulative verified instances of ``kind`` per SOP Class UID."""
         with self._connect() as conn:
             return dict(conn.execute(
                 "SELECT sop_class_uid, COUNT(*) FROM instances WHERE site=? AND source=? AND "
                 "backup=? AND kind=? AND state='verified' GROUP BY sop_class_uid",
-                (lane.site, lane.source, lane.backup, kind)).fetchall())
+                (*self.key, kind)).fetchall())
 
-    def verified_records_without_plan(self, lane: Lane) -> list[InstanceRef]:
+    def verified_records_without_plan(self) -> list[InstanceRef]:
         """Verified RT Records whose plan has not been read yet."""
         sql = ("SELECT i.sop_instance_uid, i.sop_class_uid, i.patient_id, i.study_uid, "
                "i.series_uid, i.treatment_date, i.treatment_time FROM instances i "
@@ -378,18 +392,17 @@ class Ledger:
                "WHERE i.site=? AND i.source=? AND i.backup=? AND i.kind='record' AND "
                "i.state='verified' AND p.record_uid IS NULL")
         with self._connect() as conn:
-            return [InstanceRef(*r) for r in conn.execute(sql, (lane.site, lane.source,
-                                                                 lane.backup))]
+            return [InstanceRef(*r) for r in conn.execute(sql, self.key)]
 
-    def link_plans(self, lane: Lane, links: dict[str, PlanLink]) -> None:
+    def link_plans(self, links: dict[str, PlanLink]) -> None:
         with self._write() as conn:
             conn.executemany(
                 "INSERT OR REPLACE INTO record_plans (site, source, backup, record_uid, plan_uid, "
                 "patient_id, machine) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(lane.site, lane.source, lane.backup, uid, link.plan_uid, link.patient_id,
+                [(*self.key, uid, link.plan_uid, link.patient_id,
                   link.machine) for uid, link in links.items()])
 
-    def plans(self, lane: Lane, record_uids: Iterable[str] | None = None,
+    def plans(self, record_uids: Iterable[str] | None = None,
               pending_only: bool = True, unwalked_too: bool = False,
               retry_before: datetime | None = None) -> list[PlanLink]:
         """Plans referenced by backed-up records (of ``record_uids`` if given), one per plan.
@@ -412,12 +425,12 @@ class Ledger:
         sql += " GROUP BY p.plan_uid ORDER BY MIN(p.patient_id), p.plan_uid"
         wanted = set(record_uids) if record_uids is not None else None
         with self._connect() as conn:
-            rows = conn.execute(sql, (retry, lane.site, lane.source, lane.backup)).fetchall()
+            rows = conn.execute(sql, (retry, *self.key)).fetchall()
         return [PlanLink(plan, pid, machine) for plan, pid, machine, records, unwalked in rows
                 if wanted is None or wanted & set(records.split("\\"))
                 or (unwalked_too and unwalked)]
 
-    def context_work_left(self, lane: Lane, retry_before: datetime | None = None) -> bool:
+    def context_work_left(self, retry_before: datetime | None = None) -> bool:
         """Whether a verified record was never linked to its plan, or a linked plan's context
         never walked (what a killed run leaves behind), or (``retry_before``) an incomplete
         context was last walked before then."""
@@ -427,27 +440,27 @@ class Ledger:
                 "i.kind='record' AND i.state='verified' AND NOT EXISTS (SELECT 1 FROM "
                 "record_plans p WHERE p.site=i.site AND p.source=i.source AND "
                 "p.backup=i.backup AND p.record_uid=i.sop_instance_uid) LIMIT 1",
-                (lane.site, lane.source, lane.backup)).fetchone()
+                self.key).fetchone()
             unwalked = conn.execute(
                 "SELECT 1 FROM record_plans p WHERE p.site=? AND p.source=? AND p.backup=? "
                 "AND p.plan_uid != '' AND NOT EXISTS (SELECT 1 FROM plan_contexts c WHERE "
                 "c.site=p.site AND c.source=p.source AND c.backup=p.backup AND "
                 "c.plan_uid=p.plan_uid) LIMIT 1",
-                (lane.site, lane.source, lane.backup)).fetchone()
+                self.key).fetchone()
             stale = retry_before is not None and conn.execute(
                 "SELECT 1 FROM plan_contexts WHERE site=? AND source=? AND backup=? AND "
                 "state='incomplete' AND updated < ? LIMIT 1",
-                (lane.site, lane.source, lane.backup, _iso(retry_before))).fetchone()
+                (*self.key, _iso(retry_before))).fetchone()
         return bool(unlinked or unwalked or stale)
 
-    def records_without_plan(self, lane: Lane) -> list[str]:
+    def records_without_plan(self) -> list[str]:
         """Backed-up records whose ReferencedRTPlanSequence is empty (Type 2: allowed)."""
         with self._connect() as conn:
             return [r[0] for r in conn.execute(
                 "SELECT record_uid FROM record_plans WHERE site=? AND source=? AND backup=? AND "
-                "plan_uid='' ORDER BY record_uid", (lane.site, lane.source, lane.backup))]
+                "plan_uid='' ORDER BY record_uid", self.key)]
 
-    def set_context(self, lane: Lane, plan_uid: str, patient_id: str, state: str,
+    def set_context(self, plan_uid: str, patient_id: str, state: str,
                     detail: str = "") -> None:
         with self._write() as conn:
             conn.execute(
@@ -455,12 +468,12 @@ class Ledger:
                 "detail, attempts, updated) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?) "
                 "ON CONFLICT (site, source, backup, plan_uid) DO UPDATE SET state=excluded.state, "
                 "detail=excluded.detail, attempts=attempts+1, updated=excluded.updated",
-                (lane.site, lane.source, lane.backup, plan_uid, patient_id, state, detail[:4000],
+                (*self.key, plan_uid, patient_id, state, detail[:4000],
                  _now()))
 
-    def contexts(self, lane: Lane) -> dict[str, tuple[str, str]]:
+    def contexts(self) -> dict[str, tuple[str, str]]:
         """Plan UID -> (state, detail) for every plan whose context has been walked."""
         with self._connect() as conn:
             return {plan: (state, detail) for plan, state, detail in conn.execute(
                 "SELECT plan_uid, state, detail FROM plan_contexts WHERE site=? AND source=? AND "
-                "backup=?", (lane.site, lane.source, lane.backup))}
+                "backup=?", self.key)}

@@ -20,29 +20,30 @@ from typing import TypeVar
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pynetdicom import sop_class as sop
 
-from .backup_target import BackupTarget, wait_for
-from .config import AriaSource, MimSource, Site
-from .dicom_net import DicomClient, identifier
+from .config import AriaSource
+from .dicom_net import identifier
 from .errors import BackupTargetError, DicomError, RetriableBackupTargetError
 from .instance import InstanceRef
-from .ledger import Lane, Ledger, PlanLink
-from .rt_backup import transfer
+from .lane import OpenLane
+from .ledger import LaneLedger, PlanLink
+from .transfer import deliver
 
 OBJECT_TYPES = {
-    "1.2.840.10008.5.1.4.1.1.481.5": "RTPLAN",
-    "1.2.840.10008.5.1.4.1.1.481.8": "RTPLAN",
-    "1.2.840.10008.5.1.4.1.1.481.3": "RTSTRUCT",
-    "1.2.840.10008.5.1.4.1.1.481.2": "RTDOSE",
-    "1.2.840.10008.5.1.4.1.1.2": "CT",
-    "1.2.840.10008.5.1.4.1.1.2.1": "CT",
-    "1.2.840.10008.5.1.4.1.1.4": "MR",
-    "1.2.840.10008.5.1.4.1.1.4.1": "MR",
-    "1.2.840.10008.5.1.4.1.1.128": "PT",
-    "1.2.840.10008.5.1.4.1.1.130": "PT",
+    sop.RTPlanStorage: "RTPLAN",
+    sop.RTIonPlanStorage: "RTPLAN",
+    sop.RTStructureSetStorage: "RTSTRUCT",
+    sop.RTDoseStorage: "RTDOSE",
+    sop.CTImageStorage: "CT",
+    sop.EnhancedCTImageStorage: "CT",
+    sop.MRImageStorage: "MR",
+    sop.EnhancedMRImageStorage: "MR",
+    sop.PositronEmissionTomographyImageStorage: "PT",
+    sop.EnhancedPETImageStorage: "PT",
 }
 T = TypeVar("T")
-RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
+RT_DOSE = sop.RTDoseStorage
 TYPES = ("RTPLAN", "RTSTRUCT", "CT", "MR", "PT", "RTDOSE", "OTHER")
 
 
@@ -115,17 +116,16 @@ class ContextOutcome:
 class ContextWalker:
     """Walks one plan's chain for one lane, moving and verifying what the backup lacks."""
 
-    def __init__(self, site: Site, source: AriaSource | MimSource, target: BackupTarget,
-                 ledger: Ledger, lane: Lane, store_client: DicomClient | None = None,
-                 images_now: bool = True) -> None:
-        self.site, self.source, self.target = site, source, target
-        self.ledger, self.lane, self.store_client = ledger, lane, store_client
+    def __init__(self, lane: OpenLane, images_now: bool = True) -> None:
+        self.lane = lane
+        self.site, self.source, self.target, self.ledger = lane.site, lane.source, lane.target, \
+            lane.ledger
         self.images_now = images_now  # False outside the source's image_hours: images wait
-        self.client = site.client(source)
-        self.where = f"{lane.source} ({source.aet})"
+        self.client = lane.client()
+        self.where = f"{lane.lane.source} ({self.source.aet})"
         # A hierarchical-only peer: plan, structure set and doses are found by walking the
         # patient's studies and series (the series lookups name their study and series anyway).
-        self.hierarchical = source.query == "hierarchical"
+        self.hierarchical = self.source.query == "hierarchical"
         self._studies: dict[str, list[str]] = {}
 
     def walk(self, link: PlanLink) -> ContextOutcome:
@@ -192,7 +192,8 @@ class ContextWalker:
             out.problem(f"{kind} {uid} not found on {self.where}")
             return None
         if not self._move([ref], out):
-            out.problem(f"{kind} {uid} not verified in backup {self.lane.backup} after the move")
+            out.problem(f"{kind} {uid} not verified in backup {self.lane.lane.backup} after "
+                        "the move")
             return None
         return self.target.read(uid)
 
@@ -222,7 +223,7 @@ class ContextWalker:
             lost = [r.sop_instance_uid for r in missing if r.sop_instance_uid not in verified]
             if lost:
                 out.problem(f"series {series_uid}: {len(lost)} of {len(refs)} images not verified "
-                            f"in backup {self.lane.backup}: {', '.join(lost[:5])}"
+                            f"in backup {self.lane.lane.backup}: {', '.join(lost[:5])}"
                             + (" ..." if len(lost) > 5 else ""))
         if announced is not None and announced > len(refs):
             out.problem(f"series {series_uid}: {self.where} announces {announced} images but "
@@ -263,7 +264,7 @@ class ContextWalker:
             for d in missing:
                 if d.sop_instance_uid not in verified:
                     out.problem(f"RTDOSE {d.sop_instance_uid} not verified in backup "
-                                f"{self.lane.backup}")
+                                f"{self.lane.lane.backup}")
 
     def _walk(self, patient_id: str, modality: str, **keys: object) -> list[Dataset]:
         """For a hierarchical-only peer: the patient's studies (asked once per walk), their
@@ -316,41 +317,25 @@ class ContextWalker:
     def _note_present(self, refs: list[InstanceRef]) -> None:
         """Objects already in the backup: in the ledger as verified, for the running totals."""
         if refs:
-            self.ledger.record_found(self.lane, refs, kind="context")
-            self.ledger.mark_verified(self.lane, [r.sop_instance_uid for r in refs])
+            self.ledger.record_found(refs, kind="context")
+            self.ledger.mark_verified([r.sop_instance_uid for r in refs])
 
     def _move(self, refs: list[InstanceRef], out: ContextOutcome,
               started: Future[str] | None = None) -> set[str]:
-        """Move ``refs`` to the backup, verify them there, record both in the ledger.
+        """Deliver ``refs`` (the one delivery path) and return the UIDs verified in the backup.
 
         ``started``: a move of the whole series already under way; only its end is awaited.
-        """
-        self.ledger.record_found(self.lane, refs, kind="context")
-        uids = [r.sop_instance_uid for r in refs]
-        self.ledger.mark_moved(self.lane, uids)
+        A DICOM error is a problem of this link of the chain; the walk goes on."""
         out.moved.update(object_type(r.sop_class_uid) for r in refs)
-        claims = ""
-        refused: dict[str, str] = {}
         try:
-            if started is not None:
-                claims = started.result()
-            else:
-                size = self.site.settings.batch_size
-                for i in range(0, len(refs), size):
-                    delivery = transfer(self.site, self.source, self.target, refs[i:i + size],
-                                        self.store_client)
-                    claims = delivery.claims
-                    refused.update(delivery.refused)
-                    for note in delivery.notes:
-                        out.note(note)
+            outcome = deliver(self.lane, refs, "context", self.site.settings.verify_timeout,
+                              started)
+            for note in outcome.notes:
+                out.note(note)
         except DicomError as exc:
-            claims = str(exc)
-        present = wait_for(self.target, refs, self.site.settings.verify_timeout)
-        self.ledger.mark_verified(self.lane, present)
-        self.ledger.mark_failed(self.lane, {
-            u: refused.get(u) or f"not found in backup {self.lane.backup} after the move "
-                                 f"({claims})"
-            for u in uids if u not in present})
+            out.problem(str(exc))
+        states = self.ledger.states([r.sop_instance_uid for r in refs])
+        present = {uid for uid, state in states.items() if state == "verified"}
         out.verified.update(object_type(r.sop_class_uid) for r in refs
                             if r.sop_instance_uid in present)
         return present
@@ -363,8 +348,8 @@ class ContextWalker:
                 f"{result.failed} failed")
 
 
-def link_records(ledger: Ledger, lane: Lane, target: BackupTarget,
-                 records: Iterable[InstanceRef]) -> tuple[dict[str, PlanLink], dict[str, str]]:
+def link_records(lane: OpenLane, records: Iterable[InstanceRef],
+                 ) -> tuple[dict[str, PlanLink], dict[str, str]]:
     """Read each record's plan reference from its copy in the backup and remember it.
 
     Returns the links and, per record that could not be read, why; those stay unlinked and are
@@ -373,7 +358,7 @@ def link_records(ledger: Ledger, lane: Lane, target: BackupTarget,
     links, unreadable = {}, {}
     for ref in records:
         try:
-            copy = target.read(ref.sop_instance_uid)
+            copy = lane.target.read(ref.sop_instance_uid)
         except RetriableBackupTargetError:
             raise
         except BackupTargetError as exc:
@@ -381,16 +366,16 @@ def link_records(ledger: Ledger, lane: Lane, target: BackupTarget,
             continue
         if copy is None:
             unreadable[ref.sop_instance_uid] = f"RT Record {ref.sop_instance_uid} is not in " \
-                                               f"backup {lane.backup}"
+                                               f"backup {lane.lane.backup}"
             continue
         links[ref.sop_instance_uid] = plan_link(copy)
-    ledger.link_plans(lane, links)
+    lane.ledger.link_plans(links)
     return links, unreadable
 
 
-def totals(ledger: Ledger, lane: Lane) -> dict[str, int]:
+def totals(ledger: LaneLedger) -> dict[str, int]:
     """Cumulative verified context objects per type."""
     out = {t: 0 for t in TYPES}
-    for sop_class, count in ledger.verified_by_class(lane).items():
+    for sop_class, count in ledger.verified_by_class().items():
         out[object_type(sop_class)] += count
     return out

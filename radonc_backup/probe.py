@@ -13,6 +13,7 @@ from datetime import date, timedelta
 
 from pydicom.dataset import Dataset
 from pynetdicom import build_role
+from pynetdicom import sop_class as sop
 from pynetdicom.presentation import build_context
 
 from .config import AriaSource, MimSource
@@ -20,8 +21,8 @@ from .dicom_net import RT_RECORD_CLASSES, DicomClient, contexts_for, identifier
 from .errors import DicomError, FatalDicomError
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
-RT_BEAMS_RECORD = "1.2.840.10008.5.1.4.1.1.481.4"
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+RT_BEAMS_RECORD = sop.RTBeamsTreatmentRecordStorage
+CT_IMAGE = sop.CTImageStorage
 
 
 @dataclass

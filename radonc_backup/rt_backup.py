@@ -1,40 +1,27 @@
-"""Backing up RT Records: find them on the R&V, move what the backup lacks, verify, record.
+"""Finding RT Records on the R&V and recording them before anything moves.
 
-Plain functions over the DICOM layer, the backup target and the ledger; the Prefect tasks and
-flows only wrap them. The rules that keep data from being lost:
+Plain functions over the DICOM layer and the ledger; the Prefect tasks and flows only wrap
+them, and ``transfer.deliver`` moves and verifies. The rules that keep data from being lost:
 - a failed query raises; it is never taken for "nothing new";
 - a window whose answer reaches the peer's result cap is split and asked again;
-- a C-MOVE's own status is recorded but never trusted: only ``present()`` in the backup verifies;
+- every match is checked against what was asked (``Screen``) before it enters the ledger;
 - what is found is written to the ledger before anything is moved, so every later run retries it.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime
 
 from pydicom.dataset import Dataset
 
-from .backup_target import BackupTarget, wait_for
-from .config import AriaSource, MimSource, Site
-from .dicom_net import RT_RECORD_CLASSES, DicomClient, MoveResult, identifier, uid_list
-from .errors import BackupError, ConfigError, DicomError, FatalDicomError, FindTruncated, \
-    RetriableBackupTargetError, RetriableDicomError
+from .dicom_net import RT_RECORD_CLASSES, DicomClient, identifier
+from .errors import FatalDicomError, FindTruncated
 from .instance import InstanceRef
-from .ledger import Lane, Ledger
+from .ledger import LaneLedger
 from .windows import DayQuery, parse_treatment_datetime
-
-
-def dicom_source(site: Site, alias: str | None) -> tuple[str, AriaSource | MimSource]:
-    name, source = site.source(alias)
-    if not isinstance(source, (AriaSource, MimSource)):
-        raise ConfigError(f"{site.config_path}: site {site.name}: source {name!r} is of type "
-                          f"{source.type!r}; RT Record backup by DICOM needs an 'aria' or 'mim' "
-                          f"source")
-    return name, source
 
 
 def record_identifier(query: DayQuery) -> Dataset:
@@ -271,279 +258,6 @@ def batches(refs: Iterable[InstanceRef], size: int) -> list[list[InstanceRef]]:
     return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
-def move_identifiers(batch: Iterable[InstanceRef], relational: bool = False,
-                     retrieve: str = "uid_list") -> list[Dataset]:
-    """C-MOVE/C-GET identifiers for a batch, as the source's ``retrieve`` mode says:
-
-    - ``uid_list``: one IMAGE-level identifier per series listing its UIDs, with the full
-      hierarchy ARIA insists on (``relational``: one identifier listing every UID of the batch,
-      for peers that support relational retrieve);
-    - ``one_uid``: one IMAGE-level identifier per instance, for peers that take one UID a
-      request;
-    - ``series``: one SERIES-level identifier per series (the whole series moves, also
-      instances the batch did not ask for).
-    """
-    if relational and retrieve == "uid_list":
-        uids = sorted({ref.sop_instance_uid for ref in batch})
-        return [identifier("IMAGE", SOPInstanceUID=uids if len(uids) > 1 else uids[0])]
-    by_series: dict[tuple[str, str, str], list[str]] = defaultdict(list)
-    for ref in batch:
-        by_series[ref.series_key].append(ref.sop_instance_uid)
-    identifiers = []
-    for (patient_id, study, series), uids in sorted(by_series.items()):
-        known = {k: v for k, v in (("PatientID", patient_id), ("StudyInstanceUID", study),
-                                   ("SeriesInstanceUID", series)) if v}
-        if retrieve == "series":
-            identifiers.append(identifier("SERIES", **known))
-        elif retrieve == "one_uid":
-            identifiers += [identifier("IMAGE", **known, SOPInstanceUID=u) for u in uids]
-        else:
-            identifiers.append(identifier("IMAGE", **known,
-                                          SOPInstanceUID=uids if len(uids) > 1 else uids[0]))
-    return identifiers
-
-
-def one_uid_each(ident: Dataset) -> list[Dataset]:
-    """An IMAGE-level identifier listing several UIDs, as one identifier per UID."""
-    keys = {k: ident.get(k) for k in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
-            if ident.get(k)}
-    return [identifier("IMAGE", **keys, SOPInstanceUID=u)
-            for u in uid_list(ident.get("SOPInstanceUID"))]
-
-
-@dataclass
-class Delivery:
-    """What a transfer's peer said: its claims, and the UIDs whose identifier it refused."""
-
-    claims: str
-    refused: dict[str, str] = field(default_factory=dict)  # UID -> the peer's refusal
-    notes: list[str] = field(default_factory=list)  # for the run summary
-
-
-@dataclass
-class BatchOutcome:
-    requested: int = 0
-    moved: int = 0
-    verified: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    peer_claims: str = ""
-    notes: list[str] = field(default_factory=list)  # what the peer made us do, for the summary
-    # Moved to a backup that may index later, not seen yet: settled with the run's other such
-    # objects in one wait (see settle), so refused objects do not cost one timeout per batch.
-    awaiting: list[Awaiting] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Awaiting:
-    """An object moved to a backup that indexes later, and what to record if it never shows."""
-
-    ref: InstanceRef
-    reason: str  # the ledger's error if it is still absent after the wait
-    what: str = ""  # the part of a plan's context it belongs to, e.g. "series 1.2.3"
-
-
-def verify_present(ledger: Ledger, lane: Lane, target: BackupTarget,
-                   refs: list[InstanceRef], timeout: float = 0.0) -> set[str]:
-    """Mark verified what the backup holds; returns those UIDs."""
-    if not refs:
-        return set()
-    present = wait_for(target, refs, timeout)
-    ledger.mark_verified(lane, present)
-    return present
-
-
-def settle(ledger: Ledger, lane: Lane, target: BackupTarget, awaiting: list[Awaiting],
-           timeout: float) -> set[str]:
-    """One wait, of at most ``timeout``, for every object of a run moved to a backup that may
-    index later; what is still absent is marked failed with its own reason. Returns the UIDs
-    present. Waiting here once, instead of in each batch or plan, makes the waits overlap."""
-    present = verify_present(ledger, lane, target, [a.ref for a in awaiting], timeout)
-    ledger.mark_failed(lane, {a.ref.sop_instance_uid: a.reason for a in awaiting
-                              if a.ref.sop_instance_uid not in present})
-    return present
-
-
-def backup_unreachable(site: Site, target: BackupTarget) -> str | None:
-    """Why the backup's DICOM port does not answer a C-ECHO from us, or None when it does."""
-    peer = site.backup_targets.get(target.alias)
-    if peer is None:
-        return None
-    try:
-        site.client(peer).echo()
-    except RetriableDicomError as exc:
-        return str(exc)
-    except DicomError:
-        return None  # it answered (even a refusal): the backup is up
-    return None
-
-
-def transfer(site: Site, source: AriaSource | MimSource, target: BackupTarget,
-             batch: list[InstanceRef], store_client: DicomClient | None = None) -> Delivery:
-    """Ask the source to deliver ``batch`` to the backup; returns what the peer claimed and
-    which UIDs' identifiers it refused (each with its own error; the rest of the batch goes on).
-
-    ARIA-type sources C-MOVE straight to the backup AE. MIM-type sources are fetched by C-GET and
-    relayed by C-STORE (``store_client`` talks to the backup's DICOM port). A UID list the peer
-    refuses is asked again one UID per request (and the summary says to set ``retrieve``).
-    """
-    client = site.client(source)
-    identifiers = move_identifiers(batch, source.relational_move, source.retrieve)
-    if isinstance(source, AriaSource):
-        results = _parallel_moves(client, identifiers, target.aet,
-                                  site.settings.move_associations)
-        delivery = Delivery("")
-        lists = [i for i, (ident, r) in enumerate(zip(identifiers, results))
-                 if r.error and len(uid_list(ident.get("SOPInstanceUID"))) > 1]
-        if lists:  # refused UID lists: asked again one UID per request
-            singles = [one for i in lists for one in one_uid_each(identifiers[i])]
-            again = _parallel_moves(client, singles, target.aet, site.settings.move_associations)
-            if any(not r.error for r in again):  # the refusal was about lists, not the objects
-                delivery.notes.append(
-                    f"{source.label} refused {len(lists)} C-MOVE(s) listing several UIDs "
-                    f"({results[lists[0]].error}); each UID was asked on its own: set retrieve "
-                    f'= "one_uid" for this source')
-            kept = [i for i in range(len(identifiers)) if i not in lists]
-            identifiers = [identifiers[i] for i in kept] + singles
-            results = [results[i] for i in kept] + again
-        in_series: dict[str, list[str]] = defaultdict(list)
-        for ref in batch:
-            in_series[ref.series_uid].append(ref.sop_instance_uid)
-        for ident, r in zip(identifiers, results):
-            if r.error:
-                uids = uid_list(ident.get("SOPInstanceUID")) or \
-                    in_series[str(ident.get("SeriesInstanceUID", ""))]
-                delivery.refused.update({u: r.error for u in uids})
-        completed = sum(r.completed for r in results)
-        failed = sum(r.failed for r in results)
-        statuses = ",".join(sorted({f"0x{r.status:04X}" for r in results}))
-        delivery.claims = (f"C-MOVE status {statuses}, {completed} completed, {failed} failed"
-                           + (f", {len(delivery.refused)} refused" if delivery.refused else ""))
-        return delivery
-    if store_client is None:
-        raise ConfigError(f"site {site.name}: MIM relay needs a DICOM backup target")
-    return _relay(client, store_client, source, identifiers, batch)
-
-
-def _relay(client: DicomClient, store_client: DicomClient, source: AriaSource | MimSource,
-           identifiers: list[Dataset], batch: list[InstanceRef]) -> Delivery:
-    """C-GET each identifier and C-STORE what arrives to the backup. A refused identifier
-    fails its own UIDs; a refused UID list is asked again one UID per request."""
-    delivery = Delivery("")
-    classes = sorted({r.sop_class_uid for r in batch})
-    pending, lists, singles_ok, not_stored = list(identifiers), 0, 0, 0
-    while pending:
-        ident = pending.pop(0)
-        uids = uid_list(ident.get("SOPInstanceUID"))
-        received: list[Dataset] = []
-        try:
-            client.get(ident, received.append, classes)
-            if lists and len(uids) == 1:
-                singles_ok += 1
-        except FatalDicomError as exc:
-            if not exc.refused_identifier:
-                raise
-            if len(uids) > 1:
-                lists += 1
-                pending += one_uid_each(ident)
-            else:
-                delivery.refused.update({u: str(exc) for u in uids or [
-                    r.sop_instance_uid for r in batch
-                    if r.series_uid == str(ident.get("SeriesInstanceUID", ""))]})
-        not_stored += sum(1 for r in store_client.store(received) if not r.ok)
-    if lists and singles_ok:
-        delivery.notes.append(f"{source.label} refused {lists} C-GET(s) listing several UIDs; "
-                              'each UID was asked on its own: set retrieve = "one_uid" for this '
-                              "source")
-    delivery.claims = (f"C-GET + C-STORE relay, {not_stored} refused by the backup"
-                       + (f", {len(delivery.refused)} refused by the source"
-                          if delivery.refused else ""))
-    return delivery
-
-
-def _parallel_moves(client: DicomClient, identifiers: list[Dataset], destination: str,
-                    associations: int) -> list[MoveResult]:
-    """Spread C-MOVEs over a few associations: each costs the peer a sub-association of its own.
-    Results come back in the order of ``identifiers``.
-
-    All moves run to the end; the first DICOM error is raised afterwards, so one bad series does
-    not leave the others unattempted.
-    """
-    if associations <= 1 or len(identifiers) <= 1:
-        return client.move(identifiers, destination)
-    shares = [identifiers[i::associations] for i in range(associations)]
-    results: list[MoveResult | None] = [None] * len(identifiers)
-    errors: list[DicomError] = []
-    with ThreadPoolExecutor(max_workers=associations) as pool:
-        futures = [(i, pool.submit(client.move, share, destination))
-                   for i, share in enumerate(shares) if share]
-        for i, future in futures:
-            try:
-                for k, result in enumerate(future.result()):
-                    results[i + k * associations] = result
-            except DicomError as exc:
-                errors.append(exc)
-    if errors:
-        raise errors[0]
-    return [r for r in results if r is not None]
-
-
-def move_and_verify(site: Site, source: AriaSource | MimSource, target: BackupTarget,
-                    ledger: Ledger, lane: Lane, batch: list[InstanceRef],
-                    store_client: DicomClient | None = None) -> BatchOutcome:
-    """Move one batch and verify it; every UID ends the call verified or failed in the ledger,
-    or, with a backup that may index later, listed in ``awaiting`` for the run's ``settle``.
-
-    On a DICOM error the batch is still checked in the backup (a move can deliver part of its
-    objects before it fails), the rest is marked failed, and the error is raised for the retry
-    policy to judge.
-    """
-    outcome = BatchOutcome(requested=len(batch))
-    states = ledger.states(lane, [r.sop_instance_uid for r in batch])
-    todo = [r for r in batch if states.get(r.sop_instance_uid) != "verified"]
-    if not todo:
-        return outcome
-    ledger.mark_moved(lane, [r.sop_instance_uid for r in todo])
-    outcome.moved = len(todo)
-    error: BackupError | None = None
-    refused: dict[str, str] = {}
-    try:
-        delivery = transfer(site, source, target, todo, store_client)
-        outcome.peer_claims, refused, outcome.notes = delivery.claims, delivery.refused, \
-            delivery.notes
-        down = backup_unreachable(site, target) if refused else None
-    except DicomError as exc:
-        error = exc
-        down = None if isinstance(exc, RetriableDicomError) else backup_unreachable(site, target)
-    if down:  # the R&V could not deliver because the backup is down: worth another try
-        error = RetriableBackupTargetError(
-            f"site {site.name}: backup {target.alias} unreachable during the move from "
-            f"{source.label}: {down}")
-    try:
-        present = verify_present(ledger, lane, target, todo)  # one look; waits come in settle
-    except Exception:
-        if error is not None:
-            present = set()
-        else:
-            raise
-    outcome.verified = sorted(present)
-    reason = (str(error) if error else
-              f"not found in backup {target.alias} ({target.aet}) after the move "
-              f"({outcome.peer_claims})")
-    absent = [r for r in todo if r.sop_instance_uid not in present]
-    if error is None:  # the peer's own refusal, per UID
-        outcome.failed = {r.sop_instance_uid: refused[r.sop_instance_uid] for r in absent
-                          if r.sop_instance_uid in refused}
-        absent = [r for r in absent if r.sop_instance_uid not in refused]
-    if error is None and not target.confirms_on_receipt:
-        outcome.awaiting = [Awaiting(r, reason) for r in absent]
-    else:
-        outcome.failed.update({r.sop_instance_uid: reason for r in absent})
-    ledger.mark_failed(lane, outcome.failed)
-    if error is not None:
-        raise error
-    return outcome
-
-
 @dataclass
 class Plan:
     """What a run must do after finding: the lane's unverified rows, new and old."""
@@ -554,12 +268,12 @@ class Plan:
     todo: list[InstanceRef]
 
 
-def plan_work(ledger: Ledger, lane: Lane, found: list[InstanceRef]) -> Plan:
+def plan_work(ledger: LaneLedger, found: list[InstanceRef]) -> Plan:
     """Record what was found, then take every unverified row of the lane (earlier failures too)."""
-    new = ledger.record_found(lane, found)
-    states = ledger.states(lane, [r.sop_instance_uid for r in found])
+    new = ledger.record_found(found)
+    states = ledger.states([r.sop_instance_uid for r in found])
     already = sum(1 for s in states.values() if s == "verified")
-    return Plan(found=len(found), new=new, already_verified=already, todo=ledger.unverified(lane))
+    return Plan(found=len(found), new=new, already_verified=already, todo=ledger.unverified())
 
 
 def window_label(start: datetime, end: datetime) -> str:

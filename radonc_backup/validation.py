@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from .backup_target import BackupTarget
-from .ledger import Lane, Ledger
+from .ledger import LaneLedger
 
 KINDS = ("record", "context")
 CHUNK = 2000
@@ -30,7 +30,7 @@ class Validation:
         return sum(len(v) for v in self.missing.values())
 
 
-def validate_lane(ledger: Ledger, lane: Lane, target: BackupTarget, chunk: int = CHUNK,
+def validate_lane(ledger: LaneLedger, target: BackupTarget, chunk: int = CHUNK,
                   on_progress: Callable[[int, int], None] | None = None) -> Validation:
     """Check every verified row of the lane against the backup; reopen what is gone.
 
@@ -38,7 +38,7 @@ def validate_lane(ledger: Ledger, lane: Lane, target: BackupTarget, chunk: int =
     """
     result = Validation()
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    verified = {kind: [row.ref for row in ledger.rows(lane, "verified", kind=kind)]
+    verified = {kind: [row.ref for row in ledger.rows("verified", kind=kind)]
                 for kind in KINDS}
     total, done = sum(len(refs) for refs in verified.values()), 0
     for kind in KINDS:
@@ -53,10 +53,11 @@ def validate_lane(ledger: Ledger, lane: Lane, target: BackupTarget, chunk: int =
             gone = [r for r in part if r.sop_instance_uid not in held]
             if not gone:
                 continue
-            why = f"verified earlier, missing from backup {lane.backup} at validation {stamp}"
-            ledger.reopen_missing(lane, {r.sop_instance_uid: why for r in gone})
+            why = (f"verified earlier, missing from backup {ledger.lane.backup} at validation "
+                   f"{stamp}")
+            ledger.reopen_missing({r.sop_instance_uid: why for r in gone})
             result.missing[kind] += [r.sop_instance_uid for r in gone]
             if kind == "context":
-                result.reopened_contexts += ledger.reopen_contexts(
-                    lane, (r.patient_id for r in gone), why)
+                result.reopened_contexts += ledger.reopen_contexts((r.patient_id for r in gone),
+                                                              why)
     return result

@@ -1,6 +1,6 @@
 """Prefect tasks for the RT Record backup: thin wrappers that add retries and names.
 
-Tasks take plain parameters (site, aliases, config path, UIDs) and reopen the lane themselves.
+Tasks take a ``LaneRef`` (which lane, by name) and plain values, and open the lane themselves.
 They use no result cache: each run must ask the R&V and the backup afresh, and the ledger is
 what lets a rerun skip finished work.
 """
@@ -8,7 +8,7 @@ what lets a rerun skip finished work.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from prefect import Task, get_run_logger, task
@@ -18,9 +18,10 @@ from prefect.tasks import exponential_backoff
 from radonc_backup.config import Settings
 from radonc_backup.errors import is_retriable
 from radonc_backup.instance import InstanceRef
-from radonc_backup.lane import open_lane
-from radonc_backup.rt_backup import Awaiting, BatchOutcome, Screen, find_patient_records, \
-    find_records, find_records_hierarchical, move_and_verify, settle, verify_present
+from radonc_backup.lane import LaneRef
+from radonc_backup.rt_backup import Plan, Screen, find_patient_records, find_records, \
+    find_records_hierarchical, plan_work
+from radonc_backup.transfer import Awaiting, Outcome, deliver, settle, verify_present
 from radonc_backup.validation import Validation, validate_lane
 from radonc_backup.windows import DayQuery
 from tasks.progress import INSTANCES_FROM, Progress
@@ -54,19 +55,19 @@ class Found:
 
 
 @task(name="find-rt-records", cache_policy=NO_CACHE)
-def find_rt_records(site: str, source: str | None, backup: str | None, config: str | None,
-                    queries: list[DayQuery]) -> Found:
+def find_rt_records(ref: LaneRef, queries: list[DayQuery]) -> Found:
     """C-FIND the RT Records of each window on the R&V, splitting windows the peer capped, and
     keeping only the matches that are what was asked for."""
     logger = get_run_logger()
-    lane = open_lane(site, source, backup, config)
-    client = lane.site.client(lane.source)
+    lane = ref.open()
+    site = ref.site
+    client = lane.client()
     screen = Screen(client)
     if lane.source.query == "hierarchical" and queries:
         first, last = min(q.day for q in queries), max(q.day for q in queries)
         since = first - timedelta(days=lane.site.settings.patient_pass_days)
         refs = find_records_hierarchical(
-            client, queries, lane.ledger.studies_with_records_since(lane.lane, f"{since:%Y%m%d}"),
+            client, queries, lane.ledger.studies_with_records_since(f"{since:%Y%m%d}"),
             last - timedelta(days=lane.source.new_study_days), lane.source.max_find_results,
             screen)
     else:
@@ -83,11 +84,11 @@ def find_rt_records(site: str, source: str | None, backup: str | None, config: s
 
 
 @task(name="find-rt-records-by-patient", cache_policy=NO_CACHE)
-def find_rt_records_by_patient(site: str, source: str | None, backup: str | None,
-                               config: str | None, patient_ids: list[str]) -> Found:
+def find_rt_records_by_patient(ref: LaneRef, patient_ids: list[str]) -> Found:
     """C-FIND every RT Record of each patient, whatever its date (one query per patient)."""
-    lane = open_lane(site, source, backup, config)
-    client = lane.site.client(lane.source)
+    lane = ref.open()
+    site = ref.site
+    client = lane.client()
     screen = Screen(client)
     if lane.source.query == "hierarchical":
         refs = find_records_hierarchical(client, [], [], None, lane.source.max_find_results,
@@ -102,34 +103,44 @@ def find_rt_records_by_patient(site: str, source: str | None, backup: str | None
     return Found(refs, screen.notes())
 
 
+@task(name="record-found", cache_policy=NO_CACHE)
+def record_found(ref: LaneRef, found: list[InstanceRef],
+                 advance_to: datetime | None = None) -> tuple[Plan, str]:
+    """Write what was found to the ledger before anything moves, take every unverified record
+    of the lane (earlier failures too), then advance the watermark to ``advance_to``."""
+    lane = ref.open()
+    plan = plan_work(lane.ledger, found)
+    mark = lane.ledger.advance_watermark(advance_to).isoformat() if advance_to else ""
+    get_run_logger().info("site %s: %d found (%d new), %d unverified to do", ref.site,
+                          plan.found, plan.new, len(plan.todo))
+    return plan, mark
+
+
 @task(name="copy-ledger", cache_policy=NO_CACHE)
-def copy_ledger(site: str, source: str | None, backup: str | None, config: str | None,
-                day: str) -> str:
+def copy_ledger(ref: LaneRef, day: str) -> str:
     """Keep a dated copy of the ledger beside it (a lost ledger is then a day old, not gone)."""
-    lane = open_lane(site, source, backup, config)
-    copy = lane.ledger.copy_to(lane.site.state_dir / "ledger-copies", day,
+    lane = ref.open()
+    site = ref.site
+    copy = lane.ledger.ledger.copy_to(lane.site.state_dir / "ledger-copies", day,
                                lane.site.settings.ledger_copies)
     get_run_logger().info("site %s: ledger copied to %s", site, copy)
     return str(copy)
 
 
 @task(name="check-backup", cache_policy=NO_CACHE)
-def check_backup(site: str, source: str | None, backup: str | None, config: str | None,
-                 refs: list[InstanceRef]) -> list[str]:
+def check_backup(ref: LaneRef, refs: list[InstanceRef]) -> list[str]:
     """Mark verified whatever the backup already holds (from an earlier run or another path)."""
-    lane = open_lane(site, source, backup, config)
-    return sorted(verify_present(lane.ledger, lane.lane, lane.target, refs))
+    lane = ref.open()
+    return sorted(verify_present(lane.ledger, lane.target, refs))
 
 
 @task(name="move-batch", cache_policy=NO_CACHE)
-def move_batch(site: str, source: str | None, backup: str | None, config: str | None,
-               batch: list[InstanceRef]) -> BatchOutcome:
+def move_batch(ref: LaneRef, batch: list[InstanceRef]) -> Outcome:
     """One association, one C-MOVE per series in the batch, then a presence check."""
     logger = get_run_logger()
-    lane = open_lane(site, source, backup, config)
-    store = lane.store_client() if lane.source.type == "mim" else None
-    outcome = move_and_verify(lane.site, lane.source, lane.target, lane.ledger, lane.lane,
-                              batch, store)
+    lane = ref.open()
+    site = ref.site
+    outcome = deliver(lane, batch)
     logger.info("site %s: batch of %d: %d moved, %d verified, %d failed, %d awaited (%s)",
                 site, outcome.requested, outcome.moved, len(outcome.verified),
                 len(outcome.failed), len(outcome.awaiting), outcome.peer_claims)
@@ -137,23 +148,22 @@ def move_batch(site: str, source: str | None, backup: str | None, config: str | 
 
 
 @task(name="settle-moves", cache_policy=NO_CACHE)
-def settle_moves(site: str, source: str | None, backup: str | None, config: str | None,
-                 awaiting: list[Awaiting]) -> list[str]:
+def settle_moves(ref: LaneRef, awaiting: list[Awaiting]) -> list[str]:
     """Wait once, up to verify_timeout, for every object the run moved to a backup that may
     index later and has not shown yet; the rest fail with their own reason."""
-    lane = open_lane(site, source, backup, config)
-    present = settle(lane.ledger, lane.lane, lane.target, awaiting,
-                     lane.site.settings.verify_timeout)
+    lane = ref.open()
+    site = ref.site
+    present = settle(lane, awaiting, lane.site.settings.verify_timeout)
     get_run_logger().info("site %s: %d of %d object(s) awaited in backup %s arrived", site,
                           len(present), len(awaiting), lane.lane.backup)
     return sorted(present)
 
 
 @task(name="validate-backup", cache_policy=NO_CACHE)
-def validate_backup(site: str, source: str | None, backup: str | None,
-                    config: str | None) -> Validation:
+def validate_backup(ref: LaneRef) -> Validation:
     """Ask the backup for every instance the ledger calls verified; reopen what is gone."""
-    lane = open_lane(site, source, backup, config)
+    lane = ref.open()
+    site = ref.site
     progress: Progress | None = None
 
     def shown(done: int, total: int) -> None:
@@ -163,4 +173,4 @@ def validate_backup(site: str, source: str | None, backup: str | None,
                                 INSTANCES_FROM)
         progress.update(done)
 
-    return validate_lane(lane.ledger, lane.lane, lane.target, on_progress=shown)
+    return validate_lane(lane.ledger, lane.target, on_progress=shown)

@@ -9,33 +9,32 @@ from prefect.cache_policies import NO_CACHE
 
 from radonc_backup.dicom_net import identifier
 from radonc_backup.instance import InstanceRef
-from radonc_backup.lane import open_lane
+from radonc_backup.lane import LaneRef
 from radonc_backup.ledger import PlanLink
 from radonc_backup.plan_context import ContextOutcome, ContextWalker, link_records
 
 
 @task(name="link-records-to-plans", cache_policy=NO_CACHE)
-def link_new_records(site: str, source: str | None, backup: str | None, config: str | None,
-                     records: list[InstanceRef] | None = None) -> dict[str, str]:
+def link_new_records(ref: LaneRef, records: list[InstanceRef] | None = None) -> dict[str, str]:
     """Read the plan reference of verified records from their copies in the backup.
 
     Returns the records that could not be read, with the reason.
     """
-    lane = open_lane(site, source, backup, config)
-    todo = records if records is not None else lane.ledger.verified_records_without_plan(
-        lane.lane)
-    _, unreadable = link_records(lane.ledger, lane.lane, lane.target, todo)
+    lane = ref.open()
+    site = ref.site
+    todo = records if records is not None else lane.ledger.verified_records_without_plan()
+    _, unreadable = link_records(lane, todo)
     for uid, why in unreadable.items():
         get_run_logger().error("site %s: RT Record %s: %s", site, uid, why)
     return unreadable
 
 
 @task(name="select-records-in-backup", cache_policy=NO_CACHE)
-def select_records(site: str, source: str | None, backup: str | None, config: str | None,
-                   patient_ids: list[str] | None, start_date: date | None,
+def select_records(ref: LaneRef, patient_ids: list[str] | None, start_date: date | None,
                    end_date: date | None) -> list[InstanceRef]:
     """RT Records the backup holds for the given patients and/or treatment dates (C-FIND)."""
-    lane = open_lane(site, source, backup, config)
+    lane = ref.open()
+    site = ref.site
     client = lane.site.client(lane.site.backup(lane.lane.backup)[1])
     dates = ""
     if start_date or end_date:
@@ -56,16 +55,14 @@ def select_records(site: str, source: str | None, backup: str | None, config: st
 
 
 @task(name="walk-plan-context", cache_policy=NO_CACHE)
-def walk_plan(site: str, source: str | None, backup: str | None, config: str | None,
-              link: PlanLink, images_now: bool = True) -> ContextOutcome:
+def walk_plan(ref: LaneRef, link: PlanLink, images_now: bool = True) -> ContextOutcome:
     """Bring one plan's structure set, image series and doses into the backup, and verify.
 
     ``images_now`` is False outside the source's off-peak hours: image series wait."""
-    lane = open_lane(site, source, backup, config)
-    store = lane.store_client() if lane.source.type == "mim" else None
-    outcome = ContextWalker(lane.site, lane.source, lane.target, lane.ledger, lane.lane,
-                            store, images_now).walk(link)
-    lane.ledger.set_context(lane.lane, link.plan_uid, link.patient_id, outcome.state,
+    lane = ref.open()
+    site = ref.site
+    outcome = ContextWalker(lane, images_now).walk(link)
+    lane.ledger.set_context(link.plan_uid, link.patient_id, outcome.state,
                             "; ".join(outcome.unresolved))
     get_run_logger().info("site %s: plan %s (patient %s): %s; moved %s", site, link.plan_uid,
                           link.patient_id, outcome.state, dict(outcome.moved) or "nothing")

@@ -127,7 +127,8 @@ def missed(site: DemoSite, source_uids: set[str], state_dir: Path | None = None)
     verified: set[str] = set()
     for lane in ledger.lanes():
         for kind in ("record", "context"):
-            verified |= {r.ref.sop_instance_uid for r in ledger.rows(lane, "verified", kind=kind)}
+            rows = ledger.at(lane).rows("verified", kind=kind)
+            verified |= {r.ref.sop_instance_uid for r in rows}
     not_safe = {u for u in source_uids if u not in held or u not in verified}
     false_verified = {u for u in verified if u not in held}
     return len(not_safe), len(false_verified)

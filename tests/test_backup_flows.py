@@ -93,7 +93,7 @@ def test_first_run_backs_up_the_window_and_a_second_run_moves_nothing(
     in_window = uids(*c.records[-2:])  # lookback 1 day: yesterday and today
     assert summary["found"] == 2 and summary["moved"] == 2 and summary["verified"] == 2
     assert site.backup.sop_instance_uids() == in_window
-    rows = {r.ref.sop_instance_uid: r for r in ledger(site).rows(LANE)}
+    rows = {r.ref.sop_instance_uid: r for r in ledger(site).at(LANE).rows()}
     assert set(rows) == in_window and {r.state for r in rows.values()} == {"verified"}
 
     again = run(incremental_backup, site, at(0, 16, 5))
@@ -137,7 +137,7 @@ def test_overlap_midnight_and_late_writes_are_all_backed_up(
     assert nightly.result()["moved"] == 1
     everything = uids(first, in_overlap, before_midnight, after_midnight, late)
     assert site.backup.sop_instance_uids() == everything
-    assert {r.ref.sop_instance_uid for r in ledger(site).rows(LANE, "verified")} == everything
+    assert {r.ref.sop_instance_uid for r in ledger(site).at(LANE).rows("verified")} == everything
 
 
 def test_unreachable_rv_fails_with_site_and_ae_and_keeps_the_watermark(
@@ -145,14 +145,14 @@ def test_unreachable_rv_fails_with_site_and_ae_and_keeps_the_watermark(
     site = make_site()
     push(site, course("E2E300", at(0, 8), delivered=1).records[0])
     assert run(incremental_backup, site, at(0, 16)).is_completed()
-    mark = ledger(site).watermark(LANE)
+    mark = ledger(site).at(LANE).watermark()
 
     site.rv.kill()
     state = run(incremental_backup, site, at(0, 16, 10))
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
     assert "site DEMO" in message and "RV_DEMO@127.0.0.1" in message
-    assert ledger(site).watermark(LANE) == mark
+    assert ledger(site).at(LANE).watermark() == mark
     assert task_run_counts(state.state_details.flow_run_id)["find-rt-records"] == 2  # retried
 
 
@@ -167,7 +167,7 @@ def test_rv_rejecting_our_ae_is_not_retried_and_keeps_the_watermark(
     message = str(state.result(raise_on_failure=False))
     assert "site DEMO" in message and "RV_DEMO" in message
     assert "calling AE title not recognised" in message and "UNKNOWN_SCU" in message
-    assert ledger(site).watermark(LANE) is None
+    assert ledger(site).at(LANE).watermark() is None
     assert task_run_counts(state.state_details.flow_run_id)["find-rt-records"] == 1
 
 
@@ -189,7 +189,7 @@ def test_refused_objects_are_failed_reported_and_retried_later(
     message = str(state.result(raise_on_failure=False))
     assert "2 RT Record(s) from aria not verified in backup orthanc" in message
     assert all(uid in message for uid in uids(*refused.records))
-    failed = {r.ref.sop_instance_uid: r for r in ledger(site).rows(LANE, "failed")}
+    failed = {r.ref.sop_instance_uid: r for r in ledger(site).at(LANE).rows("failed")}
     assert set(failed) == uids(*refused.records)
     assert all("not found in backup orthanc (BACKUP_DEMO)" in r.last_error and "C-MOVE status"
                in r.last_error for r in failed.values())
@@ -218,7 +218,7 @@ def test_mim_source_is_fetched_by_c_get_and_relayed(make_site: Callable[..., Dem
     assert state.result()["verified"] == 2
     assert site.backup.sop_instance_uids() == uids(*c.records)
     mim_lane = Lane("DEMO", "mim", "orthanc")
-    assert {r.state for r in ledger(site).rows(mim_lane)} == {"verified"}
+    assert {r.state for r in ledger(site).at(mim_lane).rows()} == {"verified"}
 
 
 def test_dicom_scp_target_is_verified_by_c_find(make_site: Callable[..., DemoSite]) -> None:
@@ -233,7 +233,7 @@ def test_dicom_scp_target_is_verified_by_c_find(make_site: Callable[..., DemoSit
     assert state.is_completed(), state.message
     assert state.result()["verified"] == 2
     scp_lane = Lane("DEMO", "aria", "scp")
-    assert {r.ref.sop_instance_uid for r in ledger(site).rows(scp_lane, "verified")} == \
+    assert {r.ref.sop_instance_uid for r in ledger(site).at(scp_lane).rows("verified")} == \
         uids(*c.records)
 
 

@@ -16,7 +16,8 @@ from radonc_backup.config import load_site
 from radonc_backup.dicom_net import DicomClient, NoDelayAE, Peer, Timeouts
 from radonc_backup.errors import FatalDicomError, RetriableDicomError
 from radonc_backup.windows import DayQuery
-from radonc_backup.rt_backup import find_patient_records, find_records, move_identifiers
+from radonc_backup.rt_backup import find_patient_records, find_records
+from radonc_backup.transfer import move_identifiers
 from radonc_backup.instance import InstanceRef
 from tests.capped_scp import CappedFindSCP
 from tests.conftest import load

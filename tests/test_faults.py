@@ -71,7 +71,7 @@ def test_backup_stopped_mid_run_loses_nothing_and_duplicates_nothing(
     assert state.is_failed()
     assert f"backup orthanc unreachable during the move from RV_DEMO@127.0.0.1:" \
         in str(state.result(raise_on_failure=False))
-    rows = ledger(site).rows(LANE)
+    rows = ledger(site).at(LANE).rows()
     verified = {r.ref.sop_instance_uid for r in rows if r.state == "verified"}
     assert len(verified) < 8 and len(rows) == 8
 
@@ -85,7 +85,7 @@ def test_backup_stopped_mid_run_loses_nothing_and_duplicates_nothing(
     assert three_numbers(site, records, TODAY) == (0, 0, 0)
     assert site.backup.instance_count() == 8
     assert site.backup.sop_instance_uids() == uids(*records)
-    assert {r.state for r in ledger(site).rows(LANE)} == {"verified"}
+    assert {r.state for r in ledger(site).at(LANE).rows()} == {"verified"}
 
 
 def test_waits_for_a_plain_scp_backup_overlap_across_batches(
@@ -112,7 +112,7 @@ def test_waits_for_a_plain_scp_backup_overlap_across_batches(
     refused_uids = {u for c in refused for u in uids(*c.records)}
     assert len(refused_uids) == 5 and all(u in message for u in refused_uids), message
     scp_lane = Lane("DEMO", "aria", "scp")
-    rows = ledger(site).rows(scp_lane)
+    rows = ledger(site).at(scp_lane).rows()
     assert {r.ref.sop_instance_uid for r in rows if r.state == "verified"} == uids(*ok.records)
     failed = {r.ref.sop_instance_uid: r.last_error for r in rows if r.state == "failed"}
     assert set(failed) == refused_uids
@@ -147,7 +147,7 @@ def test_a_record_in_the_last_fraction_of_a_second_of_a_day_is_backed_up(
     assert state.is_completed(), state.message
     assert uids(late, early) <= site.backup.sop_instance_uids()
     assert three_numbers(site, [*c.records, late, early], TODAY + timedelta(days=1)) == (0, 0, 0)
-    assert {r.ref.sop_instance_uid: r.state for r in ledger(site).rows(LANE)} == {
+    assert {r.ref.sop_instance_uid: r.state for r in ledger(site).at(LANE).rows()} == {
         str(late.SOPInstanceUID): "verified", str(early.SOPInstanceUID): "verified"}
 
 
@@ -173,7 +173,7 @@ def test_backup_down_mid_move_is_retried_within_the_run(
     restarter.join()
     assert state.is_completed(), state.message
     assert site.backup.sop_instance_uids() == uids(*records)
-    assert {r.state for r in ledger(site).rows(LANE)} == {"verified"}
+    assert {r.state for r in ledger(site).at(LANE).rows()} == {"verified"}
     assert task_run_counts(state.state_details.flow_run_id)["move-batch"] > 3, "a batch retried"
     assert three_numbers(site, records, TODAY) == (0, 0, 0)
 
@@ -200,7 +200,7 @@ def test_the_nightly_asks_per_patient_for_records_no_date_query_can_find(
     assert str(undated.SOPInstanceUID) in summary["found_by_patient"]
     assert "TreatmentDate (empty)" in summary["found_by_patient"][str(undated.SOPInstanceUID)]
     assert site.backup.sop_instance_uids() == uids(*timed, untimed, undated)
-    assert {r.state for r in ledger(site).rows(LANE)} == {"verified"}
+    assert {r.state for r in ledger(site).at(LANE).rows()} == {"verified"}
     assert three_numbers(site, [*timed, untimed, undated], TODAY) == (0, 0, 0)
 
     again = run(nightly_backup, site, at(1, 5, 10), days=1, backfill=False)
@@ -210,7 +210,7 @@ def test_the_nightly_asks_per_patient_for_records_no_date_query_can_find(
     # The nightly keeps a dated copy of the ledger: a lost ledger is a day old, not gone.
     [copy] = (Path(site.workdir) / "state" / "ledger-copies").glob("ledger-*.sqlite")
     assert copy.name == "ledger-20261121.sqlite"
-    assert {r.ref.sop_instance_uid for r in Ledger(copy).rows(LANE, "verified")} == \
+    assert {r.ref.sop_instance_uid for r in Ledger(copy).at(LANE).rows("verified")} == \
         uids(*timed, untimed, undated)
 
 

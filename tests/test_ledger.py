@@ -19,38 +19,38 @@ def refs(n: int, prefix: str = "1.2.3") -> list[InstanceRef]:
 
 def test_found_moved_verified_failed(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite")
-    assert ledger.record_found(LANE, refs(3)) == 3
-    assert ledger.record_found(LANE, refs(3)) == 0
-    ledger.mark_moved(LANE, ["1.2.3.0", "1.2.3.1"])
-    ledger.mark_verified(LANE, ["1.2.3.0"])
-    ledger.mark_failed(LANE, {"1.2.3.1": "not in backup", "1.2.3.0": "late failure"})
-    rows = {r.ref.sop_instance_uid: r for r in ledger.rows(LANE)}
+    assert ledger.at(LANE).record_found(refs(3)) == 3
+    assert ledger.at(LANE).record_found(refs(3)) == 0
+    ledger.at(LANE).mark_moved(["1.2.3.0", "1.2.3.1"])
+    ledger.at(LANE).mark_verified(["1.2.3.0"])
+    ledger.at(LANE).mark_failed({"1.2.3.1": "not in backup", "1.2.3.0": "late failure"})
+    rows = {r.ref.sop_instance_uid: r for r in ledger.at(LANE).rows()}
     assert rows["1.2.3.0"].state == "verified" and rows["1.2.3.0"].last_error == ""
     assert rows["1.2.3.1"].state == "failed" and rows["1.2.3.1"].attempts == 1
     assert rows["1.2.3.1"].last_error == "not in backup"
     assert rows["1.2.3.2"].state == "found"
-    assert [r.sop_instance_uid for r in ledger.unverified(LANE)] == ["1.2.3.1", "1.2.3.2"]
-    assert ledger.counts(LANE) == {"found": 1, "moved": 0, "verified": 1, "failed": 1}
+    assert [r.sop_instance_uid for r in ledger.at(LANE).unverified()] == ["1.2.3.1", "1.2.3.2"]
+    assert ledger.at(LANE).counts() == {"found": 1, "moved": 0, "verified": 1, "failed": 1}
     other = Lane("DEMO", "aria", "archive")
-    assert ledger.states(other, ["1.2.3.0"]) == {}
+    assert ledger.at(other).states(["1.2.3.0"]) == {}
 
 
 def test_watermark_only_moves_forward(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite")
-    assert ledger.watermark(LANE) is None
+    assert ledger.at(LANE).watermark() is None
     t = datetime(2026, 11, 23, 12, tzinfo=timezone.utc)
-    ledger.advance_watermark(LANE, t)
-    ledger.advance_watermark(LANE, t - timedelta(hours=1))
-    assert ledger.watermark(LANE) == t
+    ledger.at(LANE).advance_watermark(t)
+    ledger.at(LANE).advance_watermark(t - timedelta(hours=1))
+    assert ledger.at(LANE).watermark() == t
 
 
 def _writer(path: str, prefix: str) -> None:
     ledger = Ledger(path)
     for i in range(50):
         batch = refs(20, f"{prefix}.{i}")
-        ledger.record_found(LANE, batch)
-        ledger.mark_moved(LANE, [r.sop_instance_uid for r in batch])
-        ledger.mark_verified(LANE, [r.sop_instance_uid for r in batch])
+        ledger.at(LANE).record_found(batch)
+        ledger.at(LANE).mark_moved([r.sop_instance_uid for r in batch])
+        ledger.at(LANE).mark_verified([r.sop_instance_uid for r in batch])
 
 
 def test_two_processes_share_the_ledger(tmp_path: Path) -> None:
@@ -63,7 +63,7 @@ def test_two_processes_share_the_ledger(tmp_path: Path) -> None:
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
-    assert Ledger(path).counts(LANE)["verified"] == 2 * 50 * 20
+    assert Ledger(path).at(LANE).counts()["verified"] == 2 * 50 * 20
 
 
 def test_a_damaged_ledger_stops_with_its_path_and_what_to_do(tmp_path: Path) -> None:

@@ -55,14 +55,14 @@ def test_image_series_wait_for_off_peak_hours_and_are_not_dropped(
     held = site.backup.sop_instance_uids()
     assert held >= uids(*c.records, c.plan, c.rtstruct, c.dose)
     assert not held & uids(*c.images.instances), "no CT moves during the day"
-    context_state, detail = ledger(site).contexts(LANE)[str(c.plan.SOPInstanceUID)]
+    context_state, detail = ledger(site).at(LANE).contexts()[str(c.plan.SOPInstanceUID)]
     assert context_state == "deferred" and "off-peak hours 19:00-07:00" in detail
 
     state = run(plan_context_backfill, site, at(0, 20))
     assert state.is_completed(), state.message
     assert state.result()["moved"] == {"CT": len(c.images.instances)}
     assert site.backup.sop_instance_uids() >= uids(*c.images.instances)
-    assert ledger(site).contexts(LANE)[str(c.plan.SOPInstanceUID)][0] == "complete"
+    assert ledger(site).at(LANE).contexts()[str(c.plan.SOPInstanceUID)][0] == "complete"
 
 
 def test_a_missing_rv_limit_stops_the_run_with_a_setup_error(
@@ -77,7 +77,7 @@ def test_a_missing_rv_limit_stops_the_run_with_a_setup_error(
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
     assert LIMIT in message and "python -m deployments.register" in message
-    assert ledger(site).watermark(LANE) is None
+    assert ledger(site).at(LANE).watermark() is None
     assert site.backup.instance_count() == 0
 
 

@@ -98,7 +98,7 @@ def test_two_plans_shared_ct_and_extra_mr_all_arrive_once(site: DemoSite) -> Non
     assert summary["moved"] == {"RTPLAN": 2, "RTSTRUCT": 2, "CT": 6, "MR": 3, "RTDOSE": 2}
     assert summary["cumulative"] == summary["moved"]
     assert site.backup.sop_instance_uids() == uids(s.everything())
-    assert {state for state, _ in ledger(site).contexts(LANE).values()} == {"complete"}
+    assert {state for state, _ in ledger(site).at(LANE).contexts().values()} == {"complete"}
 
     again = backfill(site)
     assert again.is_completed() and again.result()["plans"] == 0
@@ -131,7 +131,7 @@ def test_missing_ct_is_unresolved_and_completed_once_it_appears(site: DemoSite) 
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
     assert "site DEMO" in message and missing.ct.series_uid in message and "CTX004" in message
-    contexts = ledger(site).contexts(LANE)
+    contexts = ledger(site).at(LANE).contexts()
     assert contexts[good.plan_a.SOPInstanceUID][0] == "complete"
     assert contexts[good.plan_b.SOPInstanceUID][0] == "complete"
     assert contexts[missing.plan_a.SOPInstanceUID][0] == "incomplete"
@@ -172,9 +172,10 @@ def compressed_series(study: Study, key: str, files: list[str]) -> Series:
     return series
 
 
-def compressed_plan(site: DemoSite, patient: Patient) -> list[Dataset]:
-    """On the R&V: a plan whose structure set references a JPEG-LS + RLE series and a JPEG 2000
-    series, in their own transfer syntaxes, and today's record; returns the images."""
+def compressed_course(patient: Patient) -> tuple[list[Dataset], list[Dataset]]:
+    """A plan whose structure set references a JPEG-LS + RLE series and a JPEG 2000 series, in
+    their own transfer syntaxes, and today's record: (the images, [structure set, plan,
+    record])."""
     study = Study(patient, study_date="20261101")
     mr = compressed_series(study, "mr-lossless",
                            ["MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm"])
@@ -182,9 +183,15 @@ def compressed_plan(site: DemoSite, patient: Patient) -> list[Dataset]:
     struct = make_rtstruct(study, mr, key="ss", also=[j2k])
     plan = make_rtplan(study, struct, mr.frame_of_reference_uid)
     record = make_treatment_record(study, plan, 1, TODAY - timedelta(hours=6))
-    site.rv.upload([_file_bytes(ds) for ds in [*mr.instances, *j2k.instances]])
-    upload(site.rv, [struct, plan, record])
-    return [*mr.instances, *j2k.instances]
+    return [*mr.instances, *j2k.instances], [struct, plan, record]
+
+
+def compressed_plan(site: DemoSite, patient: Patient) -> list[Dataset]:
+    """On the R&V: ``compressed_course``; returns the images."""
+    images, rt = compressed_course(patient)
+    site.rv.upload([_file_bytes(ds) for ds in images])
+    upload(site.rv, rt)
+    return images
 
 
 def assert_arrived_intact(site: DemoSite, originals: list[Dataset]) -> None:
@@ -246,5 +253,5 @@ def test_record_gone_from_the_backup_fails_the_run_but_not_the_others(site: Demo
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
     assert gone.SOPInstanceUID in message and "unreadable" in message
-    contexts = ledger(site).contexts(LANE)
+    contexts = ledger(site).at(LANE).contexts()
     assert contexts[s.plan_b.SOPInstanceUID][0] == "complete"

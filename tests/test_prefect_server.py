@@ -93,7 +93,7 @@ def test_two_workers_share_runs_and_an_overlapping_trigger_is_cancelled(
         "both workers of the pool picked up runs"
 
     ledger = Ledger.for_state_dir(site.workdir / "state")
-    rows = ledger.rows(LANE)
+    rows = ledger.at(LANE).rows()
     assert {r.ref.sop_instance_uid for r in rows} == uids(course)
     assert {(r.state, r.attempts) for r in rows} == {("verified", 1)}
 
@@ -123,7 +123,7 @@ def test_retrying_a_failed_run_finishes_only_the_unfinished_work(
     assert runs[flow_run["id"]]["state"]["type"] == "COMPLETED"
     assert site.backup.sop_instance_uids() == uids(ok) | uids(refused)
     rows = {r.ref.sop_instance_uid: r for r in Ledger.for_state_dir(site.workdir / "state")
-            .rows(LANE)}
+            .at(LANE).rows()}
     assert {rows[u].attempts for u in uids(ok)} == {1}, "verified records were not moved again"
     assert {rows[u].state for u in rows} == {"verified"}
 

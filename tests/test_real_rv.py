@@ -69,7 +69,7 @@ def test_a_peer_taking_one_uid_per_move_gets_one_and_a_refused_record_fails_alon
         assert state.is_failed()
         message = str(state.message)
         assert str(refused.SOPInstanceUID) in message and "0xC000" in message, message
-        rows = {r.ref.sop_instance_uid: r for r in ledger(site).rows(STRICT)}
+        rows = {r.ref.sop_instance_uid: r for r in ledger(site).at(STRICT).rows()}
         assert {u for u, r in rows.items() if r.state == "verified"} == \
             uids(*records) - {str(refused.SOPInstanceUID)}
         assert rows[str(refused.SOPInstanceUID)].state == "failed"
@@ -96,7 +96,7 @@ def test_a_peer_taking_one_uid_per_move_gets_one_and_a_refused_record_fails_alon
 
 def test_retrieve_modes_name_what_to_send() -> None:
     from radonc_backup.instance import InstanceRef
-    from radonc_backup.rt_backup import move_identifiers
+    from radonc_backup.transfer import move_identifiers
 
     batch = [InstanceRef("1.1", "", "P", "9.1", "8.1"), InstanceRef("1.2", "", "P", "9.1", "8.1"),
              InstanceRef("1.3", "", "P", "9.1", "8.2")]
@@ -141,7 +141,7 @@ def test_a_peer_that_does_not_say_what_its_matches_are_moves_nothing_blind(
     assert "STRICT_RV" in message and "does not say what its matches are" in message, message
     assert "nothing is moved blind" in message
     assert site.backup.sop_instance_uids() == set()
-    assert ledger(site).rows(STRICT) == []
+    assert ledger(site).at(STRICT).rows() == []
 
 
 def test_a_c_get_source_relays_compressed_objects_in_their_own_syntax(
@@ -226,8 +226,8 @@ def test_a_c_get_peer_taking_one_uid_gets_one_and_a_refused_record_fails_alone(
     with server:
         state = run(incremental_backup, site, at(0, 16), source="strictget", backfill=False)
     assert state.is_failed()
-    rows = {r.ref.sop_instance_uid: r for r in ledger(site).rows(Lane("DEMO", "strictget",
-                                                                       "orthanc"))}
+    rows = {r.ref.sop_instance_uid: r for r in ledger(site).at(Lane("DEMO", "strictget",
+                                                                       "orthanc")).rows()}
     assert {u for u, r in rows.items() if r.state == "verified"} == \
         uids(*records) - {str(refused.SOPInstanceUID)}
     assert "0xC000" in str(rows[str(refused.SOPInstanceUID)].last_error)
@@ -319,3 +319,4 @@ def test_dcmqrscp_as_the_r_and_v_moves_its_rt_records_and_nothing_else(
     everything = {str(ds.SOPInstanceUID) for c in courses for ds in c.all()}
     assert site.backup.sop_instance_uids() == everything, "the plans' context, not the MR"
     assert missed(site, everything) == (0, 0)
+

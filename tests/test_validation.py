@@ -55,11 +55,11 @@ def test_instances_lost_by_the_backup_are_reopened_and_moved_again(
     message = str(state.message)
     assert "2 instance(s) verified earlier are missing from backup orthanc" in message
     assert str(lost_record.SOPInstanceUID) in message and str(lost_slice.SOPInstanceUID) in message
-    rows = {r.ref.sop_instance_uid: r for r in ledger(site).rows(LANE, "failed")}
+    rows = {r.ref.sop_instance_uid: r for r in ledger(site).at(LANE).rows("failed")}
     assert set(rows) == {str(lost_record.SOPInstanceUID)}
     error = rows[str(lost_record.SOPInstanceUID)].last_error
     assert "missing from backup orthanc at validation" in error
-    assert ledger(site).contexts(LANE)[str(c.plan.SOPInstanceUID)][0] == "incomplete"
+    assert ledger(site).at(LANE).contexts()[str(c.plan.SOPInstanceUID)][0] == "incomplete"
 
     assert run(nightly_backup, site, at(3, 5)).is_completed()
     assert site.backup.sop_instance_uids() == everything
