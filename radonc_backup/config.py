@@ -88,8 +88,25 @@ class DicomPeer(_Strict):
         return f"{self.aet}@{self.ip}:{self.port}"
 
 
+PROFILES: dict[str, dict[str, object]] = {
+    "orthanc": {"query": "relational", "retrieve": "uid_list", "relational_move": True,
+                "max_find_results": 0},
+    "aria": {"query": "hierarchical", "retrieve": "uid_list", "relational_move": False,
+             "max_find_results": 0},
+    "mim": {"query": "relational", "retrieve": "uid_list", "relational_move": False,
+            "max_find_results": 0},
+    "strict": {"query": "hierarchical", "retrieve": "one_uid", "relational_move": False,
+               "max_find_results": 500},
+}
+"""Per vendor profile, the defaults of a source's query settings (docs/r-and-v-compatibility.md
+says which conformance statement each rests on). Keys written beside ``profile`` win."""
+
+
 class _DicomSource(DicomPeer):
     description: str = ""
+    profile: Literal["", "orthanc", "aria", "mim", "strict"] = ""
+    """Defaults for ``query``, ``retrieve``, ``relational_move`` and ``max_find_results``
+    (``PROFILES``); empty: the defaults below."""
     max_find_results: int = Field(default=0, ge=0)
     """The peer's cap on C-FIND results (0: none known); a window that returns it is split."""
     relational_move: bool = False
@@ -119,6 +136,13 @@ class _DicomSource(DicomPeer):
     image_hours: str = ""
     """Off-peak window for plan-context image series moves, e.g. "19:00-07:00" in the site's
     timezone; empty means any time. RT Records, plans, structure sets and doses always move."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_defaults(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("profile") in PROFILES:
+            return {**PROFILES[str(data["profile"])], **data}
+        return data
 
     @field_validator("image_hours")
     @classmethod

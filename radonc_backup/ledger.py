@@ -74,6 +74,11 @@ CREATE TABLE IF NOT EXISTS plan_contexts (
     updated TEXT NOT NULL,
     PRIMARY KEY (site, source, backup, plan_uid)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS peer_caps (
+    peer TEXT PRIMARY KEY,
+    cap INTEGER NOT NULL,
+    seen TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -189,6 +194,19 @@ class Ledger:
         with self._connect() as conn:
             return [Lane(*row) for row in conn.execute(
                 "SELECT DISTINCT site, source, backup FROM instances ORDER BY 1, 2, 3")]
+
+    def peer_cap(self, peer: str) -> int:
+        """The C-FIND answer cap ``peer`` (AE@host:port) has shown before; 0: none seen."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT cap FROM peer_caps WHERE peer=?", (peer,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def remember_cap(self, peer: str, cap: int) -> None:
+        """Keep the smallest cap ``peer`` has shown: later answers that reach it are split."""
+        with self._write() as conn:
+            conn.execute("INSERT INTO peer_caps (peer, cap, seen) VALUES (?, ?, ?) ON CONFLICT "
+                         "(peer) DO UPDATE SET cap=MIN(cap, excluded.cap), seen=excluded.seen",
+                         (peer, cap, _now()))
 
     def at(self, lane: Lane) -> "LaneLedger":
         """This ledger as one lane sees it."""

@@ -8,6 +8,7 @@ function of a ``DicomClient`` so tests can run it against in-process SCPs.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
@@ -16,7 +17,7 @@ from pynetdicom import build_role
 from pynetdicom import sop_class as sop
 from pynetdicom.presentation import build_context
 
-from .config import AriaSource, MimSource
+from .config import PROFILES, AriaSource, MimSource
 from .dicom_net import RT_RECORD_CLASSES, DicomClient, contexts_for, identifier
 from .errors import DicomError, FatalDicomError
 
@@ -79,10 +80,12 @@ def _records(client: DicomClient, source: AriaSource | MimSource, today: date,
                        f"refused ({exc.detail}): a hierarchical-only peer, walked "
                        "hierarchically as this source is set to")
         else:
+            fits = "strict" if isinstance(source, MimSource) else "aria"
             report.add("relational record query", FAIL,
-                       f"refused ({exc.detail}): a hierarchical-only peer; set query = "
-                       '"hierarchical"')
-            report.settings.append('query = "hierarchical"')
+                       f"refused ({exc.detail}): a hierarchical-only peer; set profile = "
+                       f'"{fits}" (query = "hierarchical")')
+            report.settings.append(f'profile = "{fits}"  # ' + ", ".join(
+                f"{k} = {json.dumps(v)}" for k, v in PROFILES[fits].items()))
         return
     blind = [a for a in answers if not (a.get("SOPClassUID") or a.get("Modality"))]
     other = [a for a in answers if a.get("SOPClassUID")

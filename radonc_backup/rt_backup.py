@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 
 from pydicom.dataset import Dataset
 
@@ -108,12 +108,14 @@ class Screen:
 
 def find_records(client: DicomClient, queries: Iterable[DayQuery], cap: int = 0,
                  on_split: Callable[[DayQuery], None] | None = None,
-                 screen: Screen | None = None) -> list[InstanceRef]:
+                 screen: Screen | None = None,
+                 on_cut: Callable[[int], None] | None = None) -> list[InstanceRef]:
     """Every RT Record the peer holds in the queries' windows, de-duplicated by SOP UID.
 
     A query that the peer cut short (a Cancel status, or ``cap`` or more matches from a peer that
     truncates silently) is split in two and both halves are asked; a one-second window still cut
-    short is an error.
+    short is an error. ``on_cut(n)`` hears of each answer the peer itself ended as cut after
+    ``n`` matches (its cap, to remember).
     """
     screen = screen or Screen(client)
     found: dict[str, InstanceRef] = {}
@@ -128,6 +130,8 @@ def find_records(client: DicomClient, queries: Iterable[DayQuery], cap: int = 0,
                     matches.append(m)
         except FindTruncated:
             truncated = True
+            if on_cut is not None and matches:
+                on_cut(len(matches))
         if truncated or (cap and len(matches) >= cap):
             halves = query.split()
             if halves is None:
@@ -174,15 +178,16 @@ def find_records_hierarchical(client: DicomClient, queries: Iterable[DayQuery],
                                   calling_ae=client.calling_ae)
         return answers
 
-    asks = [("studies from " + str(study_since),
-             identifier("STUDY", StudyDate=f"{study_since:%Y%m%d}-", StudyInstanceUID="",
-                        PatientID=""))] if study_since is not None else []
-    asks += [(f"patient {p}", identifier("STUDY", PatientID=p, StudyInstanceUID=""))
-             for p in patient_ids]
-    for what, ask in asks:
-        for m in capped(list(client.find(ask)), what):
-            if m.get("StudyInstanceUID"):
-                walk.setdefault(str(m.StudyInstanceUID), str(m.get("PatientID", "") or ""))
+    answers: list[Dataset] = []
+    if study_since is not None:
+        last = max((q.day for q in windows), default=study_since)
+        answers += _studies_dated(client, study_since, max(last, study_since), cap)
+    for p in patient_ids:
+        answers += capped(list(client.find(identifier("STUDY", PatientID=p,
+                                                      StudyInstanceUID=""))), f"patient {p}")
+    for m in answers:
+        if m.get("StudyInstanceUID"):
+            walk.setdefault(str(m.StudyInstanceUID), str(m.get("PatientID", "") or ""))
     found: dict[str, InstanceRef] = {}
     for study, patient in sorted(walk.items()):
         series = capped(list(client.find(identifier(
@@ -215,6 +220,34 @@ def find_records_hierarchical(client: DicomClient, queries: Iterable[DayQuery],
                     found.setdefault(ref.sop_instance_uid, ref)
     return sorted(found.values(), key=lambda r: (r.treatment_date, r.treatment_time,
                                                  r.sop_instance_uid))
+
+
+def _studies_dated(client: DicomClient, first: date, last: date, cap: int) -> list[Dataset]:
+    """STUDY-level answers for StudyDate from ``first`` (the last range open-ended, so a study
+    dated later is found too); a range whose answer reaches ``cap`` is asked again in halves,
+    a single day still reaching it is an error."""
+    pending: list[tuple[date, date | None]] = [(first, None)]
+    found: list[Dataset] = []
+    while pending:
+        lo, hi = pending.pop()
+        dates = f"{lo:%Y%m%d}-" + (f"{hi:%Y%m%d}" if hi else "")
+        answers = list(client.find(identifier("STUDY", StudyDate=dates, StudyInstanceUID="",
+                                               PatientID="")))
+        if cap and len(answers) >= cap:
+            end = hi if hi is not None else last
+            if lo >= end and hi is None and lo <= last:  # the open range from the last day:
+                pending += [(lo, lo), (lo + timedelta(days=1), None)]  # that day, then after
+                continue
+            if lo >= end:
+                raise FatalDicomError(client.site, client.peer.label, "C-FIND",
+                                      f"studies dated {dates}: {len(answers)} answers reach "
+                                      f"the peer's cap of {cap}: raise its C-FIND result limit",
+                                      calling_ae=client.calling_ae)
+            mid = lo + timedelta(days=(end - lo).days // 2)
+            pending += [(lo, mid), (mid + timedelta(days=1), hi)]
+            continue
+        found += answers
+    return found
 
 
 def patient_record_identifier(patient_id: str) -> Dataset:

@@ -18,7 +18,7 @@ from prefect.tasks import exponential_backoff
 from radonc_backup.config import Settings
 from radonc_backup.errors import is_retriable
 from radonc_backup.instance import InstanceRef
-from radonc_backup.lane import LaneRef
+from radonc_backup.lane import LaneRef, OpenLane
 from radonc_backup.rt_backup import Plan, Screen, find_patient_records, find_records, \
     find_records_hierarchical, plan_work
 from radonc_backup.transfer import Awaiting, Outcome, deliver, settle, verify_present
@@ -54,51 +54,62 @@ class Found:
     notes: list[str] = field(default_factory=list)  # keys the peer ignored, for the summary
 
 
+def answer_cap(lane: OpenLane) -> int:
+    """The cap to split at: ``max_find_results``, or a smaller one the peer has shown before."""
+    shown = lane.ledger.ledger.peer_cap(lane.source.label)
+    return min((c for c in (lane.source.max_find_results, shown) if c), default=0)
+
+
 @task(name="find-rt-records", cache_policy=NO_CACHE)
 def find_rt_records(ref: LaneRef, queries: list[DayQuery]) -> Found:
     """C-FIND the RT Records of each window on the R&V, splitting windows the peer capped, and
     keeping only the matches that are what was asked for."""
     logger = get_run_logger()
     lane = ref.open()
-    site = ref.site
     client = lane.client()
     screen = Screen(client)
+    cap = answer_cap(lane)
+    cuts: list[int] = []
     if lane.source.query == "hierarchical" and queries:
         first, last = min(q.day for q in queries), max(q.day for q in queries)
         since = first - timedelta(days=lane.site.settings.patient_pass_days)
         refs = find_records_hierarchical(
             client, queries, lane.ledger.studies_with_records_since(f"{since:%Y%m%d}"),
-            last - timedelta(days=lane.source.new_study_days), lane.source.max_find_results,
-            screen)
+            last - timedelta(days=lane.source.new_study_days), cap, screen)
     else:
-        refs = find_records(client, queries, cap=lane.source.max_find_results,
-                            on_split=lambda q: logger.info("window %s hit the peer's cap of %d: "
-                                                           "splitting", q,
-                                                           lane.source.max_find_results),
-                            screen=screen)
-    for note in screen.notes():
-        logger.warning("site %s: %s", site, note)
-    logger.info("site %s: %d RT Records on %s in %d window(s)", site, len(refs),
+        refs = find_records(client, queries, cap=cap, screen=screen, on_cut=cuts.append,
+                            on_split=lambda q: logger.info("window %s cut short or at the cap "
+                                                           "of %d: splitting", q, cap))
+    notes = screen.notes()
+    for n in sorted(set(cuts)):
+        lane.ledger.ledger.remember_cap(lane.source.label, n)
+        notes.append(f"{lane.source.label} cut a C-FIND answer at {n} matches (status 0xFE00): "
+                     f"the window was split and asked again; {n} is remembered as its cap, so "
+                     "later answers that reach it are split too, also if it cuts silently")
+    if cap and cap != lane.source.max_find_results:
+        notes.append(f"{lane.source.label} has shown a C-FIND cap of {cap} before: windows "
+                     "reaching it are split (set max_find_results to say so in the config)")
+    for note in notes:
+        logger.warning("site %s: %s", ref.site, note)
+    logger.info("site %s: %d RT Records on %s in %d window(s)", ref.site, len(refs),
                 lane.source.aet, len(queries))
-    return Found(refs, screen.notes())
+    return Found(refs, notes)
 
 
 @task(name="find-rt-records-by-patient", cache_policy=NO_CACHE)
 def find_rt_records_by_patient(ref: LaneRef, patient_ids: list[str]) -> Found:
     """C-FIND every RT Record of each patient, whatever its date (one query per patient)."""
     lane = ref.open()
-    site = ref.site
     client = lane.client()
     screen = Screen(client)
+    cap = answer_cap(lane)
     if lane.source.query == "hierarchical":
-        refs = find_records_hierarchical(client, [], [], None, lane.source.max_find_results,
-                                         screen, patient_ids)
+        refs = find_records_hierarchical(client, [], [], None, cap, screen, patient_ids)
     else:
-        refs = find_patient_records(client, patient_ids, cap=lane.source.max_find_results,
-                                    screen=screen)
+        refs = find_patient_records(client, patient_ids, cap=cap, screen=screen)
     for note in screen.notes():
-        get_run_logger().warning("site %s: %s", site, note)
-    get_run_logger().info("site %s: %d RT Records of %d patient(s) on %s", site, len(refs),
+        get_run_logger().warning("site %s: %s", ref.site, note)
+    get_run_logger().info("site %s: %d RT Records of %d patient(s) on %s", ref.site, len(refs),
                           len(patient_ids), lane.source.aet)
     return Found(refs, screen.notes())
 

@@ -8,8 +8,10 @@ sub-operations itself, C-STOREing to the destination AE (C-GET ones back on the 
 0xC000 for the UIDs it holds but will not send; ``ignore_keys`` answers every C-FIND with
 everything it holds; ``returns`` limits the keys its answers carry (DCMTK's dcmqrscp, for one,
 returns only the keys of its index); ``cap`` stops an answer after that many matches without
-saying so; ``hierarchical_only`` refuses relational queries. Runs on a free loopback port; the
-UIDs of each retrieve request it received are kept in ``moves``.
+saying so (``cut_status``: ending such an answer with 0xFE00); ``hierarchical_only`` refuses
+relational queries; ``get_only`` offers C-GET and no C-MOVE. Runs on a free loopback port; the
+UIDs of each retrieve request it received are kept in ``moves``, the level of each C-FIND in
+``finds``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from demo.orthanc import free_port
 from demo.synthetic import to_bytes
 
 _KEYS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
-         "TreatmentDate", "TreatmentTime", "Modality")
+         "TreatmentDate", "TreatmentTime", "Modality", "StudyDate")
 
 
 def _values(value: object) -> list[str]:
@@ -43,7 +45,7 @@ def _matches(ds: Dataset, query: Dataset) -> bool:
         if key not in query or wanted in (None, ""):
             continue
         have = str(ds.get(key, "") or "")
-        if key in ("TreatmentDate", "TreatmentTime") and "-" in str(wanted):
+        if key in ("TreatmentDate", "TreatmentTime", "StudyDate") and "-" in str(wanted):
             lo, _, hi = str(wanted).partition("-")
             value = have.split(".")[0]
             if not value or (lo and value < lo.split(".")[0]) or (hi and value > hi.split(".")[0]):
@@ -57,7 +59,8 @@ class StrictQRSCP:
     def __init__(self, aet: str, objects: list[Dataset], destinations: dict[str, tuple[str, int]],
                  single_uid: bool = False, refuse: set[str] | None = None,
                  ignore_keys: bool = False, returns: set[str] | None = None,
-                 cap: int = 0, hierarchical_only: bool = False) -> None:
+                 cap: int = 0, hierarchical_only: bool = False, get_only: bool = False,
+                 cut_status: bool = False) -> None:
         for ds in objects:
             to_bytes(ds)  # gives each a file meta (the transfer syntax its C-STORE uses)
         self.aet, self.objects, self.destinations = aet, objects, destinations
@@ -66,6 +69,8 @@ class StrictQRSCP:
         # that matches only the keys it indexes
         self.returns = returns  # the keys it can return (None: every key asked)
         self.cap = cap  # stops answering after this many matches, with a Success status
+        self.cut_status = cut_status  # ... or, when more matched, with Cancel (0xFE00), as
+        # Orthanc and peers that say they cut do
         # refuses a query below STUDY level that does not name its one parent study (and, at
         # IMAGE level, series), as a hierarchical-only SCP does
         self.hierarchical_only = hierarchical_only
@@ -75,7 +80,8 @@ class StrictQRSCP:
         self.refused_finds = 0
         self.ae = AE(ae_title=aet)
         self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-        self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+        if not get_only:  # a C-GET-only peer (MIM-like) has no C-MOVE service
+            self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
         self.ae.add_supported_context(Verification)
         self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
         for cx in StoragePresentationContexts:  # C-GET sends back on the same association
@@ -96,15 +102,20 @@ class StrictQRSCP:
             return
         seen: set[str] = set()
         sent = 0
+        unique = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID"}.get(level)
         for ds in self.objects:
+            matches = (self.ignore_keys or _matches(ds, query)) and \
+                not (unique and ds.get(unique) in seen)
             if self.cap and sent == self.cap:
-                break
-            if self.ignore_keys or _matches(ds, query):
-                key = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID"}.get(level)
-                if key:  # one answer per study or series
-                    if ds.get(key) in seen:
-                        continue
-                    seen.add(ds.get(key))
+                if self.cut_status and matches:
+                    yield 0xFE00, None  # more matched than it sends: it says so
+                    return
+                if not self.cut_status:
+                    break
+                continue
+            if matches:
+                if unique:  # one answer per study or series
+                    seen.add(ds.get(unique))
                 sent += 1
                 answer = Dataset()
                 for key in query.dir():
@@ -157,9 +168,10 @@ class StrictQRSCP:
             self.server.shutdown()
 
 
-def add_source(site: object, server: StrictQRSCP, name: str = "strict", **settings: object,
-               ) -> None:
-    """Name ``server`` as an ARIA-type source of the demo site (and create its R&V limit)."""
+def add_source(site: object, server: StrictQRSCP, name: str = "strict", kind: str = "aria",
+               **settings: object) -> None:
+    """Name ``server`` as a source of the demo site, of type ``kind`` (and create its R&V
+    limit)."""
     from pathlib import Path
 
     from radonc_backup.config import load_site
@@ -167,7 +179,7 @@ def add_source(site: object, server: StrictQRSCP, name: str = "strict", **settin
 
     cfg = Path(site.config_path)  # type: ignore[attr-defined]
     extra = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in settings.items())
-    cfg.write_text(cfg.read_text() + f'\n[DEMO.sources.{name}]\ntype = "aria"\n'
+    cfg.write_text(cfg.read_text() + f'\n[DEMO.sources.{name}]\ntype = "{kind}"\n'
                                      f'aet = "{server.aet}"\nip = "127.0.0.1"\n'
                                      f'port = {server.port}\n{extra}')
     ensure_rv_limits(load_site("DEMO", str(cfg)))

@@ -152,3 +152,29 @@ def test_a_literal_password_is_refused_without_being_echoed(tmp_path: Path) -> N
         load_site("DEMO", path)
     assert "backup_targets.orthanc.password" in str(err.value)
     assert "hunter2" not in str(err.value) and "password_env" in str(err.value)
+
+
+@pytest.mark.parametrize("profile, expected", [
+    ("orthanc", ("relational", "uid_list", True, 0)),
+    ("aria", ("hierarchical", "uid_list", False, 0)),
+    ("mim", ("relational", "uid_list", False, 0)),
+    ("strict", ("hierarchical", "one_uid", False, 500)),
+])
+def test_a_profile_sets_the_query_defaults_and_written_keys_win(
+        tmp_path: Path, profile: str, expected: tuple[object, ...]) -> None:
+    text = GOOD.replace('port = 105\n', f'port = 105\nprofile = "{profile}"\n')
+    src = load_site("ALPHA", write(tmp_path, text)).sources["aria"]
+    assert (src.query, src.retrieve, src.relational_move, src.max_find_results) == expected
+    text = GOOD.replace('port = 105\n', f'port = 105\nprofile = "{profile}"\n'
+                                        'retrieve = "series"\nmax_find_results = 42\n')
+    src = load_site("ALPHA", write(tmp_path, text)).sources["aria"]
+    assert (src.retrieve, src.max_find_results) == ("series", 42)
+
+
+def test_an_unknown_profile_names_the_known_ones(tmp_path: Path) -> None:
+    text = GOOD.replace('port = 105\n', 'port = 105\nprofile = "varian"\n')
+    with pytest.raises(ConfigError) as raised:
+        load_site("ALPHA", write(tmp_path, text))
+    message = str(raised.value)
+    assert "ALPHA" in message and "profile" in message and "'strict'" in message, message
+    assert len(message.splitlines()) == 1, message

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from datetime import timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -120,7 +121,7 @@ def test_a_peer_that_ignores_keys_gets_only_what_was_asked_for_moved(
         state = run(incremental_backup, site, at(0, 16), source="strict", backfill=False)
     assert state.is_completed(), state.message
     summary = state.result()
-    assert summary["found"] == len(records) == 6
+    assert summary["found"] == len(records) == 6, summary
     assert site.backup.sop_instance_uids() == uids(*records), "nothing else moved"
     notes = " ".join(summary["peer_notes"])
     assert "ignored SOPClassUID/Modality" in notes and "ignored TreatmentDate" in notes
@@ -195,12 +196,21 @@ def test_probe_passes_a_peer_that_works_and_lists_its_c_get_syntaxes(
 
 def test_probe_fails_a_hierarchical_only_peer_and_a_blind_one(
         make_site: Callable[..., DemoSite], capsys: pytest.CaptureFixture[str]) -> None:
-    """The two peers no setting makes work today: the probe says so, exit 1, before any run."""
+    """A hierarchical-only peer fails the probe (exit 1) until the profile it prints is in the
+    config; a peer that never says what its matches are fails it whatever the settings."""
     site, server, _ = strict_site(make_site, hierarchical_only=True)
     with server:
         code, out = probe_cli(site, "strict", capsys)
     assert code == 1, out
     assert "hierarchical-only" in out and "will NOT work with this configuration" in out
+    fits = [line.strip() for line in out.splitlines() if line.strip().startswith("profile =")]
+    assert fits and fits[0].startswith('profile = "aria"'), out
+    cfg = Path(site.config_path)  # the settings it prints, copied into the source: it works
+    cfg.write_text(cfg.read_text().replace(f"port = {server.port}\n",
+                                           f"port = {server.port}\n{fits[0]}\n"))
+    with server:
+        code, out = probe_cli(site, "strict", capsys)
+    assert code == 0 and "works with this configuration" in out, out
 
     blind = StrictQRSCP("BLIND_RV", server.objects, {}, ignore_keys=True,
                         returns={"PatientID", "StudyInstanceUID", "SeriesInstanceUID",
@@ -320,3 +330,56 @@ def test_dcmqrscp_as_the_r_and_v_moves_its_rt_records_and_nothing_else(
     assert site.backup.sop_instance_uids() == everything, "the plans' context, not the MR"
     assert missed(site, everything) == (0, 0)
 
+
+def test_a_cap_once_shown_is_remembered_and_splits_later_silent_cuts(
+        make_site: Callable[..., DemoSite]) -> None:
+    """A peer that once ended an answer with 0xFE00 after 3 matches, and later cuts at 3 without
+    saying so (max_find_results unset): the first run splits and remembers 3 in the ledger; a
+    later window with 5 records reaching 3 is split too, and nothing is left behind."""
+    from radonc_backup.ledger import Ledger
+
+    site = make_site(extra_backup_modalities={"CAP_RV": ("CAP_RV", "127.0.0.1", 1)})
+    courses = [course(f"CAP{n}", at(-1, 8 + n), delivered=2) for n in range(5)]
+    records = [r for c in courses for r in c.records]
+    server = StrictQRSCP("CAP_RV", list(records),
+                         {site.backup.aet: ("127.0.0.1", site.backup.dicom_port)}, cap=3,
+                         cut_status=True)
+    add_source(site, server, "capper")
+    with server:
+        first = run(incremental_backup, site, at(0, 16), source="capper", backfill=False)
+        assert first.is_completed(), first.message
+        assert any("cut a C-FIND answer at 3 matches" in n for n in first.result()["peer_notes"])
+        caps = Ledger.for_state_dir(site.workdir / "state")
+        assert caps.peer_cap(f"CAP_RV@127.0.0.1:{server.port}") == 3
+
+        server.cut_status = False  # from now on it cuts without saying so
+        later = [c.add_record(at(0, 16, 1 + n)) for n, c in enumerate(courses)]
+        for ds in later:
+            to_bytes(ds)  # a file meta: the transfer syntax its C-STORE goes in
+        server.objects += later
+        again = run(incremental_backup, site, at(0, 16, 10), source="capper", backfill=False)
+        assert again.is_completed(), again.message
+        assert any("has shown a C-FIND cap of 3" in n for n in again.result()["peer_notes"])
+    assert site.backup.sop_instance_uids() == uids(*records, *later)
+    assert missed(site, uids(*records, *later)) == (0, 0)
+
+
+def test_a_hierarchical_study_search_reaching_the_cap_is_asked_again_in_halves() -> None:
+    """The STUDY-level search on StudyDate of a hierarchical walk, against a peer that cuts
+    every answer at 2 without saying so: each date range whose answer reaches the cap is asked
+    again in halves until none does, and every record of the four studies is found."""
+    from radonc_backup.dicom_net import DicomClient, Peer, Timeouts
+    from radonc_backup.rt_backup import find_records_hierarchical
+    from radonc_backup.windows import DayQuery
+
+    courses = [course(f"HS{n}", at(-9 * n, 8), delivered=1) for n in range(4)]
+    records = [r for c in courses for r in c.records]
+    with StrictQRSCP("HALVES_RV", [ds for c in courses for ds in c.all()], {}, cap=2,
+                     hierarchical_only=True) as server:
+        client = DicomClient("DEMO", "RADONC_BACKUP", Peer("HALVES_RV", "127.0.0.1",
+                                                            server.port), Timeouts(5, 20, 10, 3))
+        days = sorted({at(-9 * n, 8).date() for n in range(4)})
+        found = find_records_hierarchical(client, [DayQuery(d) for d in days], [],
+                                          days[0] - timedelta(days=20), cap=2)
+    assert {r.sop_instance_uid for r in found} == uids(*records)
+    assert server.finds.count("STUDY") > 1, "the capped range was asked again in halves"

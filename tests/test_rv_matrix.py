@@ -1,0 +1,140 @@
+"""The backup, plan-context backfill and treatment report flows against each R&V stand-in.
+
+Each stand-in holds the same clinic: two patients on treatment (records yesterday and today,
+with plan, structure set, CT and dose), and what must not move: one patient's unplanned MR
+series and a third patient's planned course that has no record yet. The source is configured
+with the settings ``dicom_tools probe`` prints for that peer (its profile). For each: the
+incremental run (with its backfill) ends Completed, the backup holds exactly the records and
+their context, the ledger verifies them, the report lists both patients at their current
+fraction, and for the in-process SCPs the C-FIND and retrieve requests stay within the bound
+docs/r-and-v-compatibility.md states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from demo.site import DemoSite
+from demo.synthetic import Patient, make_image_series, to_bytes
+from flows.incremental_backup import incremental_backup
+from tests.conftest import three_numbers
+from tests.qr_scp import StrictQRSCP, add_source
+from tests.test_backup_flows import DAY, at, course, run
+from tests.test_plan_context import compressed_course
+
+pytestmark = pytest.mark.usefixtures("prefect")
+
+
+@dataclass
+class Clinic:
+    records: list[Dataset]
+    context: list[Dataset]  # every plan-context object of the records
+    unasked: list[Dataset]  # objects no record calls for
+    compressed: list[Dataset] = field(default_factory=list)
+
+    def everything(self) -> list[Dataset]:
+        return [*self.records, *self.context, *self.unasked]
+
+
+def clinic(compressed: bool = False) -> Clinic:
+    courses = [course(f"MX{n}", at(-1, 8 + n), delivered=2) for n in range(2)]
+    unplanned = make_image_series(courses[0].study, "mr-unplanned", slices=2, modality="MR")
+    waiting = course("MX9", at(-1, 10), delivered=0)  # planned, not yet treated
+    found = Clinic([r for c in courses for r in c.records],
+                   [ds for c in courses for ds in c.context()],
+                   [*unplanned.instances, *waiting.all()])
+    if compressed:  # JPEG-LS, RLE and JPEG 2000 images, relayed in their own syntaxes
+        images, (struct, plan, record) = compressed_course(Patient("MX5", "Compressed^Matrix"))
+        found.records.append(record)
+        found.context += [*images, struct, plan]
+        found.compressed = images
+    return found
+
+
+def uids(objects: list[Dataset]) -> set[str]:
+    return {str(ds.SOPInstanceUID) for ds in objects}
+
+
+# stand-in -> (SCP options, source type, source settings as probe prints them)
+STRICT = {
+    "hierarchical-only": ({"hierarchical_only": True}, "aria", {"profile": "strict"}),
+    "one-uid-per-retrieve": ({"single_uid": True}, "aria", {"retrieve": "one_uid"}),
+    "silent-cap": ({"cap": 4}, "aria", {"max_find_results": 4}),
+    "c-get-only-compressed": ({"get_only": True}, "mim", {"profile": "mim"}),
+}
+
+
+def finish(site: DemoSite, world: Clinic, source: str) -> None:
+    """Run the incremental (with its backfill) and check what a user would: the run's state,
+    the backup's content, the ledger, the report."""
+    state = run(incremental_backup, site, at(0, 16), source=source)
+    assert state.is_completed(), state.message
+    assert state.result()["plan_context"].startswith("Completed"), state.result()
+    held = site.backup.sop_instance_uids()
+    assert held == uids(world.records) | uids(world.context), "exactly what was asked for"
+    assert not held & uids(world.unasked)
+    assert three_numbers(site, world.records, DAY.date(), world.context) == (0, 0, 0)
+    if world.compressed:
+        from tests.test_plan_context import assert_arrived_intact
+
+        assert_arrived_intact(site, world.compressed)
+
+
+def bounds(world: Clinic, hierarchical: bool) -> tuple[int, int]:
+    """The C-FIND and retrieve requests one incremental run with its backfill may send, as
+    docs/r-and-v-compatibility.md states them. Relational: one C-FIND per day of the window
+    (2 here), per plan 3 (plan, structure set, doses) + 2 per image series. Hierarchical:
+    1 + studies + record series for the records, per plan 1 + 4 per study of the patient +
+    2 x (3 + image series). Retrieves: at most one per record and, per plan, one each for the
+    plan, structure set and doses and one per image series."""
+    plans = {str(r.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID) for r in world.records}
+    images = {str(ds.SeriesInstanceUID) for ds in world.context
+              if ds.Modality not in ("RTPLAN", "RTSTRUCT", "RTDOSE")}
+    studies = {str(ds.StudyInstanceUID) for ds in world.everything()}
+    record_series = {str(r.SeriesInstanceUID) for r in world.records}
+    retrieves = len(world.records) + 3 * len(plans) + len(images)
+    if not hierarchical:
+        return 2 + 3 * len(plans) + 2 * len(images), retrieves
+    return (1 + len(studies) + len(record_series)
+            + len(plans) * (1 + 4 + 2 * 3) + 2 * len(images), retrieves)
+
+
+@pytest.mark.parametrize("stand_in", sorted(STRICT))
+def test_each_in_process_stand_in_within_the_stated_requests(
+        make_site: Callable[..., DemoSite], stand_in: str) -> None:
+    options, kind, settings = STRICT[stand_in]
+    world = clinic(compressed=kind == "mim")
+    site = make_site(extra_backup_modalities={"MATRIX_RV": ("MATRIX_RV", "127.0.0.1", 1)})
+    server = StrictQRSCP("MATRIX_RV", world.everything(),
+                         {site.backup.aet: ("127.0.0.1", site.backup.dicom_port)}, **options)
+    add_source(site, server, "matrix", kind, **settings)
+    with server:
+        finish(site, world, "matrix")
+    finds, retrieves = bounds(world, settings.get("profile") == "strict")
+    assert server.refused_finds == 0
+    assert len(server.finds) <= finds, (len(server.finds), finds, server.finds)
+    assert len(server.moves) <= retrieves, (len(server.moves), retrieves)
+
+
+def test_dcmqrscp_stand_in(make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    from tests.dcmqrscp import Dcmqrscp
+
+    world = clinic()
+    site = make_site(extra_backup_modalities={"DCMQR_RV": ("DCMQR_RV", "127.0.0.1", 1)})
+    with Dcmqrscp(tmp_path / "dcmqrscp", "DCMQR_RV",
+                  {site.backup.aet: ("127.0.0.1", site.backup.dicom_port)}) as rv:
+        rv.store(world.everything())
+        add_source(site, rv, "dcmqr", profile="strict")  # type: ignore[arg-type]
+        finish(site, world, "dcmqr")
+
+
+def test_orthanc_stand_in(make_site: Callable[..., DemoSite]) -> None:
+    world = clinic()
+    site = make_site()
+    site.rv.upload([to_bytes(ds) for ds in world.everything()])
+    finish(site, world, "aria")
