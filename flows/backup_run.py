@@ -15,6 +15,7 @@ from prefect import State, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
+from radonc_backup.config import MosaiqSource
 from radonc_backup.errors import BackupIncomplete
 from radonc_backup.instance import InstanceRef
 from radonc_backup.lane import OpenLane
@@ -22,7 +23,7 @@ from radonc_backup.rt_backup import batches
 from radonc_backup.transfer import Awaiting, Outcome
 from radonc_backup.windows import DayQuery, utc_now
 from tasks.backup import check_backup, find_rt_records, find_rt_records_by_patient, move_batch, \
-    record_found, settle_moves, with_site_retries
+    read_mosaiq_records, record_found, settle_moves, with_site_retries
 
 SHOW_FAILED = 20
 
@@ -70,10 +71,11 @@ def run_backup(flow_name: str, lane: OpenLane, queries: list[DayQuery], window: 
     summary = BackupSummary(lane.lane.site, lane.lane.source, lane.lane.backup, window,
                             catch_up=catch_up)
 
-    by_date = with_site_retries(find_rt_records, settings)(lane.ref, queries)
+    finder = read_mosaiq_records if isinstance(lane.source, MosaiqSource) else find_rt_records
+    by_date = with_site_retries(finder, settings)(lane.ref, queries)
     found = by_date.refs
     note_peer(summary, by_date.notes)
-    if patients_since is not None:
+    if patients_since is not None and not isinstance(lane.source, MosaiqSource):
         found += by_patient(lane, found, patients_since, summary)
     plan, summary.watermark = record_found(lane.ref, found, advance_to)
     summary.found, summary.new, summary.already_verified = plan.found, plan.new, \
@@ -214,6 +216,10 @@ def backfill_context(lane: OpenLane, summary: BackupSummary, record_uids: list[s
 
     site, source, backup, config = lane.ref.site, lane.ref.source, lane.ref.backup, \
         lane.ref.config
+    if isinstance(lane.source, MosaiqSource):
+        note_peer(summary, [f"{lane.source.label}: Mosaiq's SQL holds no DICOM plan, structure "
+                            "set or images: RT Records only, no plan-context backfill"])
+        return
     if record_uids is not None and not record_uids \
             and not lane.ledger.context_work_left(retry_incomplete_before(lane, now)):
         summary.plan_context = "nothing new"

@@ -68,12 +68,13 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
     """
     logger = get_run_logger()
     lane = open_lane(site, source, backup, config)
+    source_peer = lane.dicom  # a Mosaiq source has no plan context to walk: one line, here
     retrying = lane.site.settings
     local_now = wall((now or utc_now()).astimezone(timezone.utc), lane.site.tz)
-    images_now = within_hours(lane.source.image_hours, local_now)
+    images_now = within_hours(source_peer.image_hours, local_now)
     if not images_now:
         logger.info("site %s: %s is outside the off-peak hours %s of %s: image series wait",
-                    site, local_now.strftime("%H:%M"), lane.source.image_hours,
+                    site, local_now.strftime("%H:%M"), source_peer.image_hours,
                     lane.lane.source)
 
     ids = list(patient_ids or []) + (read_mrns(mrn_csv) if mrn_csv else [])

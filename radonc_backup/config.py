@@ -10,6 +10,7 @@ it is read only when that peer is used.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tomllib
@@ -177,10 +178,35 @@ class MosaiqSource(_Strict):
     """ODBC connection string without the password."""
     password_env: str | None = None
     password_secret: str | None = None
+    login_timeout: int = Field(default=15, ge=1, le=600)
+    uid_root: str = "1.2.826.0.1.3680043.8.498."
+    """Root of the UIDs made for Mosaiq's records (your organisation's, ending in a dot);
+    pydicom's by default. UIDs are derived from it and Mosaiq's keys: reruns make the same."""
+    sessions_query: str = ""
+    """Your own SQL for delivered fields (empty: ours, in radonc_backup/mosaiq.py); it must
+    return the columns docs/backup.md lists and take two parameters, window start and end."""
+    default_radiation_type: Literal["PHOTON", "ELECTRON", "PROTON", "ION", "NEUTRON"] = "PHOTON"
+    """RadiationType (Type 1) of a delivered field whose Mosaiq row does not say it."""
+    max_associations: int = Field(default=2, ge=1, le=64)
+    """Connections all runs may hold to this database at once (a Prefect concurrency limit)."""
+    slot_lease_seconds: float = Field(default=60, ge=60, le=3600)
+
+    @field_validator("uid_root")
+    @classmethod
+    def _valid_root(cls, value: str) -> str:
+        if not re.fullmatch(r"([1-9][0-9]*|0)(\.([1-9][0-9]*|0))*\.", value) or len(value) > 40:
+            raise ValueError(f"uid_root {value!r} is not a UID root ending in a dot (at most "
+                             "40 characters)")
+        return value
 
     @property
     def label(self) -> str:
         return f"ODBC {self.odbc.split(';')[0]}"
+
+    @property
+    def limit_name(self) -> str:
+        digest = hashlib.sha1(self.odbc.encode()).hexdigest()[:10]
+        return f"odbc-{digest}"
 
 
 Source = Annotated[Union[AriaSource, MimSource, MosaiqSource], Field(discriminator="type")]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .backup_target import DicomScpBackup, OrthancBackup, open_backup
-from .config import AriaSource, MimSource, Site, load_site
+from .config import AriaSource, MimSource, MosaiqSource, Site, load_site
 from .dicom_net import DicomClient
 from .errors import ConfigError
 from .ledger import Lane, LaneLedger, Ledger
@@ -31,7 +31,7 @@ class LaneRef:
 @dataclass
 class OpenLane:
     site: Site
-    source: AriaSource | MimSource
+    source: AriaSource | MimSource | MosaiqSource
     target: OrthancBackup | DicomScpBackup
     ledger: LaneLedger
     ref: LaneRef
@@ -44,9 +44,19 @@ class OpenLane:
     def source_alias(self) -> str:
         return self.ref.source
 
+    @property
+    def dicom(self) -> AriaSource | MimSource:
+        """The source, which must be a DICOM one (a Mosaiq source has no plan context and
+        no Q/R service: the flows that need one say so in one line)."""
+        if isinstance(self.source, MosaiqSource):
+            raise ConfigError(f"{self.site.config_path}: site {self.site.name}: source "
+                              f"{self.ref.source!r} is a Mosaiq database: this needs an 'aria' "
+                              "or 'mim' source")
+        return self.source
+
     def client(self) -> DicomClient:
         """A client of the source (the R&V)."""
-        return self.site.client(self.source)
+        return self.site.client(self.dicom)
 
     def store_client(self) -> DicomClient | None:
         """For a MIM-type source, a C-STORE client to the backup's DICOM port (C-GET results are
@@ -56,19 +66,10 @@ class OpenLane:
         return self.site.client(self.site.backup(self.lane.backup)[1])
 
 
-def dicom_source(site: Site, alias: str | None) -> tuple[str, AriaSource | MimSource]:
-    name, source = site.source(alias)
-    if not isinstance(source, (AriaSource, MimSource)):
-        raise ConfigError(f"{site.config_path}: site {site.name}: source {name!r} is of type "
-                          f"{source.type!r}; RT Record backup by DICOM needs an 'aria' or 'mim' "
-                          f"source")
-    return name, source
-
-
 def open_lane(site: str, source: str | None = None, backup: str | None = None,
               config: str | None = None) -> OpenLane:
     cfg = load_site(site, config)
-    source_alias, src = dicom_source(cfg, source)
+    source_alias, src = cfg.source(source)
     target = open_backup(cfg, backup)
     lane = Lane(cfg.name, source_alias, target.alias)
     ledger = Ledger.for_state_dir(cfg.state_dir).at(lane)

@@ -28,6 +28,7 @@ from .errors import BackupTargetError, DicomError, RetriableBackupTargetError
 from .instance import InstanceRef
 from .lane import OpenLane
 from .ledger import LaneLedger, PlanLink
+from .rt_backup import series_instances
 from .transfer import deliver
 
 OBJECT_TYPES = {
@@ -274,24 +275,8 @@ class ContextWalker:
                 str(m.StudyInstanceUID) for m in self.client.find(identifier(
                     "STUDY", PatientID=patient_id, StudyInstanceUID=""))
                 if m.get("StudyInstanceUID")]
-        found: list[Dataset] = []
-        for study in self._studies[patient_id]:
-            for series in self.client.find(identifier("SERIES", StudyInstanceUID=study,
-                                                      SeriesInstanceUID="", Modality=modality)):
-                if str(series.get("Modality", "") or modality) != modality \
-                        or not series.get("SeriesInstanceUID"):
-                    continue
-                for m in self.client.find(identifier(
-                        "IMAGE", StudyInstanceUID=study,
-                        SeriesInstanceUID=str(series.SeriesInstanceUID), SOPInstanceUID="",
-                        SOPClassUID="", **keys)):
-                    m.StudyInstanceUID, m.SeriesInstanceUID = study, series.SeriesInstanceUID
-                    m.PatientID = patient_id
-                    if not (m.get("SOPClassUID") or m.get("Modality")) \
-                            and series.get("Modality") == modality:
-                        m.Modality = modality  # the series said what its instances are
-                    found.append(m)
-        return found
+        return [m for study in self._studies[patient_id]
+                for m in series_instances(self.client, study, patient_id, modality, **keys)]
 
     def _find_instance(self, uid: str, patient_id: str, kind: str) -> InstanceRef | None:
         q = identifier("IMAGE", PatientID=patient_id, StudyInstanceUID="", SeriesInstanceUID="",

@@ -190,36 +190,53 @@ def find_records_hierarchical(client: DicomClient, queries: Iterable[DayQuery],
             walk.setdefault(str(m.StudyInstanceUID), str(m.get("PatientID", "") or ""))
     found: dict[str, InstanceRef] = {}
     for study, patient in sorted(walk.items()):
-        series = capped(list(client.find(identifier(
-            "SERIES", StudyInstanceUID=study, SeriesInstanceUID="", Modality="RTRECORD"))),
-            f"study {study}")
-        for s in series:
-            modality = str(s.get("Modality", "") or "")
-            if modality not in ("RTRECORD", ""):
-                screen.ignored["Modality"] += 1  # the peer answered another series
+        for m in series_instances(client, study, patient, "RTRECORD", capped,
+                                  PatientID="", TreatmentDate="", TreatmentTime="",
+                                  on_other=lambda: screen.ignored.update(["Modality"])):
+            ref = screen.keep(m)
+            if ref is None:
                 continue
-            if not s.get("SeriesInstanceUID"):
-                continue
-            images = capped(list(client.find(identifier(
-                "IMAGE", StudyInstanceUID=study, SeriesInstanceUID=str(s.SeriesInstanceUID),
-                SOPInstanceUID="", SOPClassUID="", PatientID="", TreatmentDate="",
-                TreatmentTime=""))), f"series {s.SeriesInstanceUID}")
-            for m in images:
-                if not m.get("SOPInstanceUID"):
-                    continue
-                m.StudyInstanceUID, m.SeriesInstanceUID = study, s.SeriesInstanceUID
-                if not m.get("PatientID"):
-                    m.PatientID = patient
-                if not m.get("SOPClassUID") and modality == "RTRECORD":
-                    m.Modality = "RTRECORD"  # a record series says what its images are
-                ref = screen.keep(m)
-                if ref is None:
-                    continue
-                if patient_ids or not ref.treatment_date \
-                        or any(_in_query(ref, q) for q in windows):
-                    found.setdefault(ref.sop_instance_uid, ref)
+            if patient_ids or not ref.treatment_date or any(_in_query(ref, q) for q in windows):
+                found.setdefault(ref.sop_instance_uid, ref)
     return sorted(found.values(), key=lambda r: (r.treatment_date, r.treatment_time,
                                                  r.sop_instance_uid))
+
+
+def series_instances(client: DicomClient, study: str, patient_id: str, modality: str,
+                     capped: Callable[[list[Dataset], str], list[Dataset]] = lambda a, _: a,
+                     on_other: Callable[[], None] | None = None,
+                     **keys: object) -> list[Dataset]:
+    """One study's instances of ``modality``, the way a hierarchical-only peer accepts: one
+    SERIES-level C-FIND for its series of that modality, then one IMAGE-level C-FIND per series
+    returning ``keys``. Each answer is given its study, series and (when it has none) patient,
+    and, when it says neither SOPClassUID nor Modality, its series' Modality. A series of
+    another modality (the peer ignored the key) is skipped and told to ``on_other``; ``capped``
+    sees every answer list (it raises when one reaches the peer's cap)."""
+    found: list[Dataset] = []
+    series = capped(list(client.find(identifier("SERIES", StudyInstanceUID=study,
+                                                SeriesInstanceUID="", Modality=modality))),
+                    f"study {study}")
+    for s in series:
+        said = str(s.get("Modality", "") or "")
+        if said not in (modality, ""):
+            if on_other is not None:
+                on_other()
+            continue
+        if not s.get("SeriesInstanceUID"):
+            continue
+        uid = str(s.SeriesInstanceUID)
+        for m in capped(list(client.find(identifier(
+                "IMAGE", StudyInstanceUID=study, SeriesInstanceUID=uid, SOPInstanceUID="",
+                SOPClassUID="", **keys))), f"series {uid}"):
+            if not m.get("SOPInstanceUID"):
+                continue
+            m.StudyInstanceUID, m.SeriesInstanceUID = study, uid
+            if not m.get("PatientID"):
+                m.PatientID = patient_id
+            if not (m.get("SOPClassUID") or m.get("Modality")) and said == modality:
+                m.Modality = modality  # the series said what its instances are
+            found.append(m)
+    return found
 
 
 def _studies_dated(client: DicomClient, first: date, last: date, cap: int) -> list[Dataset]:

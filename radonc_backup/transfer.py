@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 
 from .backup_target import BackupTarget, wait_for
-from .config import AriaSource, MimSource, Site
+from .config import AriaSource, MimSource, MosaiqSource, Site
 from .dicom_net import DicomClient, MoveResult, identifier, uid_list
 from .errors import BackupError, ConfigError, DicomError, FatalDicomError, \
     RetriableBackupTargetError, RetriableDicomError
@@ -199,6 +199,8 @@ def transfer(lane: OpenLane, batch: list[InstanceRef]) -> Delivery:
     relayed by C-STORE to the backup's DICOM port. A UID list the peer refuses is asked again
     one UID per request (and the summary says to set ``retrieve``).
     """
+    if isinstance(lane.source, MosaiqSource):
+        return _store_staged(lane, batch)
     site, source, target = lane.site, lane.source, lane.target
     client = lane.client()
     identifiers = move_identifiers(batch, source.relational_move, source.retrieve)
@@ -237,6 +239,32 @@ def transfer(lane: OpenLane, batch: list[InstanceRef]) -> Delivery:
     if store_client is None:
         raise ConfigError(f"site {site.name}: MIM relay needs a DICOM backup target")
     return _relay(client, store_client, source, identifiers, batch)
+
+
+def _store_staged(lane: OpenLane, batch: list[InstanceRef]) -> Delivery:
+    """A Mosaiq lane: C-STORE the records staged from the database to the backup. A staged file
+    that is gone (the staging folder was cleared) fails its own UID, to be made again by the
+    next run over its day."""
+    from pydicom import dcmread
+
+    from .mosaiq import staging_dir
+
+    folder = staging_dir(lane.site, lane.ref.source)
+    delivery = Delivery("")
+    datasets = []
+    for ref in batch:
+        path = folder / f"{ref.sop_instance_uid}.dcm"
+        if path.is_file():
+            datasets.append(dcmread(path))
+        else:
+            delivery.refused[ref.sop_instance_uid] = (
+                f"site {lane.site.name}: RT Record {ref.sop_instance_uid} of {lane.source.label} "
+                f"is no longer staged in {folder}: run the nightly backup over its day again")
+    store = lane.site.client(lane.site.backup(lane.lane.backup)[1])
+    refused = [r for r in store.store(datasets) if not r.ok]
+    delivery.claims = (f"C-STORE of {len(datasets)} staged record(s), {len(refused)} refused by "
+                       "the backup")
+    return delivery
 
 
 def _relay(client: DicomClient, store_client: DicomClient, source: AriaSource | MimSource,

@@ -15,7 +15,7 @@ from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from radonc_backup.config import Settings
+from radonc_backup.config import MosaiqSource, Settings
 from radonc_backup.errors import is_retriable
 from radonc_backup.instance import InstanceRef
 from radonc_backup.lane import LaneRef, OpenLane
@@ -94,6 +94,32 @@ def find_rt_records(ref: LaneRef, queries: list[DayQuery]) -> Found:
     logger.info("site %s: %d RT Records on %s in %d window(s)", ref.site, len(refs),
                 lane.source.aet, len(queries))
     return Found(refs, notes)
+
+
+@task(name="read-mosaiq-sessions", cache_policy=NO_CACHE)
+def read_mosaiq_records(ref: LaneRef, queries: list[DayQuery]) -> Found:
+    """SELECT the fields Mosaiq delivered in the windows, make one RT Beams Treatment Record
+    per patient per session, and stage them for delivery (bound parameters only)."""
+    from radonc_backup.mosaiq import connect, read_fields, session_record, sessions, stage, \
+        staging_dir
+
+    lane = ref.open()
+    source = lane.source
+    if not isinstance(source, MosaiqSource):
+        raise TypeError(f"source {ref.source} is not a Mosaiq source")
+    start = min(datetime.combine(q.day, q.start) for q in queries)
+    end = max(datetime.combine(q.day, q.end) for q in queries)
+    conn = connect(lane.site, ref.source, source)
+    try:
+        fields = read_fields(conn, lane.site, ref.source, source, start, end)
+    finally:
+        conn.close()  # type: ignore[attr-defined]
+    found = sessions(fields)
+    refs = stage([session_record(s, lane.site, source) for s in found],
+                 staging_dir(lane.site, ref.source))
+    get_run_logger().info("site %s: %d delivered field(s) in %d session(s) read from %s",
+                          ref.site, len(fields), len(found), source.label)
+    return Found(refs)
 
 
 @task(name="find-rt-records-by-patient", cache_policy=NO_CACHE)

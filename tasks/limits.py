@@ -28,7 +28,7 @@ _held: ContextVar[frozenset[str]] = ContextVar("radonc_backup_rv_slots", default
 
 
 @contextmanager
-def rv_slots(source: AriaSource | MimSource, occupy: int = 1) -> Iterator[None]:
+def rv_slots(source: AriaSource | MimSource | MosaiqSource, occupy: int = 1) -> Iterator[None]:
     """Hold ``occupy`` associations' worth of the source's limit while the block runs.
 
     A flow takes its slots once, first thing, before it starts any task run: on a SQLite-backed
@@ -63,9 +63,8 @@ def rv_slots(source: AriaSource | MimSource, occupy: int = 1) -> Iterator[None]:
 
 
 def rv_limits(site: Site) -> dict[str, int]:
-    """The limit name and size for each DICOM source of a site."""
-    return {src.limit_name: src.max_associations for src in site.sources.values()
-            if not isinstance(src, MosaiqSource)}
+    """The limit name and size for each source of a site (a Mosaiq source's: connections)."""
+    return {src.limit_name: src.max_associations for src in site.sources.values()}
 
 
 def ensure_rv_limits(site: Site, update: bool = False) -> dict[str, int]:

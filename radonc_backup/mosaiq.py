@@ -1,0 +1,291 @@
+"""Mosaiq as a source: delivered fields read from its SQL database through ODBC, turned into RT
+Beams Treatment Records (one per patient per session) and staged for the one delivery path.
+
+The query contract (docs/backup.md, "Mosaiq"): one row per delivered field, the columns of
+``COLUMNS`` (a site's own ``sessions_query`` must return them, by these names), two bound
+parameters, the start and end of the window in the site's local time. Nothing Mosaiq lacks is
+invented: absent values stay empty; UIDs are derived from the site's UID root and Mosaiq's
+keys, so a rerun makes the same objects and the backup never fills with duplicates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import sop_class as sop
+
+from .config import MosaiqSource, Site, resolve_secret
+from .errors import ConfigError, RetriableDicomError
+from .instance import InstanceRef
+
+SESSIONS_QUERY = """
+SELECT d.Pat_ID1 AS pat_id1, i.IDA AS mrn, p.Last_Name AS last_name,
+       p.First_Name AS first_name, d.SIT_ID AS sit_id, s.Site_Name AS site_name,
+       s.Dose_Ttl AS dose_ttl, s.Fractions AS fractions, d.FLD_ID AS fld_id,
+       f.Field_Name AS field_name, f.Modality AS radiation_type, d.Tx_DtTm AS tx_dttm,
+       d.Fractions_Tx AS fraction, d.Meterset AS meterset
+FROM Dose_Hst d
+JOIN Ident i ON i.Pat_Id1 = d.Pat_ID1
+JOIN Patient p ON p.Pat_ID1 = d.Pat_ID1
+LEFT JOIN TxField f ON f.FLD_ID = d.FLD_ID
+LEFT JOIN Site s ON s.SIT_ID = d.SIT_ID
+WHERE d.Tx_DtTm >= ? AND d.Tx_DtTm < ?
+ORDER BY d.Pat_ID1, d.Tx_DtTm, d.FLD_ID
+"""
+"""Dose_Hst joined by its own keys (FLD_ID, SIT_ID name the field and prescription rows as
+delivered, so a later version of a field or prescription does not rewrite history)."""
+
+COLUMNS = ("pat_id1", "mrn", "last_name", "first_name", "sit_id", "site_name", "dose_ttl",
+           "fractions", "fld_id", "field_name", "radiation_type", "tx_dttm", "fraction",
+           "meterset")
+RADIATION_TYPES = {"X": "PHOTON", "XRAY": "PHOTON", "X-RAY": "PHOTON", "PHOTON": "PHOTON",
+                   "E": "ELECTRON", "ELECTRON": "ELECTRON", "P": "PROTON", "PROTON": "PROTON",
+                   "ION": "ION", "NEUTRON": "NEUTRON"}
+
+
+@dataclass(frozen=True)
+class DeliveredField:
+    pat_id1: str
+    mrn: str
+    last_name: str
+    first_name: str
+    sit_id: str
+    site_name: str
+    dose_ttl: float | None  # cGy
+    fractions: int | None
+    fld_id: str
+    field_name: str
+    radiation_type: str  # Mosaiq's word for it; mapped in _beam
+    tx_dttm: datetime
+    fraction: int | None
+    meterset: float | None  # MU
+
+
+@dataclass
+class Session:
+    """The fields one patient had delivered for one prescription in one session."""
+
+    first: DeliveredField
+    fields: list[DeliveredField] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        f = self.first
+        return (f.pat_id1, f.sit_id, f"{f.tx_dttm:%Y%m%d}",
+                str(f.fraction) if f.fraction is not None else "")
+
+
+def connect(site: Site, alias: str, source: MosaiqSource) -> object:
+    """A read-only ODBC connection; a driver missing, a login refused or a server down is one
+    line naming site and source (down and timeouts retriable)."""
+    import pyodbc
+
+    password = resolve_secret(site, f"source {alias}", source.password_env,
+                              source.password_secret)
+    conn_str = source.odbc + (f";PWD={password}" if password else "")
+    try:
+        return pyodbc.connect(conn_str, timeout=source.login_timeout, readonly=True,
+                              autocommit=True)
+    except pyodbc.Error as exc:
+        text = _odbc_text(exc)
+        if "IM002" in text or "Can't open lib" in text:  # unixODBC: no such driver or DSN
+            raise ConfigError(f"site {site.name}: source {alias} ({source.label}): ODBC driver "
+                              f"or data source not installed ({text}); `odbcinst -q -d` lists "
+                              "the drivers") from None
+        if any(s in text for s in ("08001", "08S01", "HYT00", "HYT01", "timeout")):
+            raise RetriableDicomError(site.name, source.label, "ODBC connect",
+                                      f"database down or unreachable: {text}") from None
+        raise ConfigError(f"site {site.name}: source {alias} ({source.label}): login refused "
+                          f"or connection failed: {text}") from None
+
+
+def _odbc_text(exc: Exception) -> str:
+    """pyodbc's message without anything after PWD= (a driver may echo the string)."""
+    text = " ".join(str(a) for a in exc.args)
+    return text.split("PWD=")[0].strip()
+
+
+def read_fields(conn: object, site: Site, alias: str, source: MosaiqSource, start: datetime,
+                end: datetime) -> list[DeliveredField]:
+    """Every field delivered from ``start`` to ``end`` inclusive (site local time).
+
+    The SQL asks one second more on each side (a driver may bind the bound with fractions a
+    text column compares differently) and the rows are cut to the window here."""
+    import pyodbc
+
+    query = source.sessions_query or SESSIONS_QUERY
+    try:
+        cursor = conn.cursor()  # type: ignore[attr-defined]
+        cursor.execute(query, start - timedelta(seconds=1), end + timedelta(seconds=1))
+        names = [d[0].lower() for d in cursor.description]
+        missing = [c for c in COLUMNS if c not in names]
+        if missing:
+            raise ConfigError(f"site {site.name}: source {alias}: sessions_query returns no "
+                              f"column {', '.join(missing)} (docs/backup.md lists the columns)")
+        rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+    except pyodbc.OperationalError as exc:
+        raise RetriableDicomError(site.name, source.label, "SQL",
+                                  f"database connection lost: {_odbc_text(exc)}") from None
+    except pyodbc.Error as exc:
+        raise ConfigError(f"site {site.name}: source {alias} ({source.label}): SQL error: "
+                          f"{_odbc_text(exc)}") from None
+    found = []
+    for row in rows:
+        delivered = _field(row)
+        if delivered is not None and start <= delivered.tx_dttm <= end:
+            found.append(delivered)
+    return found
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _number(value: object) -> float | None:
+    if value is None or value == "":
+        return None
+    return float(value) if not isinstance(value, Decimal) else float(value)
+
+
+def _when(value: object) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    if not value:
+        return None
+    return datetime.fromisoformat(str(value).strip())
+
+
+def _field(row: dict[str, object]) -> DeliveredField | None:
+    when = _when(row["tx_dttm"])
+    if when is None or row["pat_id1"] is None:
+        return None
+    fractions, fraction = _number(row["fractions"]), _number(row["fraction"])
+    return DeliveredField(
+        _text(row["pat_id1"]), _text(row["mrn"]), _text(row["last_name"]),
+        _text(row["first_name"]), _text(row["sit_id"]), _text(row["site_name"]),
+        _number(row["dose_ttl"]), int(fractions) if fractions is not None else None,
+        _text(row["fld_id"]), _text(row["field_name"]), _text(row["radiation_type"]),
+        when.replace(tzinfo=None),
+        int(fraction) if fraction is not None else None, _number(row["meterset"]))
+
+
+def sessions(fields: list[DeliveredField]) -> list[Session]:
+    """Fields grouped per patient, prescription, day and fraction number: one record each."""
+    grouped: dict[tuple[str, str, str, str], Session] = {}
+    for f in sorted(fields, key=lambda f: (f.pat_id1, f.tx_dttm, f.fld_id)):
+        probe = Session(f)
+        grouped.setdefault(probe.key, probe).fields.append(f)
+    return list(grouped.values())
+
+
+def _uid(root: str, *keys: str) -> str:
+    return str(generate_uid(prefix=root, entropy_srcs=["radonc-backup-mosaiq", *keys]))
+
+
+def _ds_decimal(value: float) -> str:
+    text = f"{value:.6g}"
+    return text if len(text) <= 16 else f"{value:.4f}"[:16]
+
+
+def session_record(session: Session, site: Site, source: MosaiqSource) -> Dataset:
+    """One RT Beams Treatment Record for ``session``: every field delivered in it is a beam of
+    ``TreatmentSessionBeamSequence``. Mapping in docs/backup.md."""
+    f, root = session.first, source.uid_root
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = sop.RTBeamsTreatmentRecordStorage
+    ds.SOPInstanceUID = _uid(root, site.name, "record", *session.key)
+    ds.PatientName = f"{f.last_name}^{f.first_name}".strip("^")
+    ds.PatientID = f.mrn or f.pat_id1
+    ds.PatientBirthDate, ds.PatientSex = "", ""
+    ds.StudyInstanceUID = _uid(root, site.name, "study", f.pat_id1)
+    ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName = "", "", ""
+    ds.StudyID, ds.AccessionNumber = "", ""
+    ds.Modality = "RTRECORD"
+    ds.SeriesInstanceUID = _uid(root, site.name, "series", f.pat_id1, f.sit_id)
+    ds.SeriesNumber, ds.OperatorsName = "", ""
+    ds.SeriesDescription = f.site_name[:64]
+    ds.Manufacturer = ""
+    ds.InstanceNumber = f.fraction if f.fraction is not None else ""
+    ds.TreatmentDate = f"{f.tx_dttm:%Y%m%d}"
+    ds.TreatmentTime = f"{f.tx_dttm:%H%M%S}"
+    ds.ReferencedRTPlanSequence = Sequence()  # Type 2: Mosaiq's SQL knows no plan UID
+    machine = Dataset()
+    machine.TreatmentMachineName = ""
+    machine.Manufacturer, machine.InstitutionName = "", ""
+    machine.ManufacturerModelName, machine.DeviceSerialNumber = "", ""
+    ds.TreatmentMachineSequence = Sequence([machine])
+    ds.NumberOfFractionsPlanned = f.fractions if f.fractions is not None else ""
+    ds.PrimaryDosimeterUnit = "MU"
+    ds.TreatmentSessionBeamSequence = Sequence([_beam(x, source) for x in session.fields])
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def _beam(f: DeliveredField, source: MosaiqSource) -> Dataset:
+    """One delivered field. What Mosaiq does not keep and the IOD requires (Type 1) is said as
+    little as the IOD allows: the X and Y jaws every linac has (the MLC is not described), the
+    radiation type the site declares when Mosaiq's column is empty, and the control points:
+    the start of the delivery (nothing delivered yet) and, when Mosaiq has the meterset, its
+    end. A NULL meterset leaves the delivered meterset out and the termination UNKNOWN."""
+    sb = Dataset()
+    sb.ReferencedBeamNumber = int(f.fld_id) if f.fld_id.isdigit() else ""
+    sb.BeamName = f.field_name[:64]
+    sb.BeamType = "STATIC"
+    sb.RadiationType = RADIATION_TYPES.get(f.radiation_type.upper().replace(" ", ""),
+                                           source.default_radiation_type)
+    sb.NumberOfWedges = sb.NumberOfCompensators = sb.NumberOfBoli = sb.NumberOfBlocks = 0
+    jaws = Sequence()
+    for kind in ("X", "Y"):
+        jaw = Dataset()
+        jaw.RTBeamLimitingDeviceType = kind
+        jaw.NumberOfLeafJawPairs = 1
+        jaws.append(jaw)
+    sb.BeamLimitingDeviceLeafPairsSequence = jaws
+    sb.CurrentFractionNumber = f.fraction if f.fraction is not None else ""
+    sb.TreatmentDeliveryType = "TREATMENT"
+    sb.TreatmentTerminationStatus = "NORMAL" if f.meterset is not None else "UNKNOWN"
+    sb.TreatmentVerificationStatus = ""
+    if f.meterset is not None:
+        sb.DeliveredPrimaryMeterset = _ds_decimal(f.meterset)
+    points = Sequence()
+    for index, meterset in enumerate([0.0] + ([f.meterset] if f.meterset is not None else [])):
+        cp = Dataset()
+        cp.ReferencedControlPointIndex = index
+        cp.TreatmentControlPointDate = f"{f.tx_dttm:%Y%m%d}"
+        cp.TreatmentControlPointTime = f"{f.tx_dttm:%H%M%S}"
+        cp.SpecifiedMeterset = ""
+        cp.DeliveredMeterset = _ds_decimal(meterset)
+        cp.DoseRateSet = ""
+        cp.DoseRateDelivered = ""
+        points.append(cp)
+    sb.NumberOfControlPoints = len(points)
+    sb.ControlPointDeliverySequence = points
+    return sb
+
+
+def stage(records: list[Dataset], folder: Path) -> list[InstanceRef]:
+    """Write each record as ``folder/<SOPInstanceUID>.dcm`` (what the delivery stores from)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    refs = []
+    for ds in records:
+        partial = folder / f"{ds.SOPInstanceUID}.partial"
+        ds.save_as(partial, enforce_file_format=True)
+        partial.replace(folder / f"{ds.SOPInstanceUID}.dcm")
+        refs.append(InstanceRef(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.PatientID),
+                                str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                                str(ds.TreatmentDate), str(ds.TreatmentTime)))
+    return refs
+
+
+def staging_dir(site: Site, alias: str) -> Path:
+    return site.state_dir / "mosaiq-staging" / alias

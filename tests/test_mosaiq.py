@@ -1,0 +1,180 @@
+"""Mosaiq as a source: a Mosaiq-shaped database read through unixODBC and Debian's SQLite3 ODBC
+driver (a real driver, as production's SQL Server one), records in a real backup Orthanc.
+
+The database holds what Mosaiq holds and what tripped others: several patients (one with a
+non-ASCII name), several fields a session, a prescription change (a new Site row mid-course), a
+field whose later version was renamed (deliveries keep the name they were given under), a
+delivered field with a NULL meterset, and a row outside the window.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+from collections.abc import Callable
+from datetime import datetime
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from demo.site import DemoSite
+from flows.incremental_backup import incremental_backup
+from flows.nightly_backup import nightly_backup
+from radonc_backup.config import load_site
+from radonc_backup.errors import ConfigError
+from radonc_backup.ledger import Lane, Ledger
+from tests.conftest import report_rows_missing
+from tests.test_backup_flows import DAY, at, run
+
+pytestmark = pytest.mark.usefixtures("prefect")
+
+SCHEMA = """
+CREATE TABLE Patient (Pat_ID1 INTEGER PRIMARY KEY, Last_Name TEXT, First_Name TEXT);
+CREATE TABLE Ident (Pat_Id1 INTEGER, IDA TEXT);
+CREATE TABLE Site (SIT_ID INTEGER PRIMARY KEY, SIT_SET_ID INTEGER, Pat_ID1 INTEGER,
+                   Site_Name TEXT, Dose_Ttl FLOAT, Fractions INTEGER, Version INTEGER);
+CREATE TABLE TxField (FLD_ID INTEGER PRIMARY KEY, SIT_Set_ID INTEGER, Field_Name TEXT,
+                      Modality TEXT, Version INTEGER);
+CREATE TABLE Dose_Hst (DH_ID INTEGER PRIMARY KEY, Pat_ID1 INTEGER, FLD_ID INTEGER,
+                       SIT_ID INTEGER, Tx_DtTm TIMESTAMP, Fractions_Tx INTEGER, Meterset FLOAT);
+"""
+
+
+def ts(moment: datetime) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S}"
+
+
+def mosaiq_database(path: Path) -> dict[str, set[tuple[str, int]]]:
+    """The database; returns, per MRN, the (TreatmentDate, fraction) sessions it delivered in
+    the window yesterday-today."""
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA)
+    db.executemany("INSERT INTO Patient VALUES (?, ?, ?)",
+                   [(1, "Müller", "Zoë"), (2, "Nguyen", "Anh"), (3, "Smith", "Jo")])
+    db.executemany("INSERT INTO Ident VALUES (?, ?)",
+                   [(1, "MQ0001"), (2, "MQ0002"), (3, "MQ0003")])
+    db.executemany("INSERT INTO Site VALUES (?, ?, ?, ?, ?, ?, ?)", [
+        (10, 10, 1, "Prostate", 7800.0, 39, 0),
+        (20, 20, 2, "Breast L", 4005.0, 15, 1),  # the prescription before its change
+        (21, 20, 2, "Breast L boost", 5005.0, 20, 0),  # ... and after
+        (30, 30, 3, "Lung R", 6000.0, 30, 0)])
+    db.executemany("INSERT INTO TxField VALUES (?, ?, ?, ?, ?)", [
+        (101, 10, "AP old name", "X", 1), (105, 10, "AP", "X", 0), (102, 10, "PA", "X", 0),
+        (201, 20, "Tangent med", "Photon", 0), (202, 20, "Tangent lat", None, 0),
+        (301, 30, "Arc 1", "Electron", 0)])
+    rows = [
+        # patient 1: yesterday fraction 5 with the field's old version, today fraction 6
+        (1, 101, 10, at(-1, 8, 0), 5, 120.5), (1, 102, 10, at(-1, 8, 3), 5, 118.0),
+        (1, 105, 10, at(0, 8, 0), 6, 120.5), (1, 102, 10, at(0, 8, 3), 6, None),
+        # patient 2: yesterday the last fraction of the old prescription, today the new one
+        (2, 201, 20, at(-1, 9, 0), 15, 210.0), (2, 202, 20, at(-1, 9, 4), 15, 205.0),
+        (2, 201, 21, at(0, 9, 0), 1, 210.0), (2, 202, 21, at(0, 9, 4), 1, 205.0),
+        # patient 3: today only; and a session last month, outside the window
+        (3, 301, 30, at(0, 10, 0), 12, 400.0), (3, 301, 30, at(-30, 10, 0), 1, 400.0)]
+    db.executemany("INSERT INTO Dose_Hst (Pat_ID1, FLD_ID, SIT_ID, Tx_DtTm, Fractions_Tx, "
+                   "Meterset) VALUES (?, ?, ?, ?, ?, ?)",
+                   [(p, f, s, ts(t), n, m) for p, f, s, t, n, m in rows])
+    db.commit()
+    db.close()
+    sessions: dict[str, set[tuple[str, int]]] = {}
+    for p, _, _, t, n, _ in rows:
+        if t >= at(-1, 0):
+            sessions.setdefault(f"MQ000{p}", set()).add((f"{t:%Y%m%d}", n))
+    return sessions
+
+
+def add_mosaiq(site: DemoSite, database: Path, **settings: str) -> None:
+    from tasks.limits import ensure_rv_limits
+
+    cfg = Path(site.config_path)
+    extra = "".join(f'{k} = "{v}"\n' for k, v in settings.items())
+    cfg.write_text(cfg.read_text() + f'\n[DEMO.sources.mosaiq]\ntype = "mosaiq"\n'
+                                     f'odbc = "Driver={{SQLite3}};Database={database}"\n{extra}')
+    ensure_rv_limits(load_site("DEMO", str(cfg)))
+
+
+def backup_records(site: DemoSite) -> list:
+    with site.backup.rest() as client:
+        return [dcmread(BytesIO(client.get(f"/instances/{i}/file").content))
+                for i in client.get("/instances").json()]
+
+
+def test_a_mosaiq_site_backs_up_its_sessions_as_rt_records(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    site = make_site()
+    expected = mosaiq_database(tmp_path / "mosaiq.db")
+    add_mosaiq(site, tmp_path / "mosaiq.db")
+
+    state = run(incremental_backup, site, at(0, 16), source="mosaiq")
+    assert state.is_completed(), state.message
+    records = backup_records(site)
+    got: dict[str, set[tuple[str, int]]] = {}
+    for ds in records:
+        fractions = {int(b.CurrentFractionNumber) for b in ds.TreatmentSessionBeamSequence}
+        assert len(fractions) == 1
+        got.setdefault(str(ds.PatientID), set()).add((str(ds.TreatmentDate), fractions.pop()))
+    assert got == expected, "one record per patient per session, nothing outside the window"
+    rows = Ledger.for_state_dir(site.workdir / "state").at(Lane("DEMO", "mosaiq", "orthanc"))
+    assert {r.state for r in rows.rows()} == {"verified"} and len(rows.rows()) == len(records)
+
+    by_day = {(str(ds.PatientID), str(ds.TreatmentDate)): ds for ds in records}
+    first = by_day[("MQ0001", f"{at(-1, 0):%Y%m%d}")]
+    assert str(first.PatientName) == "Müller^Zoë"
+    assert [b.BeamName for b in first.TreatmentSessionBeamSequence] == ["AP old name", "PA"]
+    today = by_day[("MQ0001", f"{at(0, 0):%Y%m%d}")]
+    assert [b.BeamName for b in today.TreatmentSessionBeamSequence] == ["AP", "PA"]
+    assert "DeliveredPrimaryMeterset" not in today.TreatmentSessionBeamSequence[1], \
+        "a NULL meterset stays empty, never invented"
+    assert int(by_day[("MQ0002", f"{at(0, 0):%Y%m%d}")].NumberOfFractionsPlanned) == 20
+    assert int(by_day[("MQ0002", f"{at(-1, 0):%Y%m%d}")].NumberOfFractionsPlanned) == 15
+
+    for ds in records:  # every object we made passes the standard's own checker
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        errors = [line for line in (out.stdout + out.stderr).splitlines()
+                  if line.startswith("Error")]
+        assert not errors, errors
+
+    again = run(incremental_backup, site, at(0, 16, 10), source="mosaiq")
+    nightly = run(nightly_backup, site, at(1, 2), days=2, source="mosaiq")
+    assert again.is_completed() and nightly.is_completed(), (again.message, nightly.message)
+    assert len(backup_records(site)) == len(records), "a rerun makes the same objects"
+    assert report_rows_missing(site, records, DAY.date()) == 0
+
+    from flows.plan_context_backfill import plan_context_backfill
+
+    context = plan_context_backfill(site="DEMO", source="mosaiq", config=str(site.config_path),
+                                    return_state=True)
+    assert context.is_failed() and "is a Mosaiq database" in str(context.message)
+
+
+def test_mosaiq_errors_are_one_line_naming_site_and_source(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    from radonc_backup.mosaiq import connect, read_fields
+
+    site = make_site()
+    mosaiq_database(tmp_path / "mosaiq.db")
+    cfg = Path(site.config_path)
+    base = cfg.read_text()
+    cases = {
+        "no such driver": ('odbc = "Driver={No Such Driver};Database=x"\n', "driver"),
+        "bad SQL": (f'odbc = "Driver={{SQLite3}};Database={tmp_path / "mosaiq.db"}"\n'
+                    'sessions_query = "SELECT * FROM Dose_History WHERE ? < ?"\n', "SQL error"),
+        "missing column": (f'odbc = "Driver={{SQLite3}};Database={tmp_path / "mosaiq.db"}"\n'
+                           'sessions_query = "SELECT Pat_ID1 AS pat_id1 FROM Dose_Hst WHERE '
+                           'Tx_DtTm >= ? AND Tx_DtTm < ?"\n', "no column mrn"),
+    }
+    for name, (keys, expected) in cases.items():
+        cfg.write_text(base + f'\n[DEMO.sources.mosaiq]\ntype = "mosaiq"\n{keys}')
+        loaded = load_site("DEMO", str(cfg))
+        source = loaded.sources["mosaiq"]
+        with pytest.raises(ConfigError) as raised:
+            conn = connect(loaded, "mosaiq", source)  # type: ignore[arg-type]
+            read_fields(conn, loaded, "mosaiq", source, at(-1, 0), at(0, 16))  # type: ignore
+        message = str(raised.value)
+        assert "site DEMO" in message and "mosaiq" in message and expected in message, (name,
+                                                                                         message)
+        assert len(message.splitlines()) == 1, message
