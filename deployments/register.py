@@ -35,8 +35,8 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterNam
 from prefect.exceptions import ObjectNotFound
 from prefect.workers.process import ProcessWorker
 
-from radonc_backup.config import CONFIG_ENV, PROJECT_ROOT, STATE_DIR_ENV, Site, config_path, \
-    load_site, site_names
+from radonc_backup.config import CONFIG_ENV, PROJECT_ROOT, STATE_DIR_ENV, MosaiqSource, Site, \
+    config_path, load_site, site_names
 from radonc_backup.errors import BackupError
 from tasks.limits import ensure_rv_limits
 
@@ -83,7 +83,23 @@ def site_deployments(template: list[dict[str, Any]], site: Site, pool: str,
         dep["schedules"] = [schedule_for(kind, site)]
         dep["work_pool"] = {**dep.get("work_pool", {}), "name": pool}
         out.append(dep)
-    return out
+    return out + mosaiq_summaries(site, pool)
+
+
+def mosaiq_summaries(site: Site, pool: str) -> list[dict[str, Any]]:
+    """For each Mosaiq source of the site, its treatment summary from SQL (a cross-check of the
+    report): at the report's hour, and on demand for one MRN."""
+    mosaiq = [alias for alias, src in site.sources.items() if isinstance(src, MosaiqSource)]
+    return [{
+        "name": f"{site.name.lower()}-mosaiq-summary" + (f"-{alias}" if len(mosaiq) > 1 else ""),
+        "entrypoint": "flows/mosaiq_summary.py:mosaiq_summary",
+        "description": f"Mosaiq's own account of each course (source {alias}), every morning "
+                       f"(site {site.name})",
+        "tags": [f"site-{site.name}"],
+        "parameters": {"site": site.name, "source": alias},
+        "schedules": [schedule_for("report", site)],
+        "concurrency_limit": {"limit": 1, "collision_strategy": "CANCEL_NEW"},
+        "work_pool": {"name": pool}} for alias in mosaiq]
 
 
 def schedule_for(kind: str, site: Site) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from .config import MosaiqSource, Site, resolve_secret
 from .errors import ConfigError, RetriableDicomError
 from .instance import InstanceRef
 
-SESSIONS_QUERY = """
+_SELECT = """
 SELECT d.Pat_ID1 AS pat_id1, i.IDA AS mrn, p.Last_Name AS last_name,
        p.First_Name AS first_name, d.SIT_ID AS sit_id, s.Site_Name AS site_name,
        s.Dose_Ttl AS dose_ttl, s.Fractions AS fractions, d.FLD_ID AS fld_id,
@@ -35,7 +35,8 @@ JOIN Ident i ON i.Pat_Id1 = d.Pat_ID1
 JOIN Patient p ON p.Pat_ID1 = d.Pat_ID1
 LEFT JOIN TxField f ON f.FLD_ID = d.FLD_ID
 LEFT JOIN Site s ON s.SIT_ID = d.SIT_ID
-WHERE d.Tx_DtTm >= ? AND d.Tx_DtTm < ?
+"""
+SESSIONS_QUERY = _SELECT + """WHERE d.Tx_DtTm >= ? AND d.Tx_DtTm < ?
 ORDER BY d.Pat_ID1, d.Tx_DtTm, d.FLD_ID
 """
 """Dose_Hst joined by its own keys (FLD_ID, SIT_ID name the field and prescription rows as
@@ -117,12 +118,27 @@ def read_fields(conn: object, site: Site, alias: str, source: MosaiqSource, star
 
     The SQL asks one second more on each side (a driver may bind the bound with fractions a
     text column compares differently) and the rows are cut to the window here."""
+    rows = _select(conn, site, alias, source, source.sessions_query or SESSIONS_QUERY,
+                   start - timedelta(seconds=1), end + timedelta(seconds=1))
+    return [f for f in rows if start <= f.tx_dttm <= end]
+
+
+def fields_of_patient(conn: object, site: Site, alias: str, source: MosaiqSource, *,
+                      mrn: str | None = None, pat_id1: str | None = None,
+                      ) -> list[DeliveredField]:
+    """Every field ever delivered to one patient, by MRN or by Mosaiq's Pat_ID1 (bound)."""
+    where = "WHERE i.IDA = ?" if mrn is not None else "WHERE d.Pat_ID1 = ?"
+    return _select(conn, site, alias, source, _SELECT + where + " ORDER BY d.Tx_DtTm",
+                   mrn if mrn is not None else pat_id1)
+
+
+def _select(conn: object, site: Site, alias: str, source: MosaiqSource, query: str,
+            *params: object) -> list[DeliveredField]:
     import pyodbc
 
-    query = source.sessions_query or SESSIONS_QUERY
     try:
         cursor = conn.cursor()  # type: ignore[attr-defined]
-        cursor.execute(query, start - timedelta(seconds=1), end + timedelta(seconds=1))
+        cursor.execute(query, *params)
         names = [d[0].lower() for d in cursor.description]
         missing = [c for c in COLUMNS if c not in names]
         if missing:
@@ -135,12 +151,32 @@ def read_fields(conn: object, site: Site, alias: str, source: MosaiqSource, star
     except pyodbc.Error as exc:
         raise ConfigError(f"site {site.name}: source {alias} ({source.label}): SQL error: "
                           f"{_odbc_text(exc)}") from None
-    found = []
-    for row in rows:
-        delivered = _field(row)
-        if delivered is not None and start <= delivered.tx_dttm <= end:
-            found.append(delivered)
-    return found
+    return [f for f in (_field(row) for row in rows) if f is not None]
+
+
+SUMMARY_COLUMNS = ["PatientID", "PatientName", "Site", "PrescribedDoseGy", "FractionsPlanned",
+                   "FractionsDelivered", "FirstTreatment", "LastTreatment"]
+
+
+def summary_rows(fields: list[DeliveredField]) -> list[dict[str, object]]:
+    """Per patient and prescription (Mosaiq's Site row): the prescription, the sessions
+    delivered (distinct day and fraction number) and the first and last treatment date."""
+    by_site: dict[tuple[str, str], list[DeliveredField]] = {}
+    for f in fields:
+        by_site.setdefault((f.pat_id1, f.sit_id), []).append(f)
+    rows = []
+    for group in by_site.values():
+        f = group[0]
+        days = sorted(x.tx_dttm for x in group)
+        rows.append({
+            "PatientID": f.mrn or f.pat_id1,
+            "PatientName": f"{f.last_name}^{f.first_name}".strip("^"),
+            "Site": f.site_name,
+            "PrescribedDoseGy": round(f.dose_ttl / 100, 3) if f.dose_ttl is not None else "",
+            "FractionsPlanned": f.fractions if f.fractions is not None else "",
+            "FractionsDelivered": len({Session(x).key for x in group}),
+            "FirstTreatment": f"{days[0]:%Y-%m-%d}", "LastTreatment": f"{days[-1]:%Y-%m-%d}"})
+    return sorted(rows, key=lambda r: (str(r["PatientID"]), str(r["FirstTreatment"])))
 
 
 def _text(value: object) -> str:

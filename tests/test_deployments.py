@@ -40,7 +40,11 @@ def test_register_deploys_the_set_once_per_site_in_its_timezone() -> None:
     spec = prefect_file_for(sites, "radonc-backup")
     by_name = {d["name"]: d for d in spec["deployments"]}
     assert list(by_name) == [f"{s}-{k}" for s in ("demo", "ucla") for k in KINDS] + [
-        "crash-notice"]
+        "ucla-mosaiq-summary", "crash-notice"]  # UCLA has a Mosaiq source, DEMO none
+    summary = by_name["ucla-mosaiq-summary"]
+    assert summary["parameters"] == {"site": "UCLA", "source": "mosaiq"}
+    assert summary["entrypoint"] == "flows/mosaiq_summary.py:mosaiq_summary"
+    assert summary["schedules"] == [{"cron": "0 6 * * *", "timezone": "America/Los_Angeles"}]
     assert "parameters" not in by_name["crash-notice"]
     ucla = by_name["ucla-incremental"]
     assert ucla["parameters"] == {"site": "UCLA"}
@@ -91,6 +95,8 @@ def test_flow_parameters_are_described_for_the_run_form() -> None:
     from flows.incremental_backup import incremental_backup
     from flows.treatment_report import treatment_report
 
-    for flow_obj in (incremental_backup, treatment_report):
+    from flows.mosaiq_summary import mosaiq_summary
+
+    for flow_obj in (incremental_backup, treatment_report, mosaiq_summary):
         props = flow_obj.parameters.model_dump()["properties"]
         assert all(p.get("description") for p in props.values()), flow_obj.name

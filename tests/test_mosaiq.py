@@ -178,3 +178,66 @@ def test_mosaiq_errors_are_one_line_naming_site_and_source(
         assert "site DEMO" in message and "mosaiq" in message and expected in message, (name,
                                                                                          message)
         assert len(message.splitlines()) == 1, message
+
+
+def test_the_mosaiq_summary_counts_each_course_and_refuses_an_injected_mrn(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    import pandas as pd
+
+    from flows.mosaiq_summary import mosaiq_summary
+
+    site = make_site()
+    database = tmp_path / "mosaiq.db"
+    mosaiq_database(database)
+    add_mosaiq(site, database)
+
+    def summary(**params: object) -> pd.DataFrame:
+        out = tmp_path / f"summary-{len(list(tmp_path.glob('summary-*')))}.csv"
+        state = mosaiq_summary(site="DEMO", source="mosaiq", config=str(site.config_path),
+                               out=str(out), return_state=True, **params)
+        assert state.is_completed(), state.message
+        return pd.read_csv(out, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+
+    window = summary(start_date=at(-1, 0).date(), end_date=DAY.date())
+    rows = {(r.PatientID, r.Site): r for r in window.itertuples()}
+    assert set(rows) == {("MQ0001", "Prostate"), ("MQ0002", "Breast L"),
+                         ("MQ0002", "Breast L boost"), ("MQ0003", "Lung R")}
+    lung = rows[("MQ0003", "Lung R")]  # the whole course counts: last month's session too
+    assert (lung.FractionsDelivered, lung.FirstTreatment) == ("2", f"{at(-30, 0):%Y-%m-%d}")
+    assert (lung.PrescribedDoseGy, lung.FractionsPlanned) == ("60.0", "30")
+    assert rows[("MQ0001", "Prostate")].PatientName == "Müller^Zoë"
+    assert rows[("MQ0001", "Prostate")].FractionsDelivered == "2"
+
+    one = summary(mrn="MQ0002")
+    assert sorted(one.Site) == ["Breast L", "Breast L boost"]
+
+    before = sqlite3.connect(database).execute("SELECT COUNT(*) FROM Dose_Hst").fetchone()
+    for attack in ("MQ0001' OR '1'='1", "x'; DROP TABLE Dose_Hst; --"):
+        assert summary(mrn=attack).empty, attack
+    assert sqlite3.connect(database).execute("SELECT COUNT(*) FROM Dose_Hst").fetchone() \
+        == before
+
+
+def test_a_query_failing_half_way_stores_nothing_and_marks_nothing(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    """The SELECT fails part way through its rows (SQLite's integer overflow on patient 3's
+    rows, which come last; a connection lost mid-fetch fails the same way): the run fails in
+    one line naming the source, nothing is staged or stored, the ledger holds no row and the
+    watermark does not move."""
+    from radonc_backup.mosaiq import SESSIONS_QUERY, staging_dir
+
+    site = make_site()
+    mosaiq_database(tmp_path / "mosaiq.db")
+    failing = SESSIONS_QUERY.replace(
+        "d.Meterset AS meterset",
+        "d.Meterset AS meterset, CASE WHEN d.Pat_ID1 = 3 THEN abs(-9223372036854775807 - 1) "
+        "ELSE 0 END AS boom").replace("\n", " ")
+    add_mosaiq(site, tmp_path / "mosaiq.db", sessions_query=failing)
+    state = run(incremental_backup, site, at(0, 16), source="mosaiq")
+    assert state.is_failed()
+    assert "source mosaiq" in str(state.message) and "SQL error" in str(state.message)
+    assert site.backup.sop_instance_uids() == set()
+    lane = Ledger.for_state_dir(site.workdir / "state").at(Lane("DEMO", "mosaiq", "orthanc"))
+    assert lane.rows() == [] and lane.watermark() is None
+    staged = staging_dir(load_site("DEMO", str(site.config_path)), "mosaiq")
+    assert not staged.exists() or not any(staged.iterdir())
