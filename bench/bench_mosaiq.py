@@ -33,6 +33,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["TCP_NODELAY"] = "1"
 
 from bench.report_file import replace_section  # noqa: E402
+from demo.mosaiq_db import SCHEMA  # noqa: E402
 from demo.site import DemoSite, start_demo_site  # noqa: E402
 from radonc_backup.config import PROJECT_ROOT, load_site  # noqa: E402
 from radonc_backup.mosaiq import SESSIONS_QUERY, connect, read_fields, session_record, \
@@ -42,17 +43,6 @@ from tasks.limits import ensure_rv_limits  # noqa: E402
 NY = ZoneInfo("America/New_York")
 DAY = datetime(2026, 11, 20)
 SECTION = "## Mosaiq source"
-SCHEMA = """
-CREATE TABLE Patient (Pat_ID1 INTEGER PRIMARY KEY, Last_Name TEXT, First_Name TEXT);
-CREATE TABLE Ident (Pat_Id1 INTEGER, IDA TEXT);
-CREATE TABLE Site (SIT_ID INTEGER PRIMARY KEY, SIT_SET_ID INTEGER, Pat_ID1 INTEGER,
-                   Site_Name TEXT, Dose_Ttl FLOAT, Fractions INTEGER, Version INTEGER);
-CREATE TABLE TxField (FLD_ID INTEGER PRIMARY KEY, SIT_Set_ID INTEGER, Field_Name TEXT,
-                      Modality TEXT, Version INTEGER);
-CREATE TABLE Dose_Hst (DH_ID INTEGER PRIMARY KEY, Pat_ID1 INTEGER, FLD_ID INTEGER,
-                       SIT_ID INTEGER, Tx_DtTm TIMESTAMP, Fractions_Tx INTEGER, Meterset FLOAT);
-CREATE INDEX dose_time ON Dose_Hst (Tx_DtTm);
-"""
 
 
 def database(path: Path, patients: int, per_patient: int) -> None:

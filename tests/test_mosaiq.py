@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from demo.mosaiq_db import SCHEMA
 from demo.site import DemoSite
 from flows.incremental_backup import incremental_backup
 from flows.nightly_backup import nightly_backup
@@ -30,16 +31,6 @@ from tests.test_backup_flows import DAY, at, run
 
 pytestmark = pytest.mark.usefixtures("prefect")
 
-SCHEMA = """
-CREATE TABLE Patient (Pat_ID1 INTEGER PRIMARY KEY, Last_Name TEXT, First_Name TEXT);
-CREATE TABLE Ident (Pat_Id1 INTEGER, IDA TEXT);
-CREATE TABLE Site (SIT_ID INTEGER PRIMARY KEY, SIT_SET_ID INTEGER, Pat_ID1 INTEGER,
-                   Site_Name TEXT, Dose_Ttl FLOAT, Fractions INTEGER, Version INTEGER);
-CREATE TABLE TxField (FLD_ID INTEGER PRIMARY KEY, SIT_Set_ID INTEGER, Field_Name TEXT,
-                      Modality TEXT, Version INTEGER);
-CREATE TABLE Dose_Hst (DH_ID INTEGER PRIMARY KEY, Pat_ID1 INTEGER, FLD_ID INTEGER,
-                       SIT_ID INTEGER, Tx_DtTm TIMESTAMP, Fractions_Tx INTEGER, Meterset FLOAT);
-"""
 
 
 def ts(moment: datetime) -> str:
