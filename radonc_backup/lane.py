@@ -58,11 +58,9 @@ class OpenLane:
         """A client of the source (the R&V)."""
         return self.site.client(self.dicom)
 
-    def store_client(self) -> DicomClient | None:
-        """For a MIM-type source, a C-STORE client to the backup's DICOM port (C-GET results are
-        relayed through it); None for sources that C-MOVE straight to the backup."""
-        if not isinstance(self.source, MimSource):
-            return None
+    def backup_client(self) -> DicomClient:
+        """A client of the backup's DICOM port, as our script AE (a MIM-type source's C-GET
+        results and a Mosaiq source's records are C-STOREd through it)."""
         return self.site.client(self.site.backup(self.lane.backup)[1])
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -77,9 +76,13 @@ class Session:
 
     @property
     def key(self) -> tuple[str, str, str, str]:
-        f = self.first
-        return (f.pat_id1, f.sit_id, f"{f.tx_dttm:%Y%m%d}",
-                str(f.fraction) if f.fraction is not None else "")
+        return session_key(self.first)
+
+
+def session_key(f: DeliveredField) -> tuple[str, str, str, str]:
+    """What makes one session: patient, prescription, day and fraction number."""
+    return (f.pat_id1, f.sit_id, f"{f.tx_dttm:%Y%m%d}",
+            str(f.fraction) if f.fraction is not None else "")
 
 
 def connect(site: Site, alias: str, source: MosaiqSource) -> object:
@@ -174,7 +177,7 @@ def summary_rows(fields: list[DeliveredField]) -> list[dict[str, object]]:
             "Site": f.site_name,
             "PrescribedDoseGy": round(f.dose_ttl / 100, 3) if f.dose_ttl is not None else "",
             "FractionsPlanned": f.fractions if f.fractions is not None else "",
-            "FractionsDelivered": len({Session(x).key for x in group}),
+            "FractionsDelivered": len({session_key(x) for x in group}),
             "FirstTreatment": f"{days[0]:%Y-%m-%d}", "LastTreatment": f"{days[-1]:%Y-%m-%d}"})
     return sorted(rows, key=lambda r: (str(r["PatientID"]), str(r["FirstTreatment"])))
 
@@ -186,7 +189,7 @@ def _text(value: object) -> str:
 def _number(value: object) -> float | None:
     if value is None or value == "":
         return None
-    return float(value) if not isinstance(value, Decimal) else float(value)
+    return float(value)  # type: ignore[arg-type]  # int, float or Decimal from the driver
 
 
 def _when(value: object) -> datetime | None:
@@ -215,8 +218,7 @@ def sessions(fields: list[DeliveredField]) -> list[Session]:
     """Fields grouped per patient, prescription, day and fraction number: one record each."""
     grouped: dict[tuple[str, str, str, str], Session] = {}
     for f in sorted(fields, key=lambda f: (f.pat_id1, f.tx_dttm, f.fld_id)):
-        probe = Session(f)
-        grouped.setdefault(probe.key, probe).fields.append(f)
+        grouped.setdefault(session_key(f), Session(f)).fields.append(f)
     return list(grouped.values())
 
 

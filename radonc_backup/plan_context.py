@@ -119,7 +119,7 @@ class ContextWalker:
 
     def __init__(self, lane: OpenLane, images_now: bool = True) -> None:
         self.lane = lane
-        self.site, self.source, self.target, self.ledger = lane.site, lane.source, lane.target, \
+        self.site, self.source, self.target, self.ledger = lane.site, lane.dicom, lane.target, \
             lane.ledger
         self.images_now = images_now  # False outside the source's image_hours: images wait
         self.client = lane.client()

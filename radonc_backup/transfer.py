@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from .backup_target import BackupTarget, wait_for
 from .config import AriaSource, MimSource, MosaiqSource, Site
 from .dicom_net import DicomClient, MoveResult, identifier, uid_list
-from .errors import BackupError, ConfigError, DicomError, FatalDicomError, \
+from .errors import BackupError, DicomError, FatalDicomError, \
     RetriableBackupTargetError, RetriableDicomError
 from .instance import InstanceRef
 from .lane import OpenLane
@@ -98,7 +98,6 @@ class Awaiting:
 
     ref: InstanceRef
     reason: str  # the ledger's error if it is still absent after the wait
-    what: str = ""  # the part of a plan's context it belongs to, e.g. "series 1.2.3"
 
 
 def verify_present(ledger: LaneLedger, target: BackupTarget, refs: list[InstanceRef],
@@ -235,10 +234,7 @@ def transfer(lane: OpenLane, batch: list[InstanceRef]) -> Delivery:
         delivery.claims = (f"C-MOVE status {statuses}, {completed} completed, {failed} failed"
                            + (f", {len(delivery.refused)} refused" if delivery.refused else ""))
         return delivery
-    store_client = lane.store_client()
-    if store_client is None:
-        raise ConfigError(f"site {site.name}: MIM relay needs a DICOM backup target")
-    return _relay(client, store_client, source, identifiers, batch)
+    return _relay(client, lane.backup_client(), source, identifiers, batch)
 
 
 def _store_staged(lane: OpenLane, batch: list[InstanceRef]) -> Delivery:
@@ -260,8 +256,7 @@ def _store_staged(lane: OpenLane, batch: list[InstanceRef]) -> Delivery:
             delivery.refused[ref.sop_instance_uid] = (
                 f"site {lane.site.name}: RT Record {ref.sop_instance_uid} of {lane.source.label} "
                 f"is no longer staged in {folder}: run the nightly backup over its day again")
-    store = lane.site.client(lane.site.backup(lane.lane.backup)[1])
-    refused = [r for r in store.store(datasets) if not r.ok]
+    refused = [r for r in lane.backup_client().store(datasets) if not r.ok]
     delivery.claims = (f"C-STORE of {len(datasets)} staged record(s), {len(refused)} refused by "
                        "the backup")
     return delivery
