@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(orthanc dcmtk dicom3tools unixodbc libsqliteodbc)
+APT_PACKAGES=(orthanc dcmtk dicom3tools unixodbc libsqliteodbc odbc-postgresql postgresql)
+# postgresql and odbc-postgresql: the Mosaiq tests' real database server (refused login, down)
 PYTHON=${PYTHON:-python3}
 
 need_root() { if [[ $(id -u) -ne 0 ]]; then echo "sudo"; fi; }

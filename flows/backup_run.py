@@ -71,8 +71,11 @@ def run_backup(flow_name: str, lane: OpenLane, queries: list[DayQuery], window: 
     summary = BackupSummary(lane.lane.site, lane.lane.source, lane.lane.backup, window,
                             catch_up=catch_up)
 
-    finder = read_mosaiq_records if isinstance(lane.source, MosaiqSource) else find_rt_records
-    by_date = with_site_retries(finder, settings)(lane.ref, queries)
+    if isinstance(lane.source, MosaiqSource):  # the nightly also asks for undated fields
+        by_date = with_site_retries(read_mosaiq_records, settings)(
+            lane.ref, queries, undated=patients_since is not None)
+    else:
+        by_date = with_site_retries(find_rt_records, settings)(lane.ref, queries)
     found = by_date.refs
     note_peer(summary, by_date.notes)
     if patients_since is not None and not isinstance(lane.source, MosaiqSource):

@@ -185,6 +185,9 @@ class MosaiqSource(_Strict):
     sessions_query: str = ""
     """Your own SQL for delivered fields (empty: ours, in radonc_backup/mosaiq.py); it must
     return the columns docs/backup.md lists and take two parameters, window start and end."""
+    undated_query: str = ""
+    """Your own SQL for delivered fields without a treatment date, which no window can select
+    (empty: ours); the same columns, no parameter. Run by the nightly."""
     default_radiation_type: Literal["PHOTON", "ELECTRON", "PROTON", "ION", "NEUTRON"] = "PHOTON"
     """RadiationType (Type 1) of a delivered field whose Mosaiq row does not say it."""
     max_associations: int = Field(default=2, ge=1, le=64)

@@ -40,6 +40,10 @@ ORDER BY d.Pat_ID1, d.Tx_DtTm, d.FLD_ID
 """
 """Dose_Hst joined by its own keys (FLD_ID, SIT_ID name the field and prescription rows as
 delivered, so a later version of a field or prescription does not rewrite history)."""
+UNDATED_QUERY = _SELECT + """WHERE d.Tx_DtTm IS NULL
+ORDER BY d.Pat_ID1, d.FLD_ID
+"""
+"""Delivered fields without a treatment date: no window can select them (the nightly asks)."""
 
 COLUMNS = ("pat_id1", "mrn", "last_name", "first_name", "sit_id", "site_name", "dose_ttl",
            "fractions", "fld_id", "field_name", "radiation_type", "tx_dttm", "fraction",
@@ -62,7 +66,7 @@ class DeliveredField:
     fld_id: str
     field_name: str
     radiation_type: str  # Mosaiq's word for it; mapped in _beam
-    tx_dttm: datetime
+    tx_dttm: datetime | None  # None: Mosaiq holds no date for it (the nightly finds these)
     fraction: int | None
     meterset: float | None  # MU
 
@@ -81,8 +85,16 @@ class Session:
 
 def session_key(f: DeliveredField) -> tuple[str, str, str, str]:
     """What makes one session: patient, prescription, day and fraction number."""
-    return (f.pat_id1, f.sit_id, f"{f.tx_dttm:%Y%m%d}",
+    return (f.pat_id1, f.sit_id, _date(f.tx_dttm),
             str(f.fraction) if f.fraction is not None else "")
+
+
+def _date(moment: datetime | None) -> str:
+    return f"{moment:%Y%m%d}" if moment is not None else ""
+
+
+def _time(moment: datetime | None) -> str:
+    return f"{moment:%H%M%S}" if moment is not None else ""
 
 
 def connect(site: Site, alias: str, source: MosaiqSource) -> object:
@@ -102,17 +114,35 @@ def connect(site: Site, alias: str, source: MosaiqSource) -> object:
             raise ConfigError(f"site {site.name}: source {alias} ({source.label}): ODBC driver "
                               f"or data source not installed ({text}); `odbcinst -q -d` lists "
                               "the drivers") from None
-        if any(s in text for s in ("08001", "08S01", "HYT00", "HYT01", "timeout")):
+        if any(m in text.lower() for m in _REFUSED):
+            raise ConfigError(f"site {site.name}: source {alias} ({source.label}): login "
+                              f"refused ({text}); check the user and database in `odbc` and "
+                              f"the password in {_password_from(source)}") from None
+        if any(m in text for m in ("08001", "08S01", "HYT00", "HYT01", "timeout", "timed out")):
             raise RetriableDicomError(site.name, source.label, "ODBC connect",
                                       f"database down or unreachable: {text}") from None
-        raise ConfigError(f"site {site.name}: source {alias} ({source.label}): login refused "
-                          f"or connection failed: {text}") from None
+        raise ConfigError(f"site {site.name}: source {alias} ({source.label}): connection "
+                          f"failed: {text}") from None
+
+
+_REFUSED = ("28000", "28p01", "authentication failed", "login failed", "password",
+            "does not exist", "cannot open database", "permission denied")
+"""A refused login, which drivers report in their own words (psqlODBC says 08001 for every
+failed connection, so the words decide before the state): never retried."""
+
+
+def _password_from(source: MosaiqSource) -> str:
+    if source.password_env:
+        return f"${source.password_env}"
+    if source.password_secret:
+        return f"Secret block {source.password_secret!r}"
+    return "password_env or password_secret (none is set)"
 
 
 def _odbc_text(exc: Exception) -> str:
-    """pyodbc's message without anything after PWD= (a driver may echo the string)."""
+    """pyodbc's message on one line, without anything after PWD= (a driver may echo it)."""
     text = " ".join(str(a) for a in exc.args)
-    return text.split("PWD=")[0].strip()
+    return " ".join(text.split("PWD=")[0].split())
 
 
 def read_fields(conn: object, site: Site, alias: str, source: MosaiqSource, start: datetime,
@@ -123,7 +153,13 @@ def read_fields(conn: object, site: Site, alias: str, source: MosaiqSource, star
     text column compares differently) and the rows are cut to the window here."""
     rows = _select(conn, site, alias, source, source.sessions_query or SESSIONS_QUERY,
                    start - timedelta(seconds=1), end + timedelta(seconds=1))
-    return [f for f in rows if start <= f.tx_dttm <= end]
+    return [f for f in rows if f.tx_dttm is not None and start <= f.tx_dttm <= end]
+
+
+def read_undated(conn: object, site: Site, alias: str, source: MosaiqSource,
+                 ) -> list[DeliveredField]:
+    """Every delivered field Mosaiq holds without a treatment date (``undated_query``)."""
+    return _select(conn, site, alias, source, source.undated_query or UNDATED_QUERY)
 
 
 def fields_of_patient(conn: object, site: Site, alias: str, source: MosaiqSource, *,
@@ -148,13 +184,16 @@ def _select(conn: object, site: Site, alias: str, source: MosaiqSource, query: s
             raise ConfigError(f"site {site.name}: source {alias}: sessions_query returns no "
                               f"column {', '.join(missing)} (docs/backup.md lists the columns)")
         rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+        if any(row["pat_id1"] is None for row in rows):
+            raise ConfigError(f"site {site.name}: source {alias}: a query returned a delivered "
+                              "field without pat_id1 (docs/backup.md lists the columns)")
     except pyodbc.OperationalError as exc:
         raise RetriableDicomError(site.name, source.label, "SQL",
                                   f"database connection lost: {_odbc_text(exc)}") from None
     except pyodbc.Error as exc:
         raise ConfigError(f"site {site.name}: source {alias} ({source.label}): SQL error: "
                           f"{_odbc_text(exc)}") from None
-    return [f for f in (_field(row) for row in rows) if f is not None]
+    return [_field(row) for row in rows]
 
 
 SUMMARY_COLUMNS = ["PatientID", "PatientName", "Site", "PrescribedDoseGy", "FractionsPlanned",
@@ -170,7 +209,7 @@ def summary_rows(fields: list[DeliveredField]) -> list[dict[str, object]]:
     rows = []
     for group in by_site.values():
         f = group[0]
-        days = sorted(x.tx_dttm for x in group)
+        days = sorted(x.tx_dttm for x in group if x.tx_dttm is not None)
         rows.append({
             "PatientID": f.mrn or f.pat_id1,
             "PatientName": f"{f.last_name}^{f.first_name}".strip("^"),
@@ -178,7 +217,8 @@ def summary_rows(fields: list[DeliveredField]) -> list[dict[str, object]]:
             "PrescribedDoseGy": round(f.dose_ttl / 100, 3) if f.dose_ttl is not None else "",
             "FractionsPlanned": f.fractions if f.fractions is not None else "",
             "FractionsDelivered": len({session_key(x) for x in group}),
-            "FirstTreatment": f"{days[0]:%Y-%m-%d}", "LastTreatment": f"{days[-1]:%Y-%m-%d}"})
+            "FirstTreatment": f"{days[0]:%Y-%m-%d}" if days else "",
+            "LastTreatment": f"{days[-1]:%Y-%m-%d}" if days else ""})
     return sorted(rows, key=lambda r: (str(r["PatientID"]), str(r["FirstTreatment"])))
 
 
@@ -200,24 +240,22 @@ def _when(value: object) -> datetime | None:
     return datetime.fromisoformat(str(value).strip())
 
 
-def _field(row: dict[str, object]) -> DeliveredField | None:
+def _field(row: dict[str, object]) -> DeliveredField:
     when = _when(row["tx_dttm"])
-    if when is None or row["pat_id1"] is None:
-        return None
     fractions, fraction = _number(row["fractions"]), _number(row["fraction"])
     return DeliveredField(
         _text(row["pat_id1"]), _text(row["mrn"]), _text(row["last_name"]),
         _text(row["first_name"]), _text(row["sit_id"]), _text(row["site_name"]),
         _number(row["dose_ttl"]), int(fractions) if fractions is not None else None,
         _text(row["fld_id"]), _text(row["field_name"]), _text(row["radiation_type"]),
-        when.replace(tzinfo=None),
+        when.replace(tzinfo=None) if when is not None else None,
         int(fraction) if fraction is not None else None, _number(row["meterset"]))
 
 
 def sessions(fields: list[DeliveredField]) -> list[Session]:
     """Fields grouped per patient, prescription, day and fraction number: one record each."""
     grouped: dict[tuple[str, str, str, str], Session] = {}
-    for f in sorted(fields, key=lambda f: (f.pat_id1, f.tx_dttm, f.fld_id)):
+    for f in sorted(fields, key=lambda f: (f.pat_id1, f.tx_dttm or datetime.min, f.fld_id)):
         grouped.setdefault(session_key(f), Session(f)).fields.append(f)
     return list(grouped.values())
 
@@ -251,8 +289,7 @@ def session_record(session: Session, site: Site, source: MosaiqSource) -> Datase
     ds.SeriesDescription = f.site_name[:64]
     ds.Manufacturer = ""
     ds.InstanceNumber = f.fraction if f.fraction is not None else ""
-    ds.TreatmentDate = f"{f.tx_dttm:%Y%m%d}"
-    ds.TreatmentTime = f"{f.tx_dttm:%H%M%S}"
+    ds.TreatmentDate, ds.TreatmentTime = _date(f.tx_dttm), _time(f.tx_dttm)  # Type 2
     ds.ReferencedRTPlanSequence = Sequence()  # Type 2: Mosaiq's SQL knows no plan UID
     machine = Dataset()
     machine.TreatmentMachineName = ""
@@ -299,8 +336,8 @@ def _beam(f: DeliveredField, source: MosaiqSource) -> Dataset:
     for index, meterset in enumerate([0.0] + ([f.meterset] if f.meterset is not None else [])):
         cp = Dataset()
         cp.ReferencedControlPointIndex = index
-        cp.TreatmentControlPointDate = f"{f.tx_dttm:%Y%m%d}"
-        cp.TreatmentControlPointTime = f"{f.tx_dttm:%H%M%S}"
+        cp.TreatmentControlPointDate = _date(f.tx_dttm)
+        cp.TreatmentControlPointTime = _time(f.tx_dttm)
         cp.SpecifiedMeterset = ""
         cp.DeliveredMeterset = _ds_decimal(meterset)
         cp.DoseRateSet = ""

@@ -97,11 +97,14 @@ def find_rt_records(ref: LaneRef, queries: list[DayQuery]) -> Found:
 
 
 @task(name="read-mosaiq-sessions", cache_policy=NO_CACHE)
-def read_mosaiq_records(ref: LaneRef, queries: list[DayQuery]) -> Found:
+def read_mosaiq_records(ref: LaneRef, queries: list[DayQuery], undated: bool = False) -> Found:
     """SELECT the fields Mosaiq delivered in the windows, make one RT Beams Treatment Record
-    per patient per session, and stage them for delivery (bound parameters only)."""
-    from radonc_backup.mosaiq import connect, read_fields, session_record, sessions, stage, \
-        staging_dir
+    per patient per session, and stage them for delivery (bound parameters only).
+
+    ``undated`` (the nightly): also the fields Mosaiq holds without a treatment date, which
+    no window selects; their records have an empty TreatmentDate and are named in a note."""
+    from radonc_backup.mosaiq import connect, read_fields, read_undated, session_record, \
+        sessions, stage, staging_dir
 
     lane = ref.open()
     source = lane.source
@@ -112,14 +115,21 @@ def read_mosaiq_records(ref: LaneRef, queries: list[DayQuery]) -> Found:
     conn = connect(lane.site, ref.source, source)
     try:
         fields = read_fields(conn, lane.site, ref.source, source, start, end)
+        no_date = read_undated(conn, lane.site, ref.source, source) if undated else []
     finally:
         conn.close()  # type: ignore[attr-defined]
-    found = sessions(fields)
+    found = sessions(fields + no_date)
     refs = stage([session_record(s, lane.site, source) for s in found],
                  staging_dir(lane.site, ref.source))
     get_run_logger().info("site %s: %d delivered field(s) in %d session(s) read from %s",
-                          ref.site, len(fields), len(found), source.label)
-    return Found(refs)
+                          ref.site, len(fields) + len(no_date), len(found), source.label)
+    notes = []
+    if no_date:
+        patients = sorted({f.mrn or f.pat_id1 for f in no_date})
+        notes.append(f"{source.label}: {len(no_date)} delivered field(s) have no treatment date "
+                     f"in Dose_Hst (patient(s) {', '.join(patients)}): backed up as RT Records "
+                     "with an empty TreatmentDate; date them in Mosaiq")
+    return Found(refs, notes)
 
 
 @task(name="find-rt-records-by-patient", cache_policy=NO_CACHE)

@@ -69,7 +69,7 @@ def test_backup_stopped_mid_run_loses_nothing_and_duplicates_nothing(
     state = run(incremental_backup, site, at(0, 16))
     stopper.join()
     assert state.is_failed()
-    assert f"backup orthanc unreachable during the move from RV_DEMO@127.0.0.1:" \
+    assert "backup orthanc unreachable during the move from RV_DEMO@127.0.0.1:" \
         in str(state.result(raise_on_failure=False))
     rows = ledger(site).at(LANE).rows()
     verified = {r.ref.sop_instance_uid for r in rows if r.state == "verified"}

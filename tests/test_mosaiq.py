@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
-from collections.abc import Callable
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 from datetime import datetime
 from io import BytesIO
 from pathlib import Path
@@ -27,6 +30,7 @@ from radonc_backup.config import load_site
 from radonc_backup.errors import ConfigError
 from radonc_backup.ledger import Lane, Ledger
 from tests.conftest import report_rows_missing
+from tests.postgres_server import PASSWORD, PostgresServer
 from tests.test_backup_flows import DAY, at, run
 
 pytestmark = pytest.mark.usefixtures("prefect")
@@ -38,20 +42,29 @@ def ts(moment: datetime) -> str:
 
 
 def mosaiq_database(path: Path) -> dict[str, set[tuple[str, int]]]:
-    """The database; returns, per MRN, the (TreatmentDate, fraction) sessions it delivered in
-    the window yesterday-today."""
+    """The database in SQLite at ``path``; see ``fill``."""
     db = sqlite3.connect(path)
     db.executescript(SCHEMA)
-    db.executemany("INSERT INTO Patient VALUES (?, ?, ?)",
+    expected = fill(db, ts)
+    db.close()
+    return expected
+
+
+def fill(db: Any, when: Callable[[datetime], object]) -> dict[str, set[tuple[str, int]]]:
+    """Write the patients through ``db`` (a DB-API connection whose tables exist; ``when``
+    turns a moment into what its driver binds). Returns, per MRN, the (TreatmentDate,
+    fraction) sessions delivered in the window yesterday-today."""
+    cursor = db.cursor()
+    cursor.executemany("INSERT INTO Patient VALUES (?, ?, ?)",
                    [(1, "Müller", "Zoë"), (2, "Nguyen", "Anh"), (3, "Smith", "Jo")])
-    db.executemany("INSERT INTO Ident VALUES (?, ?)",
+    cursor.executemany("INSERT INTO Ident VALUES (?, ?)",
                    [(1, "MQ0001"), (2, "MQ0002"), (3, "MQ0003")])
-    db.executemany("INSERT INTO Site VALUES (?, ?, ?, ?, ?, ?, ?)", [
+    cursor.executemany("INSERT INTO Site VALUES (?, ?, ?, ?, ?, ?, ?)", [
         (10, 10, 1, "Prostate", 7800.0, 39, 0),
         (20, 20, 2, "Breast L", 4005.0, 15, 1),  # the prescription before its change
         (21, 20, 2, "Breast L boost", 5005.0, 20, 0),  # ... and after
         (30, 30, 3, "Lung R", 6000.0, 30, 0)])
-    db.executemany("INSERT INTO TxField VALUES (?, ?, ?, ?, ?)", [
+    cursor.executemany("INSERT INTO TxField VALUES (?, ?, ?, ?, ?)", [
         (101, 10, "AP old name", "X", 1), (105, 10, "AP", "X", 0), (102, 10, "PA", "X", 0),
         (201, 20, "Tangent med", "Photon", 0), (202, 20, "Tangent lat", None, 0),
         (301, 30, "Arc 1", "Electron", 0)])
@@ -64,11 +77,10 @@ def mosaiq_database(path: Path) -> dict[str, set[tuple[str, int]]]:
         (2, 201, 21, at(0, 9, 0), 1, 210.0), (2, 202, 21, at(0, 9, 4), 1, 205.0),
         # patient 3: today only; and a session last month, outside the window
         (3, 301, 30, at(0, 10, 0), 12, 400.0), (3, 301, 30, at(-30, 10, 0), 1, 400.0)]
-    db.executemany("INSERT INTO Dose_Hst (Pat_ID1, FLD_ID, SIT_ID, Tx_DtTm, Fractions_Tx, "
-                   "Meterset) VALUES (?, ?, ?, ?, ?, ?)",
-                   [(p, f, s, ts(t), n, m) for p, f, s, t, n, m in rows])
+    cursor.executemany("INSERT INTO Dose_Hst (DH_ID, Pat_ID1, FLD_ID, SIT_ID, Tx_DtTm, "
+                   "Fractions_Tx, Meterset) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   [(n, p, f, s, when(t), k, m) for n, (p, f, s, t, k, m) in enumerate(rows)])
     db.commit()
-    db.close()
     sessions: dict[str, set[tuple[str, int]]] = {}
     for p, _, _, t, n, _ in rows:
         if t >= at(-1, 0):
@@ -76,13 +88,25 @@ def mosaiq_database(path: Path) -> dict[str, set[tuple[str, int]]]:
     return sessions
 
 
-def add_mosaiq(site: DemoSite, database: Path, **settings: str) -> None:
+UNDATED = (99, 3, 301, 30, None, 11, 400.0)
+"""A delivered field Mosaiq holds without Tx_DtTm (patient 3's fraction 11)."""
+
+
+def add_undated(db: Any) -> None:
+    db.cursor().execute("INSERT INTO Dose_Hst VALUES (?, ?, ?, ?, ?, ?, ?)", UNDATED)
+    db.commit()
+
+
+def add_mosaiq(site: DemoSite, database: Path | str, **settings: str) -> None:
+    """The Mosaiq source: ``database`` is a SQLite file or a whole ODBC connection string."""
     from tasks.limits import ensure_rv_limits
 
+    odbc = database if isinstance(database, str) else \
+        f"Driver={{SQLite3}};Database={database}"
     cfg = Path(site.config_path)
     extra = "".join(f'{k} = "{v}"\n' for k, v in settings.items())
     cfg.write_text(cfg.read_text() + f'\n[DEMO.sources.mosaiq]\ntype = "mosaiq"\n'
-                                     f'odbc = "Driver={{SQLite3}};Database={database}"\n{extra}')
+                                     f'odbc = "{odbc}"\n{extra}')
     ensure_rv_limits(load_site("DEMO", str(cfg)))
 
 
@@ -129,10 +153,12 @@ def test_a_mosaiq_site_backs_up_its_sessions_as_rt_records(
                   if line.startswith("Error")]
         assert not errors, errors
 
+    with sqlite3.connect(tmp_path / "mosaiq.db") as db:  # a delivery Mosaiq holds undated
+        add_undated(db)
     again = run(incremental_backup, site, at(0, 16, 10), source="mosaiq")
-    nightly = run(nightly_backup, site, at(1, 2), days=2, source="mosaiq")
-    assert again.is_completed() and nightly.is_completed(), (again.message, nightly.message)
+    assert again.is_completed(), again.message
     assert len(backup_records(site)) == len(records), "a rerun makes the same objects"
+    assert_nightly_backs_up_the_undated_field(site, records, tmp_path)
     assert report_rows_missing(site, records, DAY.date()) == 0
 
     from flows.plan_context_backfill import plan_context_backfill
@@ -140,6 +166,29 @@ def test_a_mosaiq_site_backs_up_its_sessions_as_rt_records(
     context = plan_context_backfill(site="DEMO", source="mosaiq", config=str(site.config_path),
                                     return_state=True)
     assert context.is_failed() and "is a Mosaiq database" in str(context.message)
+
+
+def assert_nightly_backs_up_the_undated_field(site: DemoSite, records: list,
+                                              tmp_path: Path) -> None:
+    """No window selects a field without Tx_DtTm: the nightly asks for them, backs each up as
+    a record with an empty TreatmentDate (Type 2) and names the patient in its summary."""
+    nightly = run(nightly_backup, site, at(1, 2), days=2, source="mosaiq")
+    assert nightly.is_completed(), nightly.message
+    notes = " ".join(nightly.result()["peer_notes"])
+    assert "1 delivered field(s) have no treatment date" in notes and "MQ0003" in notes, notes
+    known = {str(ds.SOPInstanceUID) for ds in records}
+    new = [ds for ds in backup_records(site) if str(ds.SOPInstanceUID) not in known]
+    assert [(str(ds.PatientID), str(ds.TreatmentDate)) for ds in new] == [("MQ0003", "")]
+    beam = new[0].TreatmentSessionBeamSequence[0]
+    assert (int(beam.CurrentFractionNumber), float(beam.DeliveredPrimaryMeterset)) == (11, 400)
+    path = tmp_path / "undated.dcm"
+    new[0].save_as(path, enforce_file_format=True)
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+    assert all("TreatmentControlPoint" in line for line in errors), \
+        "the only departure from the IOD: the control points' dates, which Mosaiq lacks"
+    lane = Ledger.for_state_dir(site.workdir / "state").at(Lane("DEMO", "mosaiq", "orthanc"))
+    assert lane.states([str(new[0].SOPInstanceUID)]) == {str(new[0].SOPInstanceUID): "verified"}
 
 
 def test_mosaiq_errors_are_one_line_naming_site_and_source(
@@ -180,6 +229,8 @@ def test_the_mosaiq_summary_counts_each_course_and_refuses_an_injected_mrn(
     site = make_site()
     database = tmp_path / "mosaiq.db"
     mosaiq_database(database)
+    with sqlite3.connect(database) as db:
+        add_undated(db)
     add_mosaiq(site, database)
 
     def summary(**params: object) -> pd.DataFrame:
@@ -193,8 +244,8 @@ def test_the_mosaiq_summary_counts_each_course_and_refuses_an_injected_mrn(
     rows = {(r.PatientID, r.Site): r for r in window.itertuples()}
     assert set(rows) == {("MQ0001", "Prostate"), ("MQ0002", "Breast L"),
                          ("MQ0002", "Breast L boost"), ("MQ0003", "Lung R")}
-    lung = rows[("MQ0003", "Lung R")]  # the whole course counts: last month's session too
-    assert (lung.FractionsDelivered, lung.FirstTreatment) == ("2", f"{at(-30, 0):%Y-%m-%d}")
+    lung = rows[("MQ0003", "Lung R")]  # the whole course: last month's session, the undated
+    assert (lung.FractionsDelivered, lung.FirstTreatment) == ("3", f"{at(-30, 0):%Y-%m-%d}")
     assert (lung.PrescribedDoseGy, lung.FractionsPlanned) == ("60.0", "30")
     assert rows[("MQ0001", "Prostate")].PatientName == "Müller^Zoë"
     assert rows[("MQ0001", "Prostate")].FractionsDelivered == "2"
@@ -232,3 +283,102 @@ def test_a_query_failing_half_way_stores_nothing_and_marks_nothing(
     assert lane.rows() == [] and lane.watermark() is None
     staged = staging_dir(load_site("DEMO", str(site.config_path)), "mosaiq")
     assert not staged.exists() or not any(staged.iterdir())
+
+
+@pytest.fixture
+def postgres() -> Iterator[PostgresServer]:
+    """A Mosaiq-shaped database in a real PostgreSQL server, reached through Debian's
+    psqlODBC driver: a second SQL dialect, and a server that can refuse a login or be down."""
+    import pyodbc
+
+    server = PostgresServer(Path(tempfile.mkdtemp(prefix="radonc-pg-")))
+    try:
+        db = pyodbc.connect(f"{server.odbc()};PWD={PASSWORD}")
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.commit()
+        db.close()
+        yield server
+    finally:
+        server.remove()
+
+
+def fill_postgres(server: PostgresServer) -> dict[str, set[tuple[str, int]]]:
+    import pyodbc
+
+    db = pyodbc.connect(f"{server.odbc()};PWD={PASSWORD}")
+    try:
+        return fill(db, lambda moment: moment)
+    finally:
+        db.close()
+
+
+def test_on_postgresql_the_same_query_backs_up_the_same_sessions_and_a_refused_login_is_named(
+        make_site: Callable[..., DemoSite], postgres: PostgresServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one query in a second dialect (PostgreSQL through psqlODBC, as production's SQL
+    Server through Microsoft's driver): the same records. Then the password is wrong: the run
+    fails at once (a refused login is not retried) in one line naming site, source and where
+    the password comes from, without the password; nothing stored, the watermark unmoved."""
+    from tests.test_backup_flows import task_run_counts
+
+    site = make_site(settings={"retries": 3})
+    expected = fill_postgres(postgres)
+    add_mosaiq(site, postgres.odbc(), password_env="MOSAIQ_PASSWORD")
+    monkeypatch.setenv("MOSAIQ_PASSWORD", PASSWORD)
+    state = run(incremental_backup, site, at(0, 16), source="mosaiq")
+    assert state.is_completed(), state.message
+    got = {(str(ds.PatientID), (str(ds.TreatmentDate),
+                                int(ds.TreatmentSessionBeamSequence[0].CurrentFractionNumber)))
+           for ds in backup_records(site)}
+    assert got == {(mrn, s) for mrn, sessions in expected.items() for s in sessions}
+    assert {str(ds.PatientName) for ds in backup_records(site)} >= {"Müller^Zoë"}
+
+    lane = Ledger.for_state_dir(site.workdir / "state").at(Lane("DEMO", "mosaiq", "orthanc"))
+    watermark = lane.watermark()
+    held = site.backup.sop_instance_uids()
+    monkeypatch.setenv("MOSAIQ_PASSWORD", "not-the-password")
+    refused = run(incremental_backup, site, at(0, 16, 10), source="mosaiq")
+    message = str(refused.message)
+    assert refused.is_failed(), message
+    assert "site DEMO" in message and "source mosaiq" in message and "login refused" in message
+    assert "$MOSAIQ_PASSWORD" in message and "not-the-password" not in message, message
+    assert len(message.splitlines()) == 1, message
+    assert task_run_counts(refused.state_details.flow_run_id)["read-mosaiq-sessions"] == 1
+    assert site.backup.sop_instance_uids() == held and lane.watermark() == watermark
+
+
+def test_a_mosaiq_database_that_is_down_is_retried_and_then_named(
+        make_site: Callable[..., DemoSite], postgres: PostgresServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Down for the whole run: each attempt the site allows, then one line saying the database
+    is down, nothing stored, the watermark unmoved. Down at the start and up a moment later
+    (a network blip, a failover): a retry reads it and the run completes."""
+    from tests.test_backup_flows import task_run_counts
+
+    site = make_site(settings={"retries": 4, "retry_backoff_seconds": 1})
+    expected = fill_postgres(postgres)
+    add_mosaiq(site, postgres.odbc(), password_env="MOSAIQ_PASSWORD", login_timeout="5")
+    monkeypatch.setenv("MOSAIQ_PASSWORD", PASSWORD)
+    postgres.stop()
+
+    down = run(incremental_backup, site, at(0, 16), source="mosaiq")
+    message = str(down.message)
+    assert down.is_failed(), message
+    assert "site DEMO" in message and "database down or unreachable" in message, message
+    assert len(message.splitlines()) == 1, message
+    assert task_run_counts(down.state_details.flow_run_id)["read-mosaiq-sessions"] == 4
+    lane = Ledger.for_state_dir(site.workdir / "state").at(Lane("DEMO", "mosaiq", "orthanc"))
+    assert site.backup.sop_instance_uids() == set() and lane.watermark() is None
+
+    comes_back = threading.Timer(1.5, postgres.start)
+    comes_back.start()
+    try:
+        up = run(incremental_backup, site, at(0, 16), source="mosaiq")
+    finally:
+        comes_back.join()
+    assert up.is_completed(), up.message
+    assert task_run_counts(up.state_details.flow_run_id)["read-mosaiq-sessions"] >= 2
+    assert len(site.backup.sop_instance_uids()) == sum(len(s) for s in expected.values())
+    assert {r.state for r in lane.rows()} == {"verified"} and lane.watermark() is not None
