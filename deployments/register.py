@@ -106,7 +106,7 @@ def schedule_for(kind: str, site: Site) -> dict[str, Any]:
     """The deployment's schedule from the site's ``[SITE.schedules]`` table, in its timezone."""
     if kind == "incremental":
         return {"interval": site.schedules.incremental_minutes * 60, "timezone": site.timezone}
-    return {"cron": getattr(site.schedules, kind), "timezone": site.timezone}
+    return {"cron": getattr(site.schedules, kind.replace("-", "_")), "timezone": site.timezone}
 
 
 def prefect_file_for(sites: list[Site], pool: str, template: Path = PREFECT_FILE,

@@ -46,6 +46,10 @@ def deployments_for(site: str, config: str | None = None) -> list[object]:
         validation_sweep.to_deployment(
             name=f"{site.lower()}-validation", parameters=params, concurrency_limit=once,
             schedule=Cron(cfg.schedules.validation, timezone=cfg.timezone)),
+        validation_sweep.to_deployment(
+            name=f"{site.lower()}-validation-content", concurrency_limit=once,
+            parameters={**params, "days": 31, "depth": "content"},
+            schedule=Cron(cfg.schedules.validation_content, timezone=cfg.timezone)),
     ]
 
 

@@ -151,6 +151,11 @@ class OrthancBackup:
                 found |= {uid for oid, uid in expected.items() if oid in held}
         return found
 
+    def present_by_uid(self, refs: list[InstanceRef]) -> set[str]:
+        """Asked by each instance's own UID only (what the sweep does before calling one
+        missing)."""
+        return self._present_by_uid(refs)
+
     def _present_by_uid(self, refs: list[InstanceRef]) -> set[str]:
         uids = sorted({r.sop_instance_uid for r in refs})
         found: set[str] = set()
@@ -213,6 +218,44 @@ class OrthancBackup:
         """Orthanc IDs of the instances matching a query on indexed tags."""
         return list(self._post("/tools/find",  # type: ignore[arg-type]
                                {"Level": "Instance", "Query": query}))
+
+    def record_listing(self) -> dict[str, str]:
+        """SOPInstanceUID -> Orthanc ID of every RT Record the backup holds (one listing)."""
+        answer = self._post("/tools/find", {"Level": "Instance", "Expand": True,
+                                            "Query": {"Modality": "RTRECORD"}})
+        return {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"]  # type: ignore[index]
+                for i in answer  # type: ignore[union-attr]
+                if i.get("MainDicomTags", {}).get("SOPInstanceUID")}
+
+    def damage(self, resource_id: str) -> str:
+        """Why the stored file of an instance is not what was stored ('' when it is): Orthanc
+        reads it back and checks the MD5 it kept when the instance arrived."""
+        path = f"/instances/{resource_id}/attachments/dicom/verify-md5"
+        try:
+            r = self._client().post(path, content=b"")
+        except httpx.HTTPError as exc:
+            raise RetriableBackupTargetError(f"{self._where}: {path}: {exc}") from None
+        if r.status_code == 200:
+            return ""
+        if r.status_code == 404:
+            return "not in the backup"
+        if r.status_code == 400:  # Orthanc 1.10: the file read back has another MD5
+            return "its stored file fails Orthanc's MD5 check (changed or damaged on disk)"
+        if r.status_code >= 500:  # e.g. the file is gone from the storage folder
+            return f"its stored file cannot be read by Orthanc ({r.status_code}: " \
+                   f"{' '.join(r.text.split())[:160]})"
+        raise BackupTargetError(f"{self._where}: {path} answered {r.status_code}")
+
+    def delete(self, resource_id: str) -> None:
+        """Remove one instance (the sweep's repair, before storing a good copy again)."""
+        try:
+            r = self._client().delete(f"/instances/{resource_id}")
+        except httpx.HTTPError as exc:
+            raise RetriableBackupTargetError(f"{self._where}: deleting {resource_id}: "
+                                             f"{exc}") from None
+        if r.status_code not in (200, 404):
+            raise BackupTargetError(f"{self._where}: deleting {resource_id} answered "
+                                    f"{r.status_code}: {r.text[:200]}")
 
     def instance_count(self) -> int:
         """How many instances the backup holds, all kinds (``/statistics``)."""

@@ -312,8 +312,10 @@ class Schedules(_Strict):
     backfill: str = "0 3 * * *"
     report: str = "0 6 * * *"
     validation: str = "0 4 * * 0"
+    validation_content: str = "0 5 1 * *"
+    """The monthly sweep at content depth over the last 31 days."""
 
-    @field_validator("nightly", "backfill", "report", "validation")
+    @field_validator("nightly", "backfill", "report", "validation", "validation_content")
     @classmethod
     def _cron(cls, value: str) -> str:
         if not _CRON.match(value.strip()):

@@ -15,14 +15,18 @@ from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from radonc_backup.backup_target import OrthancBackup
 from radonc_backup.config import MosaiqSource, Settings
+from radonc_backup.errors import ConfigError
 from radonc_backup.errors import is_retriable
 from radonc_backup.instance import InstanceRef
 from radonc_backup.lane import LaneRef, OpenLane
 from radonc_backup.rt_backup import Plan, Screen, find_patient_records, find_records, \
     find_records_hierarchical, plan_work
 from radonc_backup.transfer import Awaiting, Outcome, deliver, settle, verify_present
-from radonc_backup.validation import Validation, validate_lane
+from radonc_backup.errors import DicomError
+from radonc_backup.validation import DayCheck, Discrepancy, Validation, check_day, \
+    context_damage, repair, source_copies, unknown_to_ledger, validate_lane
 from radonc_backup.windows import DayQuery
 from tasks.progress import INSTANCES_FROM, Progress
 
@@ -221,3 +225,63 @@ def validate_backup(ref: LaneRef) -> Validation:
         progress.update(done)
 
     return validate_lane(lane.ledger, lane.target, on_progress=shown)
+
+
+def _orthanc(lane: OpenLane) -> OrthancBackup:
+    if not isinstance(lane.target, OrthancBackup):
+        raise ConfigError(f"site {lane.site.name}: backup {lane.lane.backup} is a plain DICOM "
+                          "SCP: the two-way sweep reads an Orthanc backup's REST API")
+    return lane.target
+
+
+@task(name="list-backup-records", cache_policy=NO_CACHE)
+def list_backup_records(ref: LaneRef) -> dict[str, str]:
+    """Every RT Record the backup holds: SOPInstanceUID -> Orthanc ID (one listing)."""
+    return _orthanc(ref.open()).record_listing()
+
+
+@task(name="check-day", cache_policy=NO_CACHE)
+def check_backup_day(ref: LaneRef, day: str, found: list[InstanceRef], held: dict[str, str],
+                     depth: str) -> DayCheck:
+    """One day both ways: source and ledger against the backup, each copy read back, and at
+    ``content`` depth compared with the source's."""
+    lane = ref.open()
+    notes: list[str] = []
+
+    def copies(refs: list[InstanceRef]) -> dict[str, Any]:
+        try:
+            return source_copies(lane, refs)
+        except DicomError as exc:  # a move-only peer refuses C-GET: say so, compare nothing
+            notes.append(f"{day}: content not compared, the source sent no copies ({exc})")
+            return {}
+
+    check = check_day(lane.ledger, _orthanc(lane), day, found, held,
+                      copies if depth == "content" else None)
+    check.notes += notes
+    for note in check.notes:
+        get_run_logger().warning("site %s: %s", ref.site, note)
+    get_run_logger().info("site %s: %s: %d record(s) on the source, %d in the backup, %d "
+                          "discrepancies", ref.site, day, check.on_source, check.in_backup,
+                          len(check.discrepancies))
+    return check
+
+
+@task(name="check-ledger-and-context", cache_policy=NO_CACHE)
+def check_beyond_days(ref: LaneRef, held: dict[str, str], patients: list[str]
+                      ) -> list[Discrepancy]:
+    """What the day walk does not see: records in the backup no ledger knows, and the plan
+    context of the period's patients read back (MD5)."""
+    lane = ref.open()
+    target = _orthanc(lane)
+    return unknown_to_ledger(lane.ledger.ledger, lane.lane.backup, held, target) + \
+        context_damage(lane.ledger, target, set(patients))
+
+
+@task(name="repair", cache_policy=NO_CACHE)
+def repair_backup(ref: LaneRef, found: list[Discrepancy]) -> list[Discrepancy]:
+    """Move again what is missing or damaged, by the one delivery path, and read it back."""
+    repair(ref.open(), found)
+    done = sum(1 for d in found if d.repaired == "repaired")
+    get_run_logger().info("site %s: repaired %d of %d discrepancies", ref.site, done,
+                          len(found))
+    return found

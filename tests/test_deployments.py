@@ -14,7 +14,7 @@ from radonc_backup.config import load_site
 from radonc_backup.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ["incremental", "nightly", "backfill", "report", "validation"]
+KINDS = ["incremental", "nightly", "backfill", "report", "validation", "validation-content"]
 
 
 def test_prefect_yaml_entrypoints_and_schedules() -> None:
@@ -78,9 +78,11 @@ def test_worker_command_carries_what_a_worker_needs() -> None:
 
 
 def test_serve_builds_site_schedules_in_its_timezone() -> None:
-    incremental, nightly, backfill, report, validation = deployments_for("DEMO")
+    incremental, nightly, backfill, report, validation, content = deployments_for("DEMO")
     assert incremental.name == "demo-incremental"  # type: ignore[attr-defined]
     assert validation.schedules[0].schedule.cron == "0 4 * * 0"  # type: ignore[attr-defined]
+    assert content.schedules[0].schedule.cron == "0 5 1 * *"  # type: ignore[attr-defined]
+    assert content.parameters["depth"] == "content"  # type: ignore[attr-defined]
     assert report.schedules[0].schedule.cron == "0 6 * * *"  # type: ignore[attr-defined]
     assert backfill.flow_name == "plan-context-backfill"  # type: ignore[attr-defined]
     assert incremental.flow_name == "incremental-backup"  # type: ignore[attr-defined]

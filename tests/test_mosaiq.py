@@ -161,6 +161,15 @@ def test_a_mosaiq_site_backs_up_its_sessions_as_rt_records(
     assert_nightly_backs_up_the_undated_field(site, records, tmp_path)
     assert report_rows_missing(site, records, DAY.date()) == 0
 
+    from flows.validation_sweep import validation_sweep
+
+    swept = run(validation_sweep, site, at(1, 8), start_date=at(-1, 0).date(),
+                end_date=DAY.date(), source="mosaiq", depth="content",
+                out=str(tmp_path / "sweep.csv"))
+    assert swept.is_completed(), swept.message  # Mosaiq's SQL and the backup agree, both ways
+    assert swept.result()["records_on_source"] == len(records)
+    assert (tmp_path / "sweep.csv").read_text(encoding="utf-8-sig").count("\n") == 1
+
     from flows.plan_context_backfill import plan_context_backfill
 
     context = plan_context_backfill(site="DEMO", source="mosaiq", config=str(site.config_path),
