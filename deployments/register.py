@@ -83,7 +83,23 @@ def site_deployments(template: list[dict[str, Any]], site: Site, pool: str,
         dep["schedules"] = [schedule_for(kind, site)]
         dep["work_pool"] = {**dep.get("work_pool", {}), "name": pool}
         out.append(dep)
-    return out + mosaiq_summaries(site, pool)
+    return out + mosaiq_summaries(site, pool) + drills(site, pool)
+
+
+def drills(site: Site, pool: str) -> list[dict[str, Any]]:
+    """The monthly disaster-recovery drill, to the site's first Orthanc restore target (none
+    without one: the drill needs a scratch Orthanc to read its copies back from)."""
+    scratch = [alias for alias, t in site.restore_targets.items() if t.type == "orthanc"]
+    return [{
+        "name": f"{site.name.lower()}-dr-drill",
+        "entrypoint": "flows/dr_drill.py:dr_drill",
+        "description": f"Restores a patient treated last week to {scratch[0]} and diffs every "
+                       f"object, monthly (site {site.name})",
+        "tags": [f"site-{site.name}"],
+        "parameters": {"site": site.name, "target": scratch[0]},
+        "schedules": [schedule_for("dr-drill", site)],
+        "concurrency_limit": {"limit": 1, "collision_strategy": "CANCEL_NEW"},
+        "work_pool": {"name": pool}}] if scratch else []
 
 
 def mosaiq_summaries(site: Site, pool: str) -> list[dict[str, Any]]:

@@ -257,6 +257,59 @@ class OrthancBackup:
             raise BackupTargetError(f"{self._where}: deleting {resource_id} answered "
                                     f"{r.status_code}: {r.text[:200]}")
 
+    def patient_instances(self, patient_id: str) -> list[HeldInstance]:
+        """Every instance the backup holds of one patient (exact PatientID), with its series'
+        modality and its file size."""
+        answer = self._post("/tools/find", {"Level": "Instance", "Expand": True,
+                                            "Query": {"PatientID": patient_id}})
+        series: dict[str, tuple[str, str, str]] = {}
+        out = []
+        for item in answer:  # type: ignore[union-attr]
+            sid = str(item["ParentSeries"])
+            if sid not in series:
+                s = self._json(self._get(f"/series/{sid}"), "/series")
+                study = self._json(self._get(f"/studies/{s['ParentStudy']}"),  # type: ignore[index]
+                                   "/studies")
+                series[sid] = (str(s["MainDicomTags"].get("Modality", "")),  # type: ignore[index]
+                               str(s["MainDicomTags"].get("SeriesInstanceUID", "")),  # type: ignore[index]
+                               str(study["MainDicomTags"].get("StudyInstanceUID", "")))  # type: ignore[index]
+            modality, series_uid, study_uid = series[sid]
+            out.append(HeldInstance(str(item["ID"]), InstanceRef(
+                str(item["MainDicomTags"].get("SOPInstanceUID", "")), "", patient_id, study_uid,
+                series_uid), modality, int(item.get("FileSize", 0))))
+        return out
+
+    def send(self, modality: str, aet: str, host: str, port: int, resource_ids: list[str],
+             chunk: int = 500) -> int:
+        """C-STORE instances from the backup to another AE, by Orthanc itself (declared to it
+        as ``modality``; in memory unless its modalities live in its database). Returns how
+        many it sent; a failure is raised naming the AE."""
+        r = self._client().put(f"/modalities/{modality}",
+                               json={"AET": aet, "Host": host, "Port": port})
+        if r.status_code >= 400:
+            raise BackupTargetError(f"{self._where}: declaring {aet}@{host}:{port} answered "
+                                    f"{r.status_code}: {r.text[:200]}")
+        sent = 0
+        for i in range(0, len(resource_ids), chunk):
+            part = resource_ids[i:i + chunk]
+            try:
+                r = self._client().post(f"/modalities/{modality}/store", json={
+                    "Resources": part, "Synchronous": True}, timeout=max(60.0, len(part)))
+            except httpx.HTTPError as exc:
+                raise RetriableBackupTargetError(f"{self._where}: C-STORE to {aet}@{host}:"
+                                                 f"{port}: {exc}") from None
+            if r.status_code >= 400:
+                raise BackupTargetError(f"{self._where}: C-STORE to {aet}@{host}:{port} "
+                                        f"failed ({r.status_code}): "
+                                        f"{' '.join(r.text.split())[:300]}")
+            body = r.json() if r.content else {}
+            failed = int(body.get("FailedInstancesCount", 0) or 0)
+            if failed:
+                raise BackupTargetError(f"{self._where}: {aet}@{host}:{port} refused {failed} "
+                                        f"of {len(part)} instance(s)")
+            sent += len(part)
+        return sent
+
     def instance_count(self) -> int:
         """How many instances the backup holds, all kinds (``/statistics``)."""
         return int(self._json(self._get("/statistics"), "/statistics")  # type: ignore[index]
@@ -304,6 +357,14 @@ class OrthancBackup:
             if modality[series_id] == "RTRECORD":
                 found.append(instance_id)
         return found
+
+
+@dataclass
+class HeldInstance:
+    resource_id: str
+    ref: InstanceRef
+    modality: str
+    size: int
 
 
 @dataclass

@@ -314,8 +314,12 @@ class Schedules(_Strict):
     validation: str = "0 4 * * 0"
     validation_content: str = "0 5 1 * *"
     """The monthly sweep at content depth over the last 31 days."""
+    dr_drill: str = "0 6 2 * *"
+    """The monthly disaster-recovery drill (deployed when the site has an Orthanc restore
+    target)."""
 
-    @field_validator("nightly", "backfill", "report", "validation", "validation_content")
+    @field_validator("nightly", "backfill", "report", "validation", "validation_content",
+                     "dr_drill")
     @classmethod
     def _cron(cls, value: str) -> str:
         if not _CRON.match(value.strip()):
@@ -332,6 +336,9 @@ class Site(_Strict):
     script_ae: str
     sources: dict[str, Source]
     backup_targets: dict[str, BackupTarget]
+    restore_targets: dict[str, BackupTarget] = {}
+    """Where the recovery flows may send the backup's objects (a rebuilt R&V, a scratch AE for
+    the drill): an Orthanc (verified through its REST API) or any DICOM SCP (by C-FIND)."""
     settings: Settings = Settings()
     schedules: Schedules = Schedules()
     notify: Notify | None = None

@@ -84,3 +84,15 @@ def ensure_rv_limits(site: Site, update: bool = False) -> dict[str, int]:
                 sizes[name] = size
     return sizes
 
+
+
+@contextmanager
+def held_for(site: Site, aet: str, host: str) -> Iterator[None]:
+    """A restore to one of the site's own R&V sources (same AE title and host) holds one of
+    that source's association slots, like a backup run; another target needs none."""
+    for src in site.sources.values():
+        if not isinstance(src, MosaiqSource) and src.aet == aet and src.ip == host:
+            with rv_slots(src):
+                yield
+            return
+    yield

@@ -102,3 +102,18 @@ def test_flow_parameters_are_described_for_the_run_form() -> None:
     for flow_obj in (incremental_backup, treatment_report, mosaiq_summary):
         props = flow_obj.parameters.model_dump()["properties"]
         assert all(p.get("description") for p in props.values()), flow_obj.name
+
+
+def test_a_site_with_a_scratch_orthanc_gets_a_monthly_drill() -> None:
+    from deployments.register import drills
+    from radonc_backup.config import OrthancTarget
+
+    site = load_site("DEMO")
+    assert drills(site, "radonc-backup") == []
+    scratch = OrthancTarget(type="orthanc", aet="SCRATCH", ip="127.0.0.1", port=4343,
+                            rest_url="http://127.0.0.1:8043")
+    [drill] = drills(site.model_copy(update={"restore_targets": {"scratch": scratch}}),
+                     "radonc-backup")
+    assert (drill["name"], drill["parameters"]["target"]) == ("demo-dr-drill", "scratch")
+    assert drill["schedules"] == [{"cron": "0 6 2 * *", "timezone": "America/New_York"}]
+    assert drill["entrypoint"] == "flows/dr_drill.py:dr_drill"

@@ -1,0 +1,124 @@
+"""Restore and the disaster-recovery drill, against real Orthanc processes: the backup sends
+to a third Orthanc standing in for the rebuilt R&V."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from demo.orthanc import OrthancServer, free_port
+from demo.site import DemoSite
+from flows.dr_drill import dr_drill
+from flows.nightly_backup import nightly_backup
+from flows.restore import restore
+from radonc_backup.config import load_site
+from tests.test_backup_flows import at, course, push, run, uids
+
+pytestmark = pytest.mark.usefixtures("prefect")
+
+
+@pytest.fixture
+def rebuilt(make_site: Callable[..., DemoSite]) -> Iterator[tuple[DemoSite, OrthancServer]]:
+    """A site whose backup holds three patients, and an empty Orthanc (the rebuilt R&V) that
+    knows the backup's AE (to accept its C-STOREs) and ours (to answer our C-FIND)."""
+    site = make_site()
+    cfg = load_site("DEMO", str(site.config_path))
+    backup_aet = cfg.backup_targets["orthanc"].aet
+    server = OrthancServer("REBUILT", modalities={
+        "backup": (backup_aet, "127.0.0.1", site.backup.dicom_port),
+        "us": (cfg.script_ae, "127.0.0.1", 104)}).start()
+    config = Path(site.config_path)
+    config.write_text(config.read_text() + f"""
+[DEMO.restore_targets.rebuilt]
+type = "orthanc"
+aet = "REBUILT"
+ip = "127.0.0.1"
+port = {server.dicom_port}
+rest_url = "{server.url}"
+username = "{server.username}"
+password_env = "RADONC_DEMO_BACKUP_PASSWORD"
+""")
+    try:
+        yield site, server
+    finally:
+        server.remove()
+
+
+def whole(server: OrthancServer, uid: str) -> object:
+    with server.rest() as client:
+        [oid] = client.post("/tools/find", json={"Level": "Instance",
+                                                 "Query": {"SOPInstanceUID": uid}}).json()
+        ds = dcmread(io.BytesIO(client.get(f"/instances/{oid}/file").content))
+    del ds.file_meta  # group 0002 is the file's, not the object's
+    return ds
+
+
+def test_restore_sends_the_patients_asked_for_each_identical_and_a_dry_run_sends_nothing(
+        rebuilt: tuple[DemoSite, OrthancServer]) -> None:
+    site, server = rebuilt
+    a, b = course("RST001", at(-1, 9), delivered=2), course("RST002", at(0, 10), delivered=1)
+    old = course("RST003", at(-20, 9), delivered=1)
+    push(site, *a.all(), *b.all(), *old.all())
+    assert run(nightly_backup, site, at(1, 5), days=25).is_completed()
+    wanted = uids(*a.all(), *b.all())
+    assert wanted | uids(*old.all()) <= site.backup.sop_instance_uids()
+    params = {"site": "DEMO", "config": str(site.config_path), "return_state": True}
+
+    dry = restore(target="rebuilt", patient_ids=["RST001", "RST002"], dry_run=True, **params)
+    assert dry.is_completed(), dry.message
+    assert dry.result()["objects"] == len(wanted) and dry.result()["MB"] > 0
+    assert {(r["patient"], r["kind"]) for r in dry.result()["plan"]} == {
+        ("RST001", "record"), ("RST001", "context"), ("RST002", "record"), ("RST002", "context")}
+    assert server.instance_count() == 0, "a dry run sends nothing"
+
+    done = restore(target="rebuilt", patient_ids=["RST001", "RST002"], **params)
+    assert done.is_completed(), done.message
+    assert done.result()["verified"] == len(wanted)
+    assert server.sop_instance_uids() == wanted, "those two patients, all of them, nothing else"
+    for uid in wanted:  # identical to the backup's copy, pixel data included
+        assert whole(server, uid) == whole(site.backup, uid), uid
+
+    by_period = restore(ae="REBUILT", host="127.0.0.1", port=server.dicom_port,
+                        start_date=at(-20, 0).date(), end_date=at(-20, 0).date(),
+                        kinds=["record"], **params)  # a plain AE: verified by C-FIND
+    assert by_period.is_completed(), by_period.message
+    assert server.sop_instance_uids() == wanted | uids(*old.records)
+
+    closed = free_port()
+    down = restore(ae="NOBODY", host="127.0.0.1", port=closed, patient_ids=["RST002"], **params)
+    assert down.is_failed()
+    message = str(down.message)
+    assert f"NOBODY@127.0.0.1:{closed}" in message and len(message.splitlines()) == 1, message
+
+
+def test_the_drill_restores_a_recent_patient_to_a_scratch_orthanc_and_diffs_every_object(
+        rebuilt: tuple[DemoSite, OrthancServer]) -> None:
+    site, server = rebuilt
+    a, b = course("DRL001", at(-1, 9), delivered=2), course("DRL002", at(0, 10), delivered=1)
+    old = course("DRL003", at(-20, 9), delivered=1)
+    push(site, *a.all(), *b.all(), *old.all())
+    assert run(nightly_backup, site, at(1, 5), days=25).is_completed()
+
+    state = run(dr_drill, site, at(1, 8), target="rebuilt", days=7, seed=3)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["passed"] is True and summary["chosen_among"] == 2
+    chosen = {"DRL001": a, "DRL002": b}[summary["patient"]]
+    assert server.sop_instance_uids() == uids(*chosen.all())
+    assert summary["objects"] == len(chosen.all()) and summary["objects_per_second"] > 0
+
+    with server.rest() as client:  # the scratch copy of one object changes: the drill sees it
+        [oid] = client.post("/tools/find", json={"Level": "Instance", "Query": {
+            "SOPInstanceUID": str(chosen.records[0].SOPInstanceUID)}}).json()
+        changed = client.post(f"/instances/{oid}/modify", json={
+            "Replace": {"OperatorsName": "Someone^Else"}, "Force": True,
+            "Keep": ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"]}).content
+        client.delete(f"/instances/{oid}")
+    server.upload([changed])  # the drill sends again; Orthanc keeps the copy it holds
+    failed = run(dr_drill, site, at(1, 8), target="rebuilt", days=7, seed=3)
+    assert failed.is_failed() and "different" in str(failed.message), failed.message
+    assert str(chosen.records[0].SOPInstanceUID) in str(failed.message)
