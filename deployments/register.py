@@ -141,7 +141,7 @@ CRASH_AUTOMATION = "radonc-backup: mail the site about a crashed run"
 
 
 def ensure_crash_automation() -> None:
-    """Every run of the five flows that ends Crashed starts ``crash-notice/crash-notice``."""
+    """Every run of the scheduled flows that ends Crashed starts ``crash-notice/crash-notice``."""
     from prefect.events.actions import RunDeployment
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 

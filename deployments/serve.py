@@ -18,6 +18,7 @@ from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.schedules import Cron, Interval
 
+from flows.downtime_pack import downtime_pack
 from flows.incremental_backup import incremental_backup
 from flows.nightly_backup import nightly_backup
 from flows.plan_context_backfill import plan_context_backfill
@@ -50,6 +51,9 @@ def deployments_for(site: str, config: str | None = None) -> list[object]:
             name=f"{site.lower()}-validation-content", concurrency_limit=once,
             parameters={**params, "days": 31, "depth": "content"},
             schedule=Cron(cfg.schedules.validation_content, timezone=cfg.timezone)),
+        downtime_pack.to_deployment(
+            name=f"{site.lower()}-downtime-pack", parameters=params, concurrency_limit=once,
+            schedule=Cron(cfg.schedules.downtime_pack, timezone=cfg.timezone)),
     ]
 
 

@@ -21,7 +21,8 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from flows.hooks import MAIL_SENT, notify_failure
 
 BACKUP_FLOWS = ["incremental-backup", "nightly-backup", "plan-context-backfill",
-                "treatment-report", "validation-sweep"]
+                "treatment-report", "validation-sweep", "downtime-pack", "dr-drill",
+                "mosaiq-summary"]
 
 
 @flow(name="crash-notice", flow_run_name="crash notice {flow_run_id}", log_prints=False)

@@ -20,9 +20,8 @@ from flows.backup_run import artifact_key
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from radonc_backup.config import load_site
-from radonc_backup.errors import BackupIncomplete, ConfigError
-from radonc_backup.ledger import Ledger
-from radonc_backup.restore import KINDS, open_target, patients_treated, plan_rows
+from radonc_backup.errors import BackupIncomplete
+from radonc_backup.restore import KINDS, choose_patients, open_target, plan_rows
 from tasks.backup import with_site_retries
 from tasks.limits import held_for
 from tasks.recovery import select_objects, send_objects
@@ -57,14 +56,7 @@ def restore(site: str, target: str = "", ae: str = "", host: str = "", port: int
     where = open_target(cfg, target, ae, host, port)
     backup_alias, _ = cfg.backup(backup)
     kinds = kinds or list(KINDS)
-    if patient_ids:
-        patients = sorted(set(patient_ids))
-    elif start_date or end_date:
-        patients = patients_treated(Ledger.for_state_dir(cfg.state_dir), backup_alias,
-                                    start_date, end_date)
-    else:
-        raise ConfigError(f"site {site}: name the patients (patient_ids) or a period "
-                          "(start_date, end_date) to restore")
+    patients = choose_patients(cfg, backup_alias, patient_ids, start_date, end_date)
     settings = cfg.settings
     items = with_site_retries(select_objects, settings)(site, backup, config, patients, kinds)
     rows = plan_rows(items)

@@ -281,6 +281,11 @@ class Settings(_Strict):
     report_share_url: str = ""
     """How people open ``report_share`` (e.g. ``file://fileserver/radonc/reports`` or an
     intranet URL); the report's summary links the copies there."""
+    downtime_pack_dir: str = ""
+    """Where the downtime packs go (a local disk the treatment rooms can reach without the
+    network; default <state_dir>/downtime-packs); ``current`` points at the last good one."""
+    downtime_pack_days: int = Field(default=7, ge=1, le=120)
+    """The pack holds every patient treated in this many last days."""
 
 
 class Notify(_Strict):
@@ -314,12 +319,14 @@ class Schedules(_Strict):
     validation: str = "0 4 * * 0"
     validation_content: str = "0 5 1 * *"
     """The monthly sweep at content depth over the last 31 days."""
+    downtime_pack: str = "30 4 * * *"
+    """The nightly downtime pack, after the nightly backup and backfill."""
     dr_drill: str = "0 6 2 * *"
     """The monthly disaster-recovery drill (deployed when the site has an Orthanc restore
     target)."""
 
     @field_validator("nightly", "backfill", "report", "validation", "validation_content",
-                     "dr_drill")
+                     "downtime_pack", "dr_drill")
     @classmethod
     def _cron(cls, value: str) -> str:
         if not _CRON.match(value.strip()):

@@ -73,6 +73,17 @@ def patients_treated(ledger: Ledger, backup: str, start: date | None, end: date 
     return sorted(out)
 
 
+def choose_patients(site: Site, backup: str, patient_ids: list[str] | None,
+                    start: date | None, end: date | None) -> list[str]:
+    """The patients named, or those with an RT Record verified in the period."""
+    if patient_ids:
+        return sorted(set(patient_ids))
+    if start or end:
+        return patients_treated(Ledger.for_state_dir(site.state_dir), backup, start, end)
+    raise ConfigError(f"site {site.name}: name the patients (patient_ids) or a period "
+                      "(start_date, end_date)")
+
+
 def select(backup: OrthancBackup, patient_ids: list[str], kinds: list[str]
            ) -> list[HeldInstance]:
     """What the backup holds of these patients, of these kinds (record, context)."""

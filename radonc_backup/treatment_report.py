@@ -215,6 +215,8 @@ def _course_rows(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date
         planned = int(planned_in_records[key]) if pd.notna(planned_in_records[key]) else (
             plan.fractions_planned if plan else None)
         remaining = max(planned - now, 0) if planned is not None and now is not None else None
+        if planned is not None and now is not None and now > planned:
+            warnings.append(f"fraction {now} is beyond the {planned} planned")
         rows.append({
             "PatientID": patient_id,
             "PatientName": row["patient_name"],

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from radonc_backup.backup_target import HeldInstance, OrthancBackup, open_backup
 from radonc_backup.config import load_site
 from radonc_backup.errors import ConfigError
+from radonc_backup.export import Exported, export
 from radonc_backup.restore import Restored, compare_copies, open_target, select, \
     send_and_verify
 
@@ -51,3 +54,12 @@ def compare_objects(site: str, backup: str | None, config: str | None, target: s
         raise ConfigError(f"site {site}: the drill reads its copies back from an Orthanc: "
                           f"restore target {target!r} is a plain DICOM SCP")
     return compare_copies(backup_of(site, backup, config), where.check, items)
+
+
+@task(name="export-objects", cache_policy=NO_CACHE)
+def export_objects(site: str, backup: str | None, config: str | None,
+                   items: list[HeldInstance], folder: str, pseudonymize: bool, seed: str,
+                   zip_it: bool) -> Exported:
+    """Write the objects to a new folder (pseudonymized if asked), whole or not at all."""
+    return export(backup_of(site, backup, config), items, Path(folder), pseudonymize,
+                  seed or None, zip_it)

@@ -48,11 +48,15 @@ password_env = "RADONC_DEMO_BACKUP_PASSWORD"
         server.remove()
 
 
-def whole(server: OrthancServer, uid: str) -> object:
+def stored(server: OrthancServer, uid: str) -> bytes:
     with server.rest() as client:
         [oid] = client.post("/tools/find", json={"Level": "Instance",
                                                  "Query": {"SOPInstanceUID": uid}}).json()
-        ds = dcmread(io.BytesIO(client.get(f"/instances/{oid}/file").content))
+        return client.get(f"/instances/{oid}/file").content
+
+
+def whole(server: OrthancServer, uid: str) -> object:
+    ds = dcmread(io.BytesIO(stored(server, uid)))
     del ds.file_meta  # group 0002 is the file's, not the object's
     return ds
 
@@ -122,3 +126,92 @@ def test_the_drill_restores_a_recent_patient_to_a_scratch_orthanc_and_diffs_ever
     failed = run(dr_drill, site, at(1, 8), target="rebuilt", days=7, seed=3)
     assert failed.is_failed() and "different" in str(failed.message), failed.message
     assert str(chosen.records[0].SOPInstanceUID) in str(failed.message)
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*.dcm"))
+
+
+def test_export_plain_and_pseudonymized_leaves_the_backup_as_it_was(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    from flows.export import export
+
+    site = make_site()
+    a, b = course("EXP001", at(-1, 9), delivered=2), course("EXP002", at(0, 10), delivered=1)
+    push(site, *a.all(), *b.all())
+    assert run(nightly_backup, site, at(1, 5), days=3).is_completed()
+    held_before = site.backup.sop_instance_uids()
+    params = {"site": "DEMO", "config": str(site.config_path), "return_state": True}
+
+    plain = export(folder=str(tmp_path / "plain"), patient_ids=["EXP001"], zip=True, **params)
+    assert plain.is_completed(), plain.message
+    files = files_under(tmp_path / "plain")
+    assert {str(dcmread(f).SOPInstanceUID) for f in files} == uids(*a.all())
+    record = next(f for f in files if "RTRECORD_" in f.parent.name)
+    assert record.relative_to(tmp_path / "plain").parts[0] == "EXP001"  # patient/study/series
+    assert record.read_bytes() == stored(site.backup, str(dcmread(record).SOPInstanceUID))
+    assert Path(plain.result()["zip"]).stat().st_size > 0
+
+    pseudo = export(folder=str(tmp_path / "pseudo"), patient_ids=["EXP001", "EXP002"],
+                    pseudonymize=True, **params)
+    assert pseudo.is_completed(), pseudo.message
+    files = files_under(tmp_path / "pseudo")
+    assert len(files) == len(a.all()) + len(b.all())
+    for f in files:  # no original name or ID anywhere in a file
+        data = f.read_bytes()
+        assert b"EXP001" not in data and b"EXP002" not in data and b"Test^" not in data, f
+    datasets = [dcmread(f) for f in files]
+    originals = {str(ds.SOPInstanceUID) for ds in datasets}
+    assert not originals & uids(*a.all(), *b.all()), "UIDs replaced too"
+    by_patient: dict[str, set[str]] = {}
+    for ds in datasets:
+        by_patient.setdefault(str(ds.PatientID), set()).add(str(ds.StudyInstanceUID))
+    assert len(by_patient) == 2 and all(len(s) == 1 for s in by_patient.values()), \
+        "each patient's study keeps one pseudonymous patient ID and study UID"
+    plans = {str(ds.SOPInstanceUID) for ds in datasets if ds.Modality == "RTPLAN"}
+    for ds in datasets:
+        if ds.Modality == "RTRECORD":  # references between objects still hold
+            assert str(ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID) in plans
+
+    assert site.backup.sop_instance_uids() == held_before
+    assert {str(dcmread(io.BytesIO(stored(site.backup, uid))).PatientID)
+            for uid in held_before} == {"EXP001", "EXP002"}, "the backup is never altered"
+    again = export(folder=str(tmp_path / "plain"), patient_ids=["EXP001"], **params)
+    assert again.is_failed() and "exists" in str(again.message)
+
+
+def test_the_downtime_pack_holds_each_treated_patient_and_a_failed_build_keeps_the_last(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    from demo.synthetic import Patient, make_course
+
+    from flows.downtime_pack import downtime_pack
+
+    site = make_site()
+    a = course("PCK001", at(-1, 9), delivered=2)
+    over = make_course(Patient("PCK002", "Over^Plan"), at(-2, 10), delivered=3, fractions=2,
+                       slices=2)
+    old = course("PCK003", at(-20, 9), delivered=1)
+    push(site, *a.all(), *over.all(), *old.all())
+    assert run(nightly_backup, site, at(1, 5), days=25).is_completed()
+    packs = tmp_path / "packs"
+
+    first = run(downtime_pack, site, at(1, 6), days=7, folder=str(packs))
+    assert first.is_completed(), first.message
+    summary = first.result()
+    current = packs / "current"
+    assert current.is_symlink() and current.resolve() == Path(summary["pack"]).resolve()
+    assert summary["patients"] == 2 and summary["MB"] > 0 and summary["seconds"] > 0
+    assert sorted(p.name for p in current.iterdir() if p.is_dir()) == ["PCK001", "PCK002"]
+    held = {str(dcmread(f).SOPInstanceUID) for f in files_under(current / "PCK001")}
+    assert held == uids(*a.context(), a.records[-1]), "plan context and the last record only"
+    sheet = (current / "PCK001" / "sheet.html").read_text(encoding="utf-8")
+    assert "2 / 28" in sheet and "TrueBeam1" in sheet
+    warned = (current / "PCK002" / "sheet.html").read_text(encoding="utf-8")
+    assert "fraction 3 is beyond the 2 planned" in warned
+    assert (current / f"treatment-report-DEMO-{at(1, 0):%Y-%m-%d}.csv").exists()
+
+    site.backup.stop()  # the backup is down at the next build
+    failed = run(downtime_pack, site, at(2, 6), days=7, folder=str(packs))
+    assert failed.is_failed() and "last good pack" in str(failed.message), failed.message
+    assert current.resolve() == Path(summary["pack"]).resolve(), "the last good pack stays"
+    assert not list(packs.glob("*.partial"))

@@ -21,7 +21,8 @@ from zoneinfo import ZoneInfo
 from demo.site import DemoSite
 from tests.prefect_procs import Server, Workers, register, todays_course, uids
 
-KINDS = ["incremental", "nightly", "backfill", "report", "validation", "validation-content"]
+KINDS = ["incremental", "nightly", "backfill", "report", "validation", "validation-content",
+         "downtime-pack"]
 
 
 def scheduled(server: Server, name: str) -> list[dict[str, Any]]:

@@ -1,0 +1,82 @@
+"""Nightly (and on demand): the downtime pack, so that a clinic can go on in file mode when
+the R&V and the network are gone: for every patient treated in the last N days, their plan
+context, the last RT Record of each plan and a one-page sheet, beside the treatment report;
+built from the backup alone into ``<downtime_pack_dir>/<site>-<time>``, and ``current``
+repointed only when the pack is whole (a failed build keeps the last good pack).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.backup_run import artifact_key
+from flows.cli import run_cli
+from flows.hooks import RUN_HOOKS
+from flows.treatment_report import treatment_report
+from radonc_backup.config import load_site
+from radonc_backup.downtime_pack import CURRENT, build
+from radonc_backup.errors import BackupIncomplete
+from radonc_backup.windows import utc_now, wall
+from tasks.recovery import backup_of
+
+
+@flow(name="downtime-pack", log_prints=False, **RUN_HOOKS)
+def downtime_pack(site: str, days: int | None = None, folder: str | None = None,
+                  keep: int = 2, backup: str | None = None, config: str | None = None,
+                  now: datetime | None = None) -> dict[str, object]:
+    """Build the downtime pack of every patient treated in the last ``days`` days.
+
+    Args:
+        site: Site name, a table of the sites file (e.g. UCLA).
+        days: Patients treated in this many last days (default: downtime_pack_days, 7).
+        folder: Where the packs go (default: downtime_pack_dir, else <state_dir>/downtime-packs).
+        keep: How many packs to keep (the newest; current is always one of them).
+        backup: Backup target alias of the site (empty: the site's default_backup).
+        config: Sites TOML file (empty: $RADONC_BACKUP_CONFIG, else config/environments.toml).
+        now: Replay as if it were this time; leave empty in production.
+    """
+    started = time.monotonic()
+    cfg = load_site(site, config)
+    local = wall((now or utc_now()).astimezone(timezone.utc), cfg.tz)
+    end = local.date()
+    days = days or cfg.settings.downtime_pack_days
+    root = Path(folder or cfg.settings.downtime_pack_dir or cfg.state_dir / "downtime-packs")
+    work = Path(tempfile.mkdtemp(prefix="downtime-report-"))
+    report_csv = work / f"treatment-report-{site}-{end}.csv"
+    report = treatment_report(site=site, treatment_start_date=end - timedelta(days=days - 1),
+                              end_date=end, out=str(report_csv), backup=backup, config=config,
+                              return_state=True)
+    if not report.is_completed():
+        raise BackupIncomplete(f"site {site}: downtime pack not built, the last good pack "
+                               f"({root / CURRENT}) is kept: the treatment report "
+                               f"{report.name}: {report.message}")
+    rows = pd.read_csv(report_csv, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    pack = build(backup_of(site, backup, config), rows, root, f"{site}-{local:%Y%m%d-%H%M%S}",
+                 site, [report_csv, report_csv.with_suffix(".html")], local, keep)
+    seconds = time.monotonic() - started
+    summary: dict[str, object] = {
+        "site": site, "pack": str(pack.folder), "current": str(root / CURRENT),
+        "patients": pack.patients, "files": pack.files, "MB": round(pack.bytes / 1e6, 2),
+        "seconds": round(seconds, 1)}
+    create_markdown_artifact(key=artifact_key("downtime-pack", site), markdown=(
+        f"# Downtime pack: site {site}\n\n{pack.patients} patient(s) treated in the last "
+        f"{days} days, {pack.files} file(s), {pack.bytes / 1e6:.1f} MB, built in "
+        f"{seconds:.1f} s from backup {backup_of(site, backup, config).alias}.\n\n"
+        f"Open `{root / CURRENT}/` (each patient's `sheet.html`, and the treatment report)."),
+        description=f"Downtime pack, site {site}")
+    get_run_logger().info("site %s: downtime pack of %d patient(s), %d file(s), %.1f MB in "
+                          "%.1f s: %s", site, pack.patients, pack.files, pack.bytes / 1e6,
+                          seconds, pack.folder)
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(downtime_pack, __doc__ or ""))

@@ -1,0 +1,96 @@
+"""Export from the backup to a folder: one folder per patient, study and series, plain DICOM
+files (no DICOMDIR), optionally zipped, optionally pseudonymized with dicognito.
+
+Pseudonymization is for the export only (the backup is never altered): one dicognito
+Anonymizer per export, so a patient's IDs and every UID are replaced the same way across all
+their studies and the references between objects (record -> plan -> structure set -> images)
+still hold. A ``seed`` makes a later export of the same patients give the same pseudonyms; it
+is a secret, like a key: whoever has it can redo the mapping.
+
+The export is written to ``<folder>.partial`` and renamed when whole: a folder without that
+suffix is never half written.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from .backup_target import HeldInstance, OrthancBackup
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe(name: object, fallback: str = "unknown") -> str:
+    """A folder name from a DICOM value: letters, digits, dot, dash and underscore."""
+    text = _UNSAFE.sub("_", str(name or "").strip()).strip("._")
+    return text[:64] or fallback
+
+
+def relative_path(ds: Dataset) -> Path:
+    """``<PatientID>/<StudyInstanceUID>/<Modality>_<SeriesInstanceUID>/<SOPInstanceUID>.dcm``"""
+    return (Path(safe(ds.get("PatientID"))) / safe(ds.get("StudyInstanceUID"))
+            / f"{safe(ds.get('Modality'), 'OT')}_{safe(ds.get('SeriesInstanceUID'))}"
+            / f"{safe(ds.get('SOPInstanceUID'))}.dcm")
+
+
+@dataclass
+class Exported:
+    folder: Path
+    files: int = 0
+    bytes: int = 0
+    archive: Path | None = None
+
+
+def pseudonymizer(seed: str | None) -> object:
+    from dicognito.anonymizer import Anonymizer
+
+    return Anonymizer(seed=seed or None)
+
+
+def write_items(backup: OrthancBackup, items: list[HeldInstance], into: Path,
+                anonymizer: object | None = None) -> tuple[int, int]:
+    """Each item's file from the backup under ``into`` (pseudonymized with ``anonymizer``).
+    Returns files and bytes written."""
+    files = size = 0
+    for item in items:
+        data = backup.fetch_file(item.resource_id, item.ref.sop_instance_uid)
+        ds = dcmread(io.BytesIO(data))
+        if anonymizer is not None:
+            anonymizer.anonymize(ds)  # type: ignore[attr-defined]
+            out = io.BytesIO()
+            ds.save_as(out, enforce_file_format=True)
+            data = out.getvalue()
+        path = into / relative_path(ds)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        files, size = files + 1, size + len(data)
+    return files, size
+
+
+def export(backup: OrthancBackup, items: list[HeldInstance], folder: Path,
+           pseudonymize: bool = False, seed: str | None = None, zip_it: bool = False,
+           ) -> Exported:
+    """Write ``items`` to ``folder`` (which must not exist yet), whole or not at all."""
+    if folder.exists():
+        raise FileExistsError(f"{folder} exists: export to a new folder")
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        files, size = write_items(backup, items, partial,
+                                  pseudonymizer(seed) if pseudonymize else None)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    partial.rename(folder)
+    out = Exported(folder, files, size)
+    if zip_it:
+        out.archive = Path(shutil.make_archive(str(folder), "zip", root_dir=folder))
+    return out
