@@ -80,7 +80,7 @@ def site_deployments(template: list[dict[str, Any]], site: Site, pool: str,
         dep["description"] = dep.get("description", "").replace(
             f"(site {TEMPLATE_SITE})", f"(site {site.name})")
         dep["tags"] = [f"site-{site.name}"]
-        dep["schedules"] = [schedule_for(kind, site)]
+        dep["schedules"] = [schedule_for(kind, site)] if dep.get("schedules") else []
         dep["work_pool"] = {**dep.get("work_pool", {}), "name": pool}
         out.append(dep)
     return out + mosaiq_summaries(site, pool) + drills(site, pool)

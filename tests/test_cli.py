@@ -116,3 +116,26 @@ def test_report_cli_writes_the_csv_even_with_the_prefect_server_down(
     assert backup.stderr.strip().splitlines() == [
         f"FAILED: site DEMO: Prefect server {down} is unreachable (ConnectError): start it "
         "(docs/operations.md), or unset PREFECT_API_URL to run with a temporary local Prefect"]
+
+
+def test_recovery_from_the_shell_a_dry_run_and_an_export(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    """The runbook's commands (docs/recovery.md) as typed: a restore dry run lists and sends
+    nothing (exit 0) and an export writes the files (a failed restore: tests/test_recovery.py)."""
+    site = make_site()
+    c = make_course(Patient("CLI002", "Cli^Restore"), datetime(2026, 11, 18, 9), delivered=2,
+                    slices=2)
+    site.backup.upload([to_bytes(ds) for ds in c.all()])
+    env = {"PREFECT_HOME": str(tmp_path / "prefect")}
+    common = ["--site", "DEMO", "--config", str(site.config_path)]
+
+    dry = cli("flows.restore", *common, "--ae", "REBUILT", "--host", "127.0.0.1", "--port",
+              str(free_port()), "--patient-ids", "CLI002", "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert f'"objects": {len(c.all())}' in dry.stdout
+
+    out = tmp_path / "export"
+    exported = cli("flows.export", *common, "--folder", str(out), "--patient-ids", "CLI002",
+                   "--kinds", "record", env=env)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert len(list(out.rglob("*.dcm"))) == len(c.records)

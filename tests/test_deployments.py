@@ -15,7 +15,7 @@ from radonc_backup.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ["incremental", "nightly", "backfill", "report", "validation", "validation-content",
-         "downtime-pack"]
+         "downtime-pack", "restore", "export"]
 
 
 def test_prefect_yaml_entrypoints_and_schedules() -> None:
@@ -30,10 +30,11 @@ def test_prefect_yaml_entrypoints_and_schedules() -> None:
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         flows.add(getattr(module, func).name)
         assert dep["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
-        assert all(s["timezone"] == "America/New_York" for s in dep["schedules"])
+        assert all(s["timezone"] == "America/New_York" for s in dep.get("schedules", []))
     assert [d["name"] for d in per_site] == [f"demo-{k}" for k in KINDS]
     assert flows == {"incremental-backup", "nightly-backup", "plan-context-backfill",
-                     "treatment-report", "validation-sweep", "downtime-pack"}
+                     "treatment-report", "validation-sweep", "downtime-pack", "restore",
+                     "export"}
 
 
 def test_register_deploys_the_set_once_per_site_in_its_timezone() -> None:

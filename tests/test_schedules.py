@@ -22,7 +22,7 @@ from demo.site import DemoSite
 from tests.prefect_procs import Server, Workers, register, todays_course, uids
 
 KINDS = ["incremental", "nightly", "backfill", "report", "validation", "validation-content",
-         "downtime-pack"]
+         "downtime-pack", "restore", "export"]
 
 
 def scheduled(server: Server, name: str) -> list[dict[str, Any]]:
