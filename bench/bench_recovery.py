@@ -33,7 +33,7 @@ from pathlib import Path
 import bench.env  # noqa: E402,F401  (first: the environment every benchmark runs in)
 
 from demo.orthanc import OrthancServer  # noqa: E402
-from demo.site import DemoSite, start_demo_site  # noqa: E402
+from demo.site import DemoSite, add_restore_target, start_demo_site  # noqa: E402
 from demo.synthetic import Patient, Study, make_course, make_image_series, make_rtplan, \
     make_rtstruct, make_treatment_record, to_bytes  # noqa: E402
 from bench.report_file import replace_section  # noqa: E402
@@ -64,17 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         backup_cfg = cfg.backup_targets["orthanc"]
         scratch = OrthancServer("SCRATCH", modalities={
             "backup": (backup_cfg.aet, "127.0.0.1", site.backup.dicom_port)}).start()
-        config = Path(site.config_path)
-        config.write_text(config.read_text() + f"""
-[DEMO.restore_targets.scratch]
-type = "orthanc"
-aet = "SCRATCH"
-ip = "127.0.0.1"
-port = {scratch.dicom_port}
-rest_url = "{scratch.url}"
-username = "{scratch.username}"
-password_env = "RADONC_DEMO_BACKUP_PASSWORD"
-""")
+        add_restore_target(site, "scratch", scratch)
         restore_rows = bench_restore(site, scratch, args.slices)
         sweep_row = bench_sweep(site, args.patients, args.fractions)
     finally:

@@ -120,3 +120,19 @@ def start_demo_site(workdir: Path, backup_lua: list[str] | None = None, rv_find_
 def pydicom_rt_samples() -> list[Path]:
     """The real RT sample files pydicom ships (plan, structure set, dose, a CT slice)."""
     return [Path(p) for p in (get_testdata_file(n) for n in PYDICOM_RT_SAMPLES) if p]
+
+
+def add_restore_target(site: DemoSite, alias: str, server: OrthancServer) -> None:
+    """Declare ``server`` (an Orthanc, its REST API as the backup's password) as a restore
+    target of site DEMO."""
+    config = Path(site.config_path)
+    config.write_text(config.read_text() + f"""
+[DEMO.restore_targets.{alias}]
+type = "orthanc"
+aet = "{server.aet}"
+ip = "127.0.0.1"
+port = {server.dicom_port}
+rest_url = "{server.url}"
+username = "{server.username}"
+password_env = "RADONC_DEMO_BACKUP_PASSWORD"
+""")

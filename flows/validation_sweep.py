@@ -49,7 +49,8 @@ DEPTHS = ("presence", "content")
 @flow(name="validation-sweep", flow_run_name=naming.VALIDATION, log_prints=False,
       **RUN_HOOKS)
 def validation_sweep(site: str, start_date: date | None = None, end_date: date | None = None,
-                     days: int = 7, depth: str = "presence", repair: bool = False, out: str | None = None,
+                     days: int = 7, depth: str = "presence", repair: bool = False,
+                     out: str | None = None,
                      source: str | None = None, backup: str | None = None,
                      config: str | None = None, now: datetime | None = None,
                      ) -> dict[str, object]:

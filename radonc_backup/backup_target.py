@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 from pydicom import dcmread
@@ -267,12 +267,12 @@ class OrthancBackup:
         for item in answer:  # type: ignore[union-attr]
             sid = str(item["ParentSeries"])
             if sid not in series:
-                s = self._json(self._get(f"/series/{sid}"), "/series")
-                study = self._json(self._get(f"/studies/{s['ParentStudy']}"),  # type: ignore[index]
-                                   "/studies")
-                series[sid] = (str(s["MainDicomTags"].get("Modality", "")),  # type: ignore[index]
-                               str(s["MainDicomTags"].get("SeriesInstanceUID", "")),  # type: ignore[index]
-                               str(study["MainDicomTags"].get("StudyInstanceUID", "")))  # type: ignore[index]
+                s: Any = self._json(self._get(f"/series/{sid}"), "/series")
+                study: Any = self._json(self._get(f"/studies/{s['ParentStudy']}"), "/studies")
+                tags = s["MainDicomTags"]
+                series[sid] = (str(tags.get("Modality", "")),
+                               str(tags.get("SeriesInstanceUID", "")),
+                               str(study["MainDicomTags"].get("StudyInstanceUID", "")))
             modality, series_uid, study_uid = series[sid]
             out.append(HeldInstance(str(item["ID"]), InstanceRef(
                 str(item["MainDicomTags"].get("SOPInstanceUID", "")), "", patient_id, study_uid,

@@ -349,12 +349,17 @@ class LaneLedger:
                     f"AND state != 'verified' AND sop_instance_uid IN ({marks})",
                     (*params, *self.key, *chunk))
 
-    def rows(self, *states: str, kind: str = "record") -> list[LedgerRow]:
-        """Rows of the lane, only those in ``states`` if any are given (uses the state index)."""
+    def rows(self, *states: str, kind: str = "record", day: str | None = None,
+             ) -> list[LedgerRow]:
+        """Rows of the lane, only those in ``states`` if any are given (uses the state index),
+        and of one TreatmentDate if ``day`` is given."""
         sql = ("SELECT sop_instance_uid, sop_class_uid, patient_id, study_uid, series_uid, "
                "treatment_date, treatment_time, state, attempts, last_error, updated "
                "FROM instances WHERE site=? AND source=? AND backup=? AND kind=?")
         params: tuple[object, ...] = (*self.key, kind)
+        if day is not None:
+            sql += " AND treatment_date=?"
+            params += (day,)
         if states:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             params += states

@@ -126,8 +126,7 @@ def check_day(ledger: LaneLedger, target: OrthancBackup, day: str,
     element. A record is called missing only after a query by its own UID misses it too."""
     check = DayCheck(day, on_source=len(source_refs))
     on_source = {r.sop_instance_uid: r for r in source_refs}
-    ledger_rows = {row.ref.sop_instance_uid: row for row in ledger.rows(kind="record")
-                   if row.ref.treatment_date == day}
+    ledger_rows = {row.ref.sop_instance_uid: row for row in ledger.rows(kind="record", day=day)}
     unseen = [r for u, r in on_source.items() if u not in held]
     gone_ledger = [row.ref for u, row in ledger_rows.items()
                    if row.state == "verified" and u not in held and u not in on_source]

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 from demo.site import DemoSite
 from radonc_backup.ledger import Lane, Ledger
 from tests.conftest import Inbox, add_notify
@@ -33,7 +35,9 @@ def test_deployment_run_from_the_cli_on_a_real_server_and_worker(
     register(server, site, course.all())
 
     deployments = server.post("/deployments/filter")
-    assert len(deployments) == 6 and all(d["work_pool_name"] == "radonc-backup"
+    spec = yaml.safe_load((Path(__file__).parent.parent / "prefect.yaml").read_text())
+    assert {d["name"] for d in deployments} == {d["name"] for d in spec["deployments"]}
+    assert len(deployments) == 10 and all(d["work_pool_name"] == "radonc-backup"
                                          for d in deployments)
     schedules = {d["entrypoint"].split(":")[1]: d["schedules"][0]["schedule"]
                  for d in server.post("/deployments/filter") if d["schedules"]}

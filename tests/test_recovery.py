@@ -11,7 +11,7 @@ import pytest
 from pydicom import dcmread
 
 from demo.orthanc import OrthancServer, free_port
-from demo.site import DemoSite
+from demo.site import DemoSite, add_restore_target
 from flows.dr_drill import dr_drill
 from flows.nightly_backup import nightly_backup
 from flows.restore import restore
@@ -31,17 +31,7 @@ def rebuilt(make_site: Callable[..., DemoSite]) -> Iterator[tuple[DemoSite, Orth
     server = OrthancServer("REBUILT", modalities={
         "backup": (backup_aet, "127.0.0.1", site.backup.dicom_port),
         "us": (cfg.script_ae, "127.0.0.1", 104)}).start()
-    config = Path(site.config_path)
-    config.write_text(config.read_text() + f"""
-[DEMO.restore_targets.rebuilt]
-type = "orthanc"
-aet = "REBUILT"
-ip = "127.0.0.1"
-port = {server.dicom_port}
-rest_url = "{server.url}"
-username = "{server.username}"
-password_env = "RADONC_DEMO_BACKUP_PASSWORD"
-""")
+    add_restore_target(site, "rebuilt", server)
     try:
         yield site, server
     finally:

@@ -79,7 +79,7 @@ def corrupt_at_rest(site: DemoSite, ds: object) -> None:
                      str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))  # type: ignore[attr-defined]
     with site.backup.rest() as client:
         uuid = client.get(f"/instances/{oid}/attachments/dicom/info").json()["Uuid"]
-    stored = site.backup.workdir / "storage" / uuid[:2] / uuid[2:4] / uuid  # type: ignore[operator]
+    stored = Path(str(site.backup.workdir)) / "storage" / uuid[:2] / uuid[2:4] / uuid
     data = bytearray(stored.read_bytes())
     for i in range(len(data) // 2, len(data) // 2 + 8):
         data[i] ^= 0x5A
