@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import csv
 import sys
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
 from datetime import date, datetime, timezone
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import PrefectFuture
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import naming
 from flows.backup_run import artifact_key, retry_incomplete_before
@@ -46,7 +49,7 @@ def read_mrns(path: str) -> list[str]:
 
 
 @flow(name="plan-context-backfill", flow_run_name=naming.BACKFILL, log_prints=False,
-      **RUN_HOOKS)
+      task_runner=ThreadPoolTaskRunner(max_workers=8), **RUN_HOOKS)
 def plan_context_backfill(site: str, source: str | None = None, backup: str | None = None,
                           config: str | None = None, patient_ids: list[str] | None = None,
                           start_date: date | None = None, end_date: date | None = None,
@@ -80,9 +83,10 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
     ids = list(patient_ids or []) + (read_mrns(mrn_csv) if mrn_csv else [])
     on_demand = bool(ids or start_date or end_date)
     outcomes: list[ContextOutcome] = []
+    in_flight = plans_in_flight(lane)
     # Slots first, before any task run (see rv_slots). While walking, a C-FIND and a whole-series
-    # C-MOVE may overlap: two associations' worth.
-    with rv_slots(lane.source, occupy=2):
+    # C-MOVE may overlap: two associations' worth for each plan in flight.
+    with rv_slots(lane.source, occupy=2 * in_flight):
         unreadable = with_site_retries(link_new_records, retrying)(lane.ref)
         if on_demand:
             chosen = with_site_retries(select_records, retrying)(lane.ref, ids or None,
@@ -96,10 +100,10 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
             record_uids, pending_only=not on_demand, unwalked_too=after_backup,
             retry_before=retry_incomplete_before(lane, now) if after_backup else None)
         progress = Progress(f"plan contexts, site {site}", len(links), PLANS_FROM)
-        for done, link in enumerate(links, 1):
-            outcomes.append(walk_one(lane, link, images_now))
+        for outcome in walk_pipelined(lane, links, images_now, in_flight):
+            outcomes.append(outcome)
             moved = sum(sum(o.moved.values()) for o in outcomes)
-            progress.update(done, f"{moved} object(s) moved")
+            progress.update(len(outcomes), f"{moved} object(s) moved")
 
     summary = summarize(site, lane.lane.source, outcomes, totals(lane.ledger))
     summary["unreadable_records"] = unreadable
@@ -122,12 +126,40 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
     return summary
 
 
-def walk_one(lane: OpenLane, link: PlanLink, images_now: bool) -> ContextOutcome:
-    """One plan's walk as a task; a walk that fails is an incomplete context, not a crash."""
-    state = with_site_retries(walk_plan, lane.site.settings)(lane.ref, link, images_now,
-                                                             return_state=True)
+def plans_in_flight(lane: OpenLane) -> int:
+    """Plans walked at once: ``move_associations``, within the source's ``max_associations``
+    at two associations a walk (its C-FINDs overlap its series move)."""
+    return max(1, min(lane.site.settings.move_associations,
+                      lane.dicom.max_associations // 2))
+
+
+def walk_pipelined(lane: OpenLane, links: list[PlanLink], images_now: bool, in_flight: int,
+                   ) -> Iterator[ContextOutcome]:
+    """Walk the plans ``in_flight`` at a time, one task run each: while one plan's series
+    moves, the next plans' chains (plan -> structure set -> series) are walked. Never two plans
+    of one patient at once: their plans share a planning CT, which two walks would both find
+    missing and move twice."""
+    walker = with_site_retries(walk_plan, lane.site.settings)
+    pending = list(links)
+    running: deque[tuple[PlanLink, PrefectFuture[ContextOutcome]]] = deque()
+    while pending or running:
+        busy = {link.patient_id for link, _ in running}
+        ready = next((link for link in pending if link.patient_id not in busy), None) \
+            if len(running) < in_flight else None
+        if ready is None:
+            yield settle_walk(lane, *running.popleft())
+            continue
+        pending.remove(ready)
+        running.append((ready, walker.submit(lane.ref, ready, images_now)))
+
+
+def settle_walk(lane: OpenLane, link: PlanLink, future: PrefectFuture[ContextOutcome],
+                ) -> ContextOutcome:
+    """A walk's outcome; a walk that failed is an incomplete context, not a crash."""
+    future.wait()
+    state = future.state
     if state.is_completed():
-        return state.result()
+        return state.result()  # type: ignore[return-value]
     failed = ContextOutcome(link.plan_uid, link.patient_id)
     failed.problem(f"walk failed: {state.message}")
     lane.ledger.set_context(link.plan_uid, link.patient_id, "incomplete",

@@ -93,6 +93,11 @@ class OrthancBackup:
                                       verify=self.url.startswith("https"))
         return self._http
 
+    def connect(self) -> None:
+        """Open the keep-alive client now, before threads share it (httpx's client is
+        thread-safe; its lazy creation here is not)."""
+        self._client()
+
     def close(self) -> None:
         if self._http is not None:
             self._http.close()

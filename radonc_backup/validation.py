@@ -9,6 +9,7 @@ patients' plan contexts back to incomplete), so the next backup and backfill run
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -80,6 +81,8 @@ backup; ``absent`` verified in the ledger, in neither; ``unknown-to-ledger`` in 
 no lane's ledger; ``unreadable`` in the backup, its file damaged or not DICOM;
 ``content-differs`` source and backup copies differ (``content`` depth); ``count-differs`` a
 series holds another number of the day's records on each side."""
+READERS = 4
+"""Records read back at once (MD5 check and fetch) on one keep-alive client."""
 CSV_COLUMNS = ["day", "patient_id", "study_uid", "series_uid", "sop_instance_uid", "kind",
                "detail", "repaired"]
 
@@ -150,17 +153,26 @@ def check_day(ledger: LaneLedger, target: OrthancBackup, day: str,
                if u in held or u in late}
     check.in_backup = len(present)
     copies: dict[str, Dataset] = {}
-    for uid, ref in present.items():
+
+    def read_back(ref: InstanceRef) -> tuple[InstanceRef, str, Dataset | None]:
+        uid = ref.sop_instance_uid
         resource = held.get(uid) or orthanc_id(ref.patient_id, ref.study_uid, ref.series_uid,
                                                uid)
         damage = target.damage(resource)
-        if not damage:
-            try:
-                copies[uid] = target.read_resource(resource, uid)
-            except BackupTargetError as exc:
-                damage = f"not readable DICOM: {str(exc).split(': ')[-1]}"
         if damage:
-            check.discrepancies.append(Discrepancy.of(ref, "unreadable", damage, day))
+            return ref, damage, None
+        try:
+            return ref, "", target.read_resource(resource, uid)
+        except BackupTargetError as exc:
+            return ref, f"not readable DICOM: {str(exc).split(': ')[-1]}", None
+
+    target.connect()
+    with ThreadPoolExecutor(max_workers=READERS) as pool:  # Orthanc answers in parallel
+        for ref, damage, ds in pool.map(read_back, present.values()):
+            if ds is not None:
+                copies[ref.sop_instance_uid] = ds
+            else:
+                check.discrepancies.append(Discrepancy.of(ref, "unreadable", damage, day))
 
     if source_copies is not None:
         wanted = [on_source[u] for u in copies if u in on_source]
