@@ -32,7 +32,7 @@ from radonc_backup.ledger import PlanLink
 from radonc_backup.plan_context import TYPES, ContextOutcome, totals
 from radonc_backup.windows import utc_now, wall
 from tasks.backup import with_site_retries
-from tasks.limits import rv_slots
+from tasks.limits import holding, rv_slots
 from tasks.plan_context import link_new_records, select_records, walk_plan
 
 
@@ -128,9 +128,12 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
 
 def plans_in_flight(lane: OpenLane) -> int:
     """Plans walked at once: ``move_associations``, within the source's ``max_associations``
-    at two associations a walk (its C-FINDs overlap its series move)."""
-    return max(1, min(lane.site.settings.move_associations,
-                      lane.dicom.max_associations // 2))
+    at two associations a walk (its C-FINDs overlap its series move). As a subflow of a backup
+    run, which holds ``move_associations`` slots, within those: half as many."""
+    share = lane.site.settings.move_associations
+    if holding(lane.source):
+        return max(1, share // 2)
+    return max(1, min(share, lane.dicom.max_associations // 2))
 
 
 def walk_pipelined(lane: OpenLane, links: list[PlanLink], images_now: bool, in_flight: int,

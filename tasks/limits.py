@@ -62,6 +62,11 @@ def rv_slots(source: AriaSource | MimSource | MosaiqSource, occupy: int = 1) -> 
             _held.reset(token)
 
 
+def holding(source: AriaSource | MimSource | MosaiqSource) -> bool:
+    """Whether this run already holds slots of the source's limit (a subflow of a run)."""
+    return source.limit_name in _held.get()
+
+
 def rv_limits(site: Site) -> dict[str, int]:
     """The limit name and size for each source of a site (a Mosaiq source's: connections)."""
     return {src.limit_name: src.max_associations for src in site.sources.values()}

@@ -54,7 +54,8 @@ def select_records(ref: LaneRef, patient_ids: list[str] | None, start_date: date
     return sorted(found.values(), key=lambda r: r.sop_instance_uid)
 
 
-@task(name="walk-plan-context", cache_policy=NO_CACHE)
+@task(name="walk-plan-context", task_run_name="walk-plan-context {link.patient_id}",
+      cache_policy=NO_CACHE)
 def walk_plan(ref: LaneRef, link: PlanLink, images_now: bool = True) -> ContextOutcome:
     """Bring one plan's structure set, image series and doses into the backup, and verify.
 

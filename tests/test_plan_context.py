@@ -255,3 +255,43 @@ def test_record_gone_from_the_backup_fails_the_run_but_not_the_others(site: Demo
     assert gone.SOPInstanceUID in message and "unreadable" in message
     contexts = ledger(site).at(LANE).contexts()
     assert contexts[s.plan_b.SOPInstanceUID][0] == "complete"
+
+
+def walk_windows(flow_run_id: Any) -> list[tuple[str, Any, Any]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[flow_run_id])))
+    return [(r.name, r.start_time, r.end_time) for r in runs
+            if r.name.startswith("walk-plan-context")]
+
+
+@pytest.mark.parametrize("associations", [1, 2])
+def test_plans_of_different_patients_are_walked_at_once_within_move_associations(
+        make_site: Callable[..., DemoSite], associations: int) -> None:
+    """Two patients, two plans each (sharing a CT): with move_associations 2 the two patients'
+    walks overlap in time, with 1 they never do; a patient's own plans never overlap (their CT
+    moves once either way)."""
+    site = make_site(settings={"lookback_days": 7, "move_associations": associations})
+    a, b = Scenario("PIPE01", ct_slices=20), Scenario("PIPE02", ct_slices=20)
+    upload(site.rv, [*a.everything(), *b.everything()])
+    back_up_records(site)
+
+    state = backfill(site)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["complete"] == 4
+    assert summary["moved"]["CT"] == 40, "each shared CT moved once"
+    assert site.backup.sop_instance_uids() == uids([*a.everything(), *b.everything()])
+    windows = walk_windows(state.state_details.flow_run_id)
+    assert len(windows) == 4
+
+    def overlap(x: tuple[str, Any, Any], y: tuple[str, Any, Any]) -> bool:
+        return x[1] < y[2] and y[1] < x[2]
+
+    pairs = [(x, y) for i, x in enumerate(windows) for y in windows[i + 1:]]
+    same_patient = [(x, y) for x, y in pairs if ("PIPE01" in x[0]) == ("PIPE01" in y[0])]
+    assert not any(overlap(x, y) for x, y in same_patient)
+    assert any(overlap(x, y) for x, y in pairs) == (associations > 1)
