@@ -13,11 +13,14 @@ Why a layer of our own:
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -218,8 +221,11 @@ class DicomClient:
     """Talks to one peer as ``calling_ae``; every method opens and releases its own association."""
 
     def __init__(self, site: str, calling_ae: str, peer: Peer, timeouts: Timeouts = Timeouts(),
-                 query_model: str = "study") -> None:
+                 query_model: str = "study", gate: threading.Semaphore | None = None) -> None:
         self.site = site
+        # Shared by the clients of concurrent work that must stay within a number of
+        # associations (plan-context walks): each association holds a permit while it is open.
+        self.gate = gate
         self.calling_ae = calling_ae
         self.peer = peer
         self.timeouts = timeouts
@@ -244,6 +250,18 @@ class DicomClient:
                     roles: list[object] | None = None,
                     handlers: list[tuple[object, Callable[..., object]]] | None = None,
                     ) -> Iterator[Association]:
+        if self.gate is None:
+            with self._association(operation, contexts, roles, handlers) as assoc:
+                yield assoc
+            return
+        with self.gate, self._association(operation, contexts, roles, handlers) as assoc:
+            yield assoc
+
+    @contextmanager
+    def _association(self, operation: str, contexts: list[PresentationContext],
+                     roles: list[object] | None,
+                     handlers: list[tuple[object, Callable[..., object]]] | None,
+                     ) -> Iterator[Association]:
         ae = self._ae()
         connected: list[bool] = []
         on_open = (evt.EVT_CONN_OPEN, lambda event: connected.append(True))
@@ -371,11 +389,32 @@ class DicomClient:
         syntax in a context of its own, so compressed objects come in their own syntax; unknown,
         every storage class is offered."""
 
+        def keep(event: evt.Event) -> None:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            on_instance(ds)
+
+        return self._get(identifier, keep, sop_classes)
+
+    def get_to_folder(self, identifier: Dataset, folder: Path, sop_classes: Iterable[str] = (),
+                      ) -> tuple[MoveResult, list[Path]]:
+        """C-GET with each object written to ``folder`` as it arrives, as the peer encoded it
+        (never decoded): memory holds one object at a time, whatever the size of the series.
+        Returns the result and the files, in the order they came."""
+        files: list[Path] = []
+
+        def spool(event: evt.Event) -> None:
+            path = folder / f"{len(files):06d}.dcm"
+            path.write_bytes(event.encoded_dataset(include_meta=True))
+            files.append(path)
+
+        return self._get(identifier, spool, sop_classes), files
+
+    def _get(self, identifier: Dataset, on_store: Callable[[evt.Event], None],
+             sop_classes: Iterable[str]) -> MoveResult:
         def handle_store(event: evt.Event) -> int:
             try:
-                ds = event.dataset
-                ds.file_meta = event.file_meta
-                on_instance(ds)
+                on_store(event)
             except Exception:
                 return 0xA700
             return 0x0000
@@ -397,6 +436,36 @@ class DicomClient:
                 last = _sub_operations(status, status_ds)
                 self._pending("C-GET", status, status_ds, about, last)
         return last
+
+    def store_files(self, files: Iterable[Path], remove: bool = False) -> list[StoreResult]:
+        """C-STORE DICOM files on one association, read one at a time (``remove``: each file
+        deleted once sent); a refused object is reported, not raised. The contexts come from
+        the files' meta headers, so each object goes in the syntax it is stored in."""
+        paths = list(files)
+        if not paths:
+            return []
+        metas = {p: read_file_meta_info(p) for p in paths}
+        pairs = sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID))
+                        for m in metas.values()})
+        results = []
+        with self.association("C-STORE", [build_context(c, ts) for c, ts in pairs][:128]) \
+                as assoc:
+            for path in paths:
+                uid = str(metas[path].MediaStorageSOPInstanceUID)
+                try:
+                    status = _status(assoc.send_c_store(path))
+                except ValueError as exc:  # no accepted context for this class/syntax
+                    results.append(StoreResult(uid, None, str(exc)))
+                    continue
+                if status is None:
+                    raise self._error(True, "C-STORE", "no response (timeout or abort)", uid)
+                result = StoreResult(uid, status)
+                if not result.ok:
+                    result.error = f"status 0x{status:04X} ({code_to_category(status)})"
+                results.append(result)
+                if remove:
+                    path.unlink(missing_ok=True)
+        return results
 
     def store(self, datasets: Iterable[Dataset]) -> list[StoreResult]:
         """C-STORE each dataset on one association; a refused object is reported, not raised."""

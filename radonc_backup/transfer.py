@@ -10,16 +10,19 @@ answering during the move is a retriable error naming it.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 
 from .backup_target import BackupTarget, wait_for
-from .config import AriaSource, MimSource, MosaiqSource, Site
-from .dicom_net import DicomClient, MoveResult, identifier, uid_list
+from .config import AriaSource, MosaiqSource, Site
+from .dicom_net import DicomClient, MoveResult, StoreResult, identifier, uid_list
 from .errors import BackupError, DicomError, FatalDicomError, \
     RetriableBackupTargetError, RetriableDicomError
 from .instance import InstanceRef
@@ -234,7 +237,7 @@ def transfer(lane: OpenLane, batch: list[InstanceRef]) -> Delivery:
         delivery.claims = (f"C-MOVE status {statuses}, {completed} completed, {failed} failed"
                            + (f", {len(delivery.refused)} refused" if delivery.refused else ""))
         return delivery
-    return _relay(client, lane.backup_client(), source, identifiers, batch)
+    return _relay(lane, client, identifiers, batch)
 
 
 def _store_staged(lane: OpenLane, batch: list[InstanceRef]) -> Delivery:
@@ -262,32 +265,49 @@ def _store_staged(lane: OpenLane, batch: list[InstanceRef]) -> Delivery:
     return delivery
 
 
-def _relay(client: DicomClient, store_client: DicomClient, source: AriaSource | MimSource,
-           identifiers: list[Dataset], batch: list[InstanceRef]) -> Delivery:
-    """C-GET each identifier and C-STORE what arrives to the backup. A refused identifier
-    fails its own UIDs; a refused UID list is asked again one UID per request."""
+def _relay(lane: OpenLane, client: DicomClient, identifiers: list[Dataset],
+           batch: list[InstanceRef]) -> Delivery:
+    """C-GET each identifier into a spool folder on disk and C-STORE the files from there to
+    the backup, each file read when it is sent and deleted once sent: memory stays that of one
+    object, whatever the size of the series. The store of one identifier's objects runs while
+    the next identifier is fetched. A refused identifier fails its own UIDs; a refused UID list
+    is asked again one UID per request."""
+    source, store_client = lane.dicom, lane.backup_client()
     delivery = Delivery("")
     classes = sorted({r.sop_class_uid for r in batch})
     pending, lists, singles_ok, not_stored = list(identifiers), 0, 0, 0
-    while pending:
-        ident = pending.pop(0)
-        uids = uid_list(ident.get("SOPInstanceUID"))
-        received: list[Dataset] = []
-        try:
-            client.get(ident, received.append, classes)
-            if lists and len(uids) == 1:
-                singles_ok += 1
-        except FatalDicomError as exc:
-            if not exc.refused_identifier:
-                raise
-            if len(uids) > 1:
-                lists += 1
-                pending += one_uid_each(ident)
-            else:
-                delivery.refused.update({u: str(exc) for u in uids or [
-                    r.sop_instance_uid for r in batch
-                    if r.series_uid == str(ident.get("SeriesInstanceUID", ""))]})
-        not_stored += sum(1 for r in store_client.store(received) if not r.ok)
+    root = lane.site.state_dir / "spool"
+    root.mkdir(parents=True, exist_ok=True)
+    spool = Path(tempfile.mkdtemp(prefix="relay-", dir=root))
+    storing: Future[list[StoreResult]] | None = None
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            while pending:
+                ident = pending.pop(0)
+                uids = uid_list(ident.get("SOPInstanceUID"))
+                folder = Path(tempfile.mkdtemp(dir=spool))
+                try:
+                    _, files = client.get_to_folder(ident, folder, classes)
+                    if lists and len(uids) == 1:
+                        singles_ok += 1
+                except FatalDicomError as exc:
+                    if not exc.refused_identifier:
+                        raise
+                    files = sorted(folder.iterdir())  # what came before the refusal
+                    if len(uids) > 1:
+                        lists += 1
+                        pending += one_uid_each(ident)
+                    else:
+                        delivery.refused.update({u: str(exc) for u in uids or [
+                            r.sop_instance_uid for r in batch
+                            if r.series_uid == str(ident.get("SeriesInstanceUID", ""))]})
+                if storing is not None:
+                    not_stored += sum(1 for r in storing.result() if not r.ok)
+                storing = pool.submit(store_client.store_files, files, True)
+            if storing is not None:
+                not_stored += sum(1 for r in storing.result() if not r.ok)
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
     if lists and singles_ok:
         delivery.notes.append(f"{source.label} refused {lists} C-GET(s) listing several UIDs; "
                               'each UID was asked on its own: set retrieve = "one_uid" for this '

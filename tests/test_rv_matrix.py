@@ -115,6 +115,9 @@ def test_each_in_process_stand_in_within_the_stated_requests(
     add_source(site, server, "matrix", kind, **settings)
     with server:
         finish(site, world, "matrix")
+    if kind == "mim":  # relayed through the spool on disk, which is left empty
+        spool = Path(site.workdir) / "state" / "spool"
+        assert spool.is_dir() and not any(p.is_file() for p in spool.rglob("*"))
     finds, retrieves = bounds(world, settings.get("profile") == "strict")
     assert server.refused_finds == 0
     assert len(server.finds) <= finds, (len(server.finds), finds, server.finds)
