@@ -3,8 +3,11 @@
 By default it takes the plans of verified records whose context is not complete yet. On demand it
 takes the records the backup holds for some patients (``patient_ids`` or a CSV of MRNs in
 ``mrn_csv``, first column, header optional) and/or treatment dates, and walks their plans again
-even if complete. An incomplete context (plan or CT missing on the R&V, a series shorter than
-announced) is reported with its UIDs, never blocks the other plans, and is retried by later runs.
+even if complete. ``--department`` takes every RT Record the backup holds (within the dates or
+patients given) and walks only the plans not complete yet: a first backfill of a whole
+department, which a rerun after a crash or a cancel resumes where it stopped. An incomplete
+context (plan or CT missing on the R&V, a series shorter than announced) is reported with its
+UIDs, never blocks the other plans, and is retried by later runs.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import csv
 import sys
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date, datetime, timezone
 
 from prefect import flow, get_run_logger
@@ -29,7 +32,8 @@ from radonc_backup.config import within_hours
 from radonc_backup.errors import BackupIncomplete, ConfigError
 from radonc_backup.lane import OpenLane, open_lane
 from radonc_backup.ledger import PlanLink
-from radonc_backup.plan_context import TYPES, ContextOutcome, totals
+from radonc_backup.backup_target import OrthancBackup
+from radonc_backup.plan_context import TYPES, ContextOutcome, WalkGates, totals
 from radonc_backup.windows import utc_now, wall
 from tasks.backup import with_site_retries
 from tasks.limits import holding, rv_slots
@@ -54,7 +58,8 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
                           config: str | None = None, patient_ids: list[str] | None = None,
                           start_date: date | None = None, end_date: date | None = None,
                           mrn_csv: str | None = None, record_uids: list[str] | None = None,
-                          now: datetime | None = None) -> dict[str, object]:
+                          department: bool = False, now: datetime | None = None,
+                          ) -> dict[str, object]:
     """Backfill plan context for a site's backed-up RT Records (see module docstring).
 
     Args:
@@ -67,43 +72,53 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
         end_date: Only records treated on or before this date (site time).
         mrn_csv: A CSV file of patient IDs (first column) on the worker's disk.
         record_uids: Only the plans of these RT Record SOP Instance UIDs.
+        department: Every RT Record the backup holds (within the dates or patients given),
+            and only plans not complete yet: a first backfill, resumed by a rerun.
         now: Decide off-peak hours as if it were this time; leave empty in production.
     """
     logger = get_run_logger()
     lane = open_lane(site, source, backup, config)
     source_peer = lane.dicom  # a Mosaiq source has no plan context to walk: one line, here
     retrying = lane.site.settings
-    local_now = wall((now or utc_now()).astimezone(timezone.utc), lane.site.tz)
-    images_now = within_hours(source_peer.image_hours, local_now)
-    if not images_now:
-        logger.info("site %s: %s is outside the off-peak hours %s of %s: image series wait",
-                    site, local_now.strftime("%H:%M"), source_peer.image_hours,
-                    lane.lane.source)
+
+    def images_now() -> bool:
+        """Asked as each plan starts: a long run that leaves the off-peak hours defers the
+        image series of the plans it starts after that."""
+        local_now = wall((now or utc_now()).astimezone(timezone.utc), lane.site.tz)
+        return within_hours(source_peer.image_hours, local_now)
+
+    if not images_now():
+        logger.info("site %s: outside the off-peak hours %s of %s: image series wait", site,
+                    source_peer.image_hours, lane.lane.source)
 
     ids = list(patient_ids or []) + (read_mrns(mrn_csv) if mrn_csv else [])
-    on_demand = bool(ids or start_date or end_date)
+    on_demand = bool(ids or start_date or end_date or department)
     outcomes: list[ContextOutcome] = []
     in_flight = plans_in_flight(lane)
-    # Slots first, before any task run (see rv_slots). While walking, a C-FIND and a whole-series
-    # C-MOVE may overlap: two associations' worth for each plan in flight.
+    # Slots first, before any task run (see rv_slots): an association for image series and
+    # one for the chains' queries for each series moved at once (WalkGates).
     with rv_slots(lane.source, occupy=2 * in_flight):
         unreadable = with_site_retries(link_new_records, retrying)(lane.ref)
         if on_demand:
             chosen = with_site_retries(select_records, retrying)(lane.ref, ids or None,
                                                                    start_date, end_date)
-            unreadable.update(with_site_retries(link_new_records, retrying)(lane.ref, chosen))
+            known = lane.ledger.linked(r.sop_instance_uid for r in chosen) if department \
+                else set()  # a resumed department backfill reads only records not read yet
+            unreadable.update(with_site_retries(link_new_records, retrying)(
+                lane.ref, [r for r in chosen if r.sop_instance_uid not in known]))
             record_uids = [r.sop_instance_uid for r in chosen]
         # After a backup run (record_uids given): its records' plans, any plan a killed run
         # linked but never walked, and incomplete ones last walked context_retry_minutes ago.
         after_backup = record_uids is not None and not on_demand
         links = lane.ledger.plans(
-            record_uids, pending_only=not on_demand, unwalked_too=after_backup,
+            record_uids, pending_only=department or not on_demand, unwalked_too=after_backup,
             retry_before=retry_incomplete_before(lane, now) if after_backup else None)
         progress = Progress(f"plan contexts, site {site}", len(links), PLANS_FROM)
+        grown = backup_growth(lane)
         for outcome in walk_pipelined(lane, links, images_now, in_flight):
             outcomes.append(outcome)
             moved = sum(sum(o.moved.values()) for o in outcomes)
-            progress.update(len(outcomes), f"{moved} object(s) moved")
+            progress.update(len(outcomes), f"{moved} object(s) moved{grown()}")
 
     summary = summarize(site, lane.lane.source, outcomes, totals(lane.ledger))
     summary["unreadable_records"] = unreadable
@@ -127,33 +142,48 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
 
 
 def plans_in_flight(lane: OpenLane) -> int:
-    """Plans walked at once: ``move_associations``, within the source's ``max_associations``
-    at two associations a walk (its C-FINDs overlap its series move). As a subflow of a backup
-    run, which holds ``move_associations`` slots, within those: half as many."""
+    """Image series moved at once: ``move_associations``, within the source's
+    ``max_associations`` at two associations each (one for the series, one for the chains'
+    queries). As a subflow of a backup run, which holds ``move_associations`` slots, within
+    those: half as many."""
     share = lane.site.settings.move_associations
     if holding(lane.source):
         return max(1, share // 2)
     return max(1, min(share, lane.dicom.max_associations // 2))
 
 
-def walk_pipelined(lane: OpenLane, links: list[PlanLink], images_now: bool, in_flight: int,
-                   ) -> Iterator[ContextOutcome]:
-    """Walk the plans ``in_flight`` at a time, one task run each: while one plan's series
-    moves, the next plans' chains (plan -> structure set -> series) are walked. Never two plans
-    of one patient at once: their plans share a planning CT, which two walks would both find
-    missing and move twice."""
+def backup_growth(lane: OpenLane) -> Callable[[], str]:
+    """How much the backup's storage grew since this was called, as a progress note."""
+    if not isinstance(lane.target, OrthancBackup):
+        return lambda: ""
+    start = lane.target.disk_size()
+
+    def note() -> str:
+        return f", backup +{(lane.target.disk_size() - start) / 1e9:.2f} GB"  # type: ignore
+
+    return note
+
+
+def walk_pipelined(lane: OpenLane, links: list[PlanLink], images_now: Callable[[], bool],
+                   in_flight: int) -> Iterator[ContextOutcome]:
+    """Walk the plans, one task run each, ``2 x in_flight`` at once within ``in_flight`` image
+    series moved at once (WalkGates): while one plan's series moves, the next plans' chains
+    (plan -> structure set -> series listing, doses) are walked on the other association.
+    Never two plans of one patient at once: their plans share a planning CT, which two walks
+    would both find missing and move twice."""
     walker = with_site_retries(walk_plan, lane.site.settings)
+    gates = WalkGates(in_flight)
     pending = list(links)
     running: deque[tuple[PlanLink, PrefectFuture[ContextOutcome]]] = deque()
     while pending or running:
         busy = {link.patient_id for link, _ in running}
         ready = next((link for link in pending if link.patient_id not in busy), None) \
-            if len(running) < in_flight else None
+            if len(running) < 2 * in_flight else None
         if ready is None:
             yield settle_walk(lane, *running.popleft())
             continue
         pending.remove(ready)
-        running.append((ready, walker.submit(lane.ref, ready, images_now)))
+        running.append((ready, walker.submit(lane.ref, ready, images_now(), gates)))
 
 
 def settle_walk(lane: OpenLane, link: PlanLink, future: PrefectFuture[ContextOutcome],

@@ -315,6 +315,11 @@ class OrthancBackup:
             sent += len(part)
         return sent
 
+    def disk_size(self) -> int:
+        """Bytes the backup's storage holds (``/statistics``): a long run's progress in GB."""
+        stats: Any = self._json(self._get("/statistics"), "/statistics")
+        return int(stats.get("TotalDiskSize", 0))
+
     def instance_count(self) -> int:
         """How many instances the backup holds, all kinds (``/statistics``)."""
         return int(self._json(self._get("/statistics"), "/statistics")  # type: ignore[index]

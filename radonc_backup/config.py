@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError, SecretMissing
 
 if TYPE_CHECKING:
+    import threading
+
     from .dicom_net import DicomClient
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -393,14 +395,16 @@ class Site(_Strict):
                               f"{alias!r} (backup_targets: {sorted(self.backup_targets)})")
         return alias, self.backup_targets[alias]
 
-    def client(self, peer: DicomPeer, query_model: str = "study") -> "DicomClient":
-        """A DICOM client to one of this site's peers, as our script AE, with its timeouts."""
+    def client(self, peer: DicomPeer, query_model: str = "study",
+               gate: "threading.Semaphore | None" = None) -> "DicomClient":
+        """A DICOM client to one of this site's peers, as our script AE, with its timeouts
+        (``gate``: a semaphore each of its associations holds while open)."""
         from .dicom_net import DicomClient, Peer, Timeouts
 
         s = self.settings
         return DicomClient(self.name, self.script_ae, Peer(peer.aet, peer.ip, peer.port),
                            Timeouts(s.acse_timeout, s.dimse_timeout, s.network_timeout,
-                                    s.connection_timeout), query_model)
+                                    s.connection_timeout), query_model, gate)
 
     @property
     def state_dir(self) -> Path:

@@ -6,6 +6,7 @@ in the Prefect UI) and open it here; domain code works on the ``OpenLane``.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from .backup_target import DicomScpBackup, OrthancBackup, open_backup
@@ -35,6 +36,9 @@ class OpenLane:
     target: OrthancBackup | DicomScpBackup
     ledger: LaneLedger
     ref: LaneRef
+    # Held by each association to the source while it is open (concurrent plan-context walks
+    # share a run's associations); None: no bound beyond the R&V's slots.
+    gate: threading.Semaphore | None = None
 
     @property
     def lane(self) -> Lane:
@@ -56,7 +60,7 @@ class OpenLane:
 
     def client(self) -> DicomClient:
         """A client of the source (the R&V)."""
-        return self.site.client(self.dicom)
+        return self.site.client(self.dicom, gate=self.gate)
 
     def backup_client(self) -> DicomClient:
         """A client of the backup's DICOM port, as our script AE (a MIM-type source's C-GET

@@ -417,6 +417,15 @@ class LaneLedger:
         with self._connect() as conn:
             return [InstanceRef(*r) for r in conn.execute(sql, self.key)]
 
+    def linked(self, record_uids: Iterable[str]) -> set[str]:
+        """Those of ``record_uids`` whose plan reference was read already."""
+        wanted = set(record_uids)
+        with self._connect() as conn:
+            known = {r[0] for r in conn.execute(
+                "SELECT record_uid FROM record_plans WHERE site=? AND source=? AND backup=?",
+                self.key)}
+        return wanted & known
+
     def link_plans(self, links: dict[str, PlanLink]) -> None:
         with self._write() as conn:
             conn.executemany(

@@ -12,10 +12,11 @@ announces (NumberOfSeriesRelatedInstances); a C-MOVE status counts for nothing.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from pydicom.dataset import Dataset
@@ -114,15 +115,36 @@ class ContextOutcome:
         self.unresolved.append(text)
 
 
+class WalkGates:
+    """The R&V associations that a run's concurrent walks share, so that more plans can be
+    walked at once than series moved: ``series`` bounds the image-series moves (the bulk
+    transfers: ``associations`` at once, what ``move_associations`` grants), ``queries`` bounds
+    everything else (C-FINDs; moves of plans, structure sets and doses). A run holding
+    ``2 x associations`` slots of the R&V's limit never opens more associations than that,
+    however many walks are under way; while one plan's series moves, the next plans' chains
+    (plan -> structure set -> series listing) are walked on the other association."""
+
+    def __init__(self, associations: int) -> None:
+        self.associations = max(1, associations)
+        self.series = threading.BoundedSemaphore(self.associations)
+        self.queries = threading.BoundedSemaphore(self.associations)
+
+
 class ContextWalker:
     """Walks one plan's chain for one lane, moving and verifying what the backup lacks."""
 
-    def __init__(self, lane: OpenLane, images_now: bool = True) -> None:
+    def __init__(self, lane: OpenLane, images_now: bool = True,
+                 gates: WalkGates | None = None) -> None:
         self.lane = lane
         self.site, self.source, self.target, self.ledger = lane.site, lane.dicom, lane.target, \
             lane.ledger
         self.images_now = images_now  # False outside the source's image_hours: images wait
-        self.client = lane.client()
+        # Lanes whose associations to the R&V hold a permit of the run's gates (if any): image
+        # series on one, the chain's queries and small moves on the other.
+        self.series_lane = replace(lane, gate=gates.series) if gates else lane
+        self.query_lane = replace(lane, gate=gates.queries) if gates else lane
+        self.client = self.query_lane.client()
+        self.mover = self.series_lane.client()
         self.where = f"{lane.lane.source} ({self.source.aet})"
         # A hierarchical-only peer: plan, structure set and doses are found by walking the
         # patient's studies and series (the series lookups name their study and series anyway).
@@ -220,7 +242,7 @@ class ContextWalker:
         self._note_present([r for r in refs if r.sop_instance_uid in have])
         missing = [r for r in refs if r.sop_instance_uid not in have]
         if missing:
-            verified = self._move(missing, out, started=whole_move)
+            verified = self._move(missing, out, started=whole_move, images=True)
             lost = [r.sop_instance_uid for r in missing if r.sop_instance_uid not in verified]
             if lost:
                 out.problem(f"series {series_uid}: {len(lost)} of {len(refs)} images not verified "
@@ -306,15 +328,16 @@ class ContextWalker:
             self.ledger.mark_verified([r.sop_instance_uid for r in refs])
 
     def _move(self, refs: list[InstanceRef], out: ContextOutcome,
-              started: Future[str] | None = None) -> set[str]:
+              started: Future[str] | None = None, images: bool = False) -> set[str]:
         """Deliver ``refs`` (the one delivery path) and return the UIDs verified in the backup.
 
         ``started``: a move of the whole series already under way; only its end is awaited.
+        ``images``: the objects of an image series (moved on the series association).
         A DICOM error is a problem of this link of the chain; the walk goes on."""
         out.moved.update(object_type(r.sop_class_uid) for r in refs)
         try:
-            outcome = deliver(self.lane, refs, "context", self.site.settings.verify_timeout,
-                              started)
+            outcome = deliver(self.series_lane if images else self.query_lane, refs, "context",
+                              self.site.settings.verify_timeout, started)
             for note in outcome.notes:
                 out.note(note)
         except DicomError as exc:
@@ -328,7 +351,7 @@ class ContextWalker:
     def _move_series(self, patient_id: str, study_uid: str, series_uid: str) -> str:
         ident = identifier("SERIES", PatientID=patient_id, StudyInstanceUID=study_uid,
                            SeriesInstanceUID=series_uid)
-        result = self.client.move([ident], self.target.aet)[0]
+        result = self.mover.move([ident], self.target.aet)[0]
         return (f"C-MOVE status 0x{result.status:04X}, {result.completed} completed, "
                 f"{result.failed} failed")
 

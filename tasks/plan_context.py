@@ -11,7 +11,7 @@ from radonc_backup.dicom_net import identifier
 from radonc_backup.instance import InstanceRef
 from radonc_backup.lane import LaneRef
 from radonc_backup.ledger import PlanLink
-from radonc_backup.plan_context import ContextOutcome, ContextWalker, link_records
+from radonc_backup.plan_context import ContextOutcome, ContextWalker, WalkGates, link_records
 
 
 @task(name="link-records-to-plans", cache_policy=NO_CACHE)
@@ -56,13 +56,15 @@ def select_records(ref: LaneRef, patient_ids: list[str] | None, start_date: date
 
 @task(name="walk-plan-context", task_run_name="walk-plan-context {link.patient_id}",
       cache_policy=NO_CACHE)
-def walk_plan(ref: LaneRef, link: PlanLink, images_now: bool = True) -> ContextOutcome:
+def walk_plan(ref: LaneRef, link: PlanLink, images_now: bool = True,
+              gates: WalkGates | None = None) -> ContextOutcome:
     """Bring one plan's structure set, image series and doses into the backup, and verify.
 
-    ``images_now`` is False outside the source's off-peak hours: image series wait."""
+    ``images_now`` is False outside the source's off-peak hours: image series wait. ``gates``:
+    the R&V associations this walk shares with the run's other walks."""
     lane = ref.open()
     site = ref.site
-    outcome = ContextWalker(lane, images_now).walk(link)
+    outcome = ContextWalker(lane, images_now, gates).walk(link)
     lane.ledger.set_context(link.plan_uid, link.patient_id, outcome.state,
                             "; ".join(outcome.unresolved))
     get_run_logger().info("site %s: plan %s (patient %s): %s; moved %s", site, link.plan_uid,

@@ -11,11 +11,13 @@ returns only the keys of its index); ``cap`` stops an answer after that many mat
 saying so (``cut_status``: ending such an answer with 0xFE00); ``hierarchical_only`` refuses
 relational queries; ``get_only`` offers C-GET and no C-MOVE. Runs on a free loopback port; the
 UIDs of each retrieve request it received are kept in ``moves``, the level of each C-FIND in
-``finds``.
+``finds``; the most associations it had open at once in ``peak_associations``, the most
+retrieves of image objects (CT, MR, PT) under way at once in ``peak_image_retrieves``.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 from pydicom.dataset import Dataset
@@ -78,6 +80,9 @@ class StrictQRSCP:
         self.moves: list[list[str]] = []
         self.finds: list[str] = []  # the level of each C-FIND received
         self.refused_finds = 0
+        self._lock = threading.Lock()
+        self._open = self._image_retrieves = 0
+        self.peak_associations = self.peak_image_retrieves = 0
         self.ae = AE(ae_title=aet)
         self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
         if not get_only:  # a C-GET-only peer (MIM-like) has no C-MOVE service
@@ -153,14 +158,28 @@ class StrictQRSCP:
             yield refusal, None
             return
         found = [ds for ds in self.objects if _matches(ds, query)]
-        yield len(found)
-        for ds in found:
-            yield 0xFF00, ds
+        images = any(str(ds.get("Modality", "")) in ("CT", "MR", "PT") for ds in found)
+        if images:
+            self._count("_image_retrieves", "peak_image_retrieves", +1)
+        try:
+            yield len(found)
+            for ds in found:
+                yield 0xFF00, ds
+        finally:
+            if images:
+                self._count("_image_retrieves", "peak_image_retrieves", -1)
+
+    def _count(self, now: str, peak: str, step: int) -> None:
+        with self._lock:
+            setattr(self, now, getattr(self, now) + step)
+            setattr(self, peak, max(getattr(self, peak), getattr(self, now)))
 
     def __enter__(self) -> "StrictQRSCP":
         self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
             (evt.EVT_C_FIND, self._on_find), (evt.EVT_C_MOVE, self._on_move),
-            (evt.EVT_C_GET, self._on_get)])
+            (evt.EVT_C_GET, self._on_get),
+            (evt.EVT_CONN_OPEN, lambda _: self._count("_open", "peak_associations", +1)),
+            (evt.EVT_CONN_CLOSE, lambda _: self._count("_open", "peak_associations", -1))])
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -269,29 +269,70 @@ def walk_windows(flow_run_id: Any) -> list[tuple[str, Any, Any]]:
 
 
 @pytest.mark.parametrize("associations", [1, 2])
-def test_plans_of_different_patients_are_walked_at_once_within_move_associations(
+def test_chains_are_walked_ahead_within_the_runs_associations(
         make_site: Callable[..., DemoSite], associations: int) -> None:
-    """Two patients, two plans each (sharing a CT): with move_associations 2 the two patients'
-    walks overlap in time, with 1 they never do; a patient's own plans never overlap (their CT
-    moves once either way)."""
-    site = make_site(settings={"lookback_days": 7, "move_associations": associations})
-    a, b = Scenario("PIPE01", ct_slices=20), Scenario("PIPE02", ct_slices=20)
-    upload(site.rv, [*a.everything(), *b.everything()])
-    back_up_records(site)
+    """Three patients (the first with two plans sharing a CT) on a strict Q/R SCP that counts
+    what it serves: the walks of different patients overlap (the next chains are walked while
+    a series moves), yet the R&V never has more than 2 x move_associations associations open
+    nor more than move_associations image series moving at once; a patient's own plans never
+    overlap, and each shared CT moves once."""
+    from tests.qr_scp import StrictQRSCP, add_source
 
-    state = backfill(site)
+    site = make_site(settings={"lookback_days": 7, "move_associations": associations},
+                     extra_backup_modalities={"PIPE_RV": ("PIPE_RV", "127.0.0.1", 1)})
+    a, b, c = (Scenario(f"PIPE0{n}", ct_slices=20) for n in (1, 2, 3))
+    everything = [*a.everything(), *b.everything(), *c.everything()]
+    records = [*a.records, *b.records, *c.records]
+    upload(site.backup, records)
+    server = StrictQRSCP("PIPE_RV", everything,
+                         {site.backup.aet: ("127.0.0.1", site.backup.dicom_port)})
+    add_source(site, server, "strict", "aria", max_associations=8)
+    with server:
+        state = backfill(site, source="strict", patient_ids=["PIPE01", "PIPE02", "PIPE03"])
     assert state.is_completed(), state.message
     summary = state.result()
-    assert summary["complete"] == 4
-    assert summary["moved"]["CT"] == 40, "each shared CT moved once"
-    assert site.backup.sop_instance_uids() == uids([*a.everything(), *b.everything()])
+    assert summary["complete"] == 6
+    assert summary["moved"]["CT"] == 60, "each shared CT moved once"
+    assert site.backup.sop_instance_uids() == uids(everything)
+    assert server.peak_associations <= 2 * associations, server.peak_associations
+    assert server.peak_image_retrieves <= associations, server.peak_image_retrieves
     windows = walk_windows(state.state_details.flow_run_id)
-    assert len(windows) == 4
+    assert len(windows) == 6
 
     def overlap(x: tuple[str, Any, Any], y: tuple[str, Any, Any]) -> bool:
         return x[1] < y[2] and y[1] < x[2]
 
     pairs = [(x, y) for i, x in enumerate(windows) for y in windows[i + 1:]]
-    same_patient = [(x, y) for x, y in pairs if ("PIPE01" in x[0]) == ("PIPE01" in y[0])]
+    same_patient = [(x, y) for x, y in pairs if x[0] == y[0]]
     assert not any(overlap(x, y) for x, y in same_patient)
-    assert any(overlap(x, y) for x, y in pairs) == (associations > 1)
+    assert any(overlap(x, y) for x, y in pairs if x[0] != y[0])
+
+
+def test_a_department_backfill_takes_every_record_and_a_rerun_resumes_where_it_stopped(
+        site: DemoSite) -> None:
+    """The first backfill of a department: every record the backup holds, no patient named.
+    Patient 1's plans were walked before (a run that stopped after them) and patient 3's CT is
+    not on the R&V yet: the run walks patients 2 and 3 only, completes 2, leaves 3 incomplete
+    and fails naming it. Once the CT is there, a rerun walks patient 3's plans alone."""
+    a, b, c = (Scenario(f"DEPT0{n}") for n in (1, 2, 3))
+    no_ct = [ds for ds in c.everything() if ds not in c.ct.instances]
+    upload(site.rv, [*a.everything(), *b.everything(), *no_ct])
+    back_up_records(site)
+    assert backfill(site, patient_ids=["DEPT01"]).is_completed()
+
+    first = backfill(site, department=True)
+    assert first.is_failed() and c.plan_a.SOPInstanceUID in str(first.message)
+    walked = sorted(name for name, _, _ in walk_windows(first.state_details.flow_run_id))
+    assert walked == ["walk-plan-context DEPT02"] * 2 + ["walk-plan-context DEPT03"] * 2
+    contexts = ledger(site).at(LANE).contexts()
+    assert {contexts[p.SOPInstanceUID][0] for p in (a.plan_a, a.plan_b, b.plan_a, b.plan_b)} \
+        == {"complete"}
+    assert contexts[c.plan_a.SOPInstanceUID][0] == "incomplete"
+
+    upload(site.rv, c.ct.instances)
+    again = backfill(site, department=True)
+    assert again.is_completed(), again.message
+    walked = sorted(name for name, _, _ in walk_windows(again.state_details.flow_run_id))
+    assert walked == ["walk-plan-context DEPT03"] * 2
+    assert site.backup.sop_instance_uids() == uids([*a.everything(), *b.everything(),
+                                                    *c.everything()])
