@@ -39,6 +39,7 @@ class OrthancServer:
     password: str = "demo-password"
     lua_scripts: list[str] = field(default_factory=list)
     limit_find_instances: int = 0
+    dicom_threads: int = 4  # associations served at once (Orthanc's DicomThreadsCount)
     workdir: Path | None = None
     dicom_port: int = 0
     http_port: int = 0
@@ -82,6 +83,7 @@ class OrthancServer:
             "LimitFindInstances": self.limit_find_instances,
             "LimitFindResults": self.limit_find_instances,
             "MaximumPduLength": 131072,
+            "DicomThreadsCount": self.dicom_threads,
             "LuaScripts": lua_files,
             "Plugins": [],
             "StableAge": 1,

@@ -81,8 +81,9 @@ def start_demo_site(workdir: Path, backup_lua: list[str] | None = None, rv_find_
                     dict[str, tuple[str, str, int]] | None = None,
                     schedules: dict[str, Any] | None = None,
                     extra_backup_modalities: dict[str, tuple[str, str, int]] | None = None,
-                    ) -> DemoSite:
-    """Start the Orthanc pair and write ``workdir/environments.toml`` for site DEMO."""
+                    dicom_threads: int = 4) -> DemoSite:
+    """Start the Orthanc pair and write ``workdir/environments.toml`` for site DEMO
+    (``dicom_threads``: the associations each Orthanc serves at once)."""
     workdir.mkdir(parents=True, exist_ok=True)
     data = demo_site_table()
     demo = data["DEMO"]
@@ -91,10 +92,12 @@ def start_demo_site(workdir: Path, backup_lua: list[str] | None = None, rv_find_
     script_ae = demo["script_ae"]
     backup_port = free_port()
     rv = OrthancServer(src["aet"], workdir=workdir / "rv", limit_find_instances=rv_find_cap,
+                       dicom_threads=dicom_threads,
                        modalities={tgt["aet"]: (tgt["aet"], "127.0.0.1", backup_port),
                                    script_ae: (script_ae, "127.0.0.1", 1),
                                    **(extra_rv_modalities or {})})
     backup = OrthancServer(tgt["aet"], workdir=workdir / "backup", dicom_port=backup_port,
+                           dicom_threads=dicom_threads,
                            lua_scripts=backup_lua or [],
                            modalities={src["aet"]: (src["aet"], "127.0.0.1", rv.dicom_port),
                                        script_ae: (script_ae, "127.0.0.1", 1),

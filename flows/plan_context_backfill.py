@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import csv
 import sys
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import date, datetime, timezone
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import naming
@@ -174,16 +174,17 @@ def walk_pipelined(lane: OpenLane, links: list[PlanLink], images_now: Callable[[
     walker = with_site_retries(walk_plan, lane.site.settings)
     gates = WalkGates(in_flight)
     pending = list(links)
-    running: deque[tuple[PlanLink, PrefectFuture[ContextOutcome]]] = deque()
+    running: dict[PrefectFuture[ContextOutcome], PlanLink] = {}
     while pending or running:
-        busy = {link.patient_id for link, _ in running}
+        busy = {link.patient_id for link in running.values()}
         ready = next((link for link in pending if link.patient_id not in busy), None) \
             if len(running) < 2 * in_flight else None
-        if ready is None:
-            yield settle_walk(lane, *running.popleft())
+        if ready is None:  # the first walk to end frees its place, whichever it is
+            done = next(as_completed(list(running)))
+            yield settle_walk(lane, running.pop(done), done)
             continue
         pending.remove(ready)
-        running.append((ready, walker.submit(lane.ref, ready, images_now(), gates)))
+        running[walker.submit(lane.ref, ready, images_now(), gates)] = ready
 
 
 def settle_walk(lane: OpenLane, link: PlanLink, future: PrefectFuture[ContextOutcome],
