@@ -246,6 +246,7 @@ def write_report(path: Path, args: argparse.Namespace, r: dict[str, float],
         "Orthanc, which does not index TreatmentDate and reads every RT Record it holds to "
         "answer each day's query; a sweep that never asked the source could not find what "
         "the backup lacks.",
+        "",
     ]
     replace_section(path, SECTION, lines)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +29,9 @@ from .errors import BackupError, DicomError, FatalDicomError, \
 from .instance import InstanceRef
 from .lane import OpenLane
 from .ledger import LaneLedger
+
+
+STALE_SPOOL_SECONDS = 24 * 3600  # a relay spool folder older than this belongs to no live run
 
 
 def move_identifiers(batch: Iterable[InstanceRef], relational: bool = False,
@@ -278,6 +282,9 @@ def _relay(lane: OpenLane, client: DicomClient, identifiers: list[Dataset],
     pending, lists, singles_ok, not_stored = list(identifiers), 0, 0, 0
     root = lane.site.state_dir / "spool"
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob("relay-*"):  # left by a run that died a day or more ago
+        if time.time() - stale.stat().st_mtime > STALE_SPOOL_SECONDS:
+            shutil.rmtree(stale, ignore_errors=True)
     spool = Path(tempfile.mkdtemp(prefix="relay-", dir=root))
     storing: Future[list[StoreResult]] | None = None
     try:
