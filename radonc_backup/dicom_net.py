@@ -442,19 +442,34 @@ class DicomClient:
         deleted once sent); a refused object is reported, not raised. The contexts come from
         the files' meta headers, so each object goes in the syntax it is stored in."""
         paths = list(files)
-        if not paths:
-            return []
         metas = {p: read_file_meta_info(p) for p in paths}
-        pairs = sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID))
-                        for m in metas.values()})
+        return self._store_each(
+            [(str(metas[p].MediaStorageSOPInstanceUID), str(metas[p].MediaStorageSOPClassUID),
+              str(metas[p].TransferSyntaxUID), p) for p in paths],
+            (lambda p: p.unlink(missing_ok=True)) if remove else None)  # type: ignore
+
+    def store(self, datasets: Iterable[Dataset]) -> list[StoreResult]:
+        """C-STORE each dataset on one association; a refused object is reported, not raised."""
+        return self._store_each([
+            (str(ds.SOPInstanceUID), str(ds.SOPClassUID),
+             str(ds.file_meta.TransferSyntaxUID) if "file_meta" in ds.__dict__
+             and "TransferSyntaxUID" in ds.file_meta else ExplicitVRLittleEndian, ds)
+            for ds in datasets])
+
+    def _store_each(self, items: list[tuple[str, str, str, Dataset | Path]],
+                    sent: Callable[[Dataset | Path], None] | None = None) -> list[StoreResult]:
+        """(UID, class, syntax, dataset or file) each C-STOREd in turn on one association,
+        with one context per (class, syntax) they are in: each goes as it came, unchanged."""
+        if not items:
+            return []
+        pairs = sorted({(cls, ts) for _, cls, ts, _ in items})
         results = []
         with self.association("C-STORE", [build_context(c, ts) for c, ts in pairs][:128]) \
                 as assoc:
-            for path in paths:
-                uid = str(metas[path].MediaStorageSOPInstanceUID)
+            for uid, _, _, obj in items:
                 try:
-                    status = _status(assoc.send_c_store(path))
-                except ValueError as exc:  # no accepted context for this class/syntax
+                    status = _status(assoc.send_c_store(obj))
+                except ValueError as exc:  # no accepted context for this class/transfer syntax
                     results.append(StoreResult(uid, None, str(exc)))
                     continue
                 if status is None:
@@ -463,35 +478,8 @@ class DicomClient:
                 if not result.ok:
                     result.error = f"status 0x{status:04X} ({code_to_category(status)})"
                 results.append(result)
-                if remove:
-                    path.unlink(missing_ok=True)
-        return results
-
-    def store(self, datasets: Iterable[Dataset]) -> list[StoreResult]:
-        """C-STORE each dataset on one association; a refused object is reported, not raised."""
-        items = list(datasets)
-        if not items:
-            return []
-        pairs = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)
-                         if "file_meta" in ds.__dict__ and "TransferSyntaxUID" in ds.file_meta
-                         else ExplicitVRLittleEndian) for ds in items})
-        # One context per (class, syntax) the objects are in: each goes as it came, unchanged.
-        contexts = [build_context(c, ts) for c, ts in pairs]
-        results = []
-        with self.association("C-STORE", contexts[:128]) as assoc:
-            for ds in items:
-                try:
-                    status = _status(assoc.send_c_store(ds))
-                except ValueError as exc:  # no accepted context for this class/transfer syntax
-                    results.append(StoreResult(str(ds.SOPInstanceUID), None, str(exc)))
-                    continue
-                if status is None:
-                    raise self._error(True, "C-STORE", "no response (timeout or abort)",
-                                      str(ds.SOPInstanceUID))
-                result = StoreResult(str(ds.SOPInstanceUID), status)
-                if not result.ok:
-                    result.error = f"status 0x{status:04X} ({code_to_category(status)})"
-                results.append(result)
+                if sent is not None:
+                    sent(obj)
         return results
 
     def _pending(self, operation: str, status: int, status_ds: Dataset,

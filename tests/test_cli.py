@@ -84,6 +84,14 @@ def test_backfill_cli_on_demand_for_one_patient(make_site: Callable[..., DemoSit
     assert '"complete": 1' in result.stdout
     assert site.backup.sop_instance_uids() == {ds.SOPInstanceUID for ds in c.all()}
 
+    # A department backfill from the shell: every record the backup holds, and the plan that
+    # is complete already is not walked again.
+    department = cli("flows.plan_context_backfill", "--site", "DEMO", "--config",
+                     str(site.config_path), "--department",
+                     env={"PREFECT_HOME": str(tmp_path / "prefect")})
+    assert department.returncode == 0, department.stderr[-2000:]
+    assert '"plans": 0' in department.stdout
+
 
 def test_report_cli_writes_the_csv_even_with_the_prefect_server_down(
         make_site: Callable[..., DemoSite], tmp_path: Path) -> None:

@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import yaml
+
 from demo.site import DemoSite
 from tests.prefect_procs import Server, Workers, register, todays_course, uids
 
-KINDS = ["incremental", "nightly", "backfill", "report", "validation", "validation-content",
-         "downtime-pack", "restore", "export"]
+# Every deployment prefect.yaml declares, in its order (register deploys them for the site).
+DEPLOYMENTS = [d["name"] for d in yaml.safe_load(
+    (Path(__file__).resolve().parent.parent / "prefect.yaml").read_text())["deployments"]]
 
 
 def scheduled(server: Server, name: str) -> list[dict[str, Any]]:
@@ -35,7 +38,8 @@ def test_scheduler_creates_runs_and_a_worker_completes_the_next_one(
     site = make_site(schedules={"incremental_minutes": 1})
     course = todays_course("SCH001")
     printed = register(server, site, course.all())
-    assert "deployments: " + ", ".join(f"demo-{k}" for k in KINDS) + ", crash-notice" in printed
+    assert DEPLOYMENTS[-1] == "crash-notice" and "demo-department-backfill" in DEPLOYMENTS
+    assert "deployments: " + ", ".join(DEPLOYMENTS) in printed
     assert f"RADONC_BACKUP_HOME={Path(__file__).resolve().parent.parent}" in printed
     assert "worker start --pool radonc-backup" in printed
 
