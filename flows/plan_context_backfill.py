@@ -28,11 +28,11 @@ from flows.backup_run import artifact_key, retry_incomplete_before
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from tasks.progress import PLANS_FROM, Progress
+from radonc_backup.backup_target import OrthancBackup
 from radonc_backup.config import within_hours
 from radonc_backup.errors import BackupIncomplete, ConfigError
 from radonc_backup.lane import OpenLane, open_lane
 from radonc_backup.ledger import PlanLink
-from radonc_backup.backup_target import OrthancBackup
 from radonc_backup.plan_context import TYPES, ContextOutcome, WalkGates, totals
 from radonc_backup.windows import utc_now, wall
 from tasks.backup import with_site_retries
