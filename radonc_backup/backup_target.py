@@ -315,15 +315,16 @@ class OrthancBackup:
             sent += len(part)
         return sent
 
+    def _statistics(self) -> Any:
+        return self._json(self._get("/statistics"), "/statistics")
+
     def disk_size(self) -> int:
         """Bytes the backup's storage holds (``/statistics``): a long run's progress in GB."""
-        stats: Any = self._json(self._get("/statistics"), "/statistics")
-        return int(stats.get("TotalDiskSize", 0))
+        return int(self._statistics().get("TotalDiskSize", 0))
 
     def instance_count(self) -> int:
         """How many instances the backup holds, all kinds (``/statistics``)."""
-        return int(self._json(self._get("/statistics"), "/statistics")  # type: ignore[index]
-                   ["CountInstances"])
+        return int(self._statistics()["CountInstances"])
 
     def change_at(self, seq: int) -> str | None:
         """The change log's entry ``seq`` as 'ChangeType ID', or None if it is not there (its

@@ -15,7 +15,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,11 +250,8 @@ class DicomClient:
                     roles: list[object] | None = None,
                     handlers: list[tuple[object, Callable[..., object]]] | None = None,
                     ) -> Iterator[Association]:
-        if self.gate is None:
-            with self._association(operation, contexts, roles, handlers) as assoc:
-                yield assoc
-            return
-        with self.gate, self._association(operation, contexts, roles, handlers) as assoc:
+        with self.gate or nullcontext(), \
+                self._association(operation, contexts, roles, handlers) as assoc:
             yield assoc
 
     @contextmanager
