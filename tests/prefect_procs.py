@@ -13,6 +13,7 @@ import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -83,11 +84,16 @@ class Server:
         return list(runs)
 
     def wait_terminal(self, run_ids: list[str], timeout: float = 180) -> dict[str, dict[str, Any]]:
+        return self.wait_states(run_ids, lambda types: set(types) <= TERMINAL, timeout)
+
+    def wait_states(self, run_ids: list[str], done: Callable[[list[str | None]], bool],
+                    timeout: float = 180) -> dict[str, dict[str, Any]]:
+        """Poll the runs until ``done`` holds for their state types (in ``run_ids`` order)."""
         deadline = time.monotonic() + timeout
         while True:
             runs = {r["id"]: r for r in self.post("/flow_runs/filter",
                                                  {"flow_runs": {"id": {"any_": run_ids}}})}
-            if all(runs.get(i, {}).get("state", {}).get("type") in TERMINAL for i in run_ids):
+            if done([runs.get(i, {}).get("state", {}).get("type") for i in run_ids]):
                 return runs
             assert time.monotonic() < deadline, {i: r["state"]["type"] for i, r in runs.items()}
             time.sleep(0.5)

@@ -27,6 +27,39 @@ from tests.test_backup_flows import refuse_patient_lua
 
 LANE = Lane("DEMO", "aria", "orthanc")
 
+HOLD_SLOTS = """
+import sys, time
+from radonc_backup.config import load_site
+from tasks.limits import ensure_rv_limits, rv_slots
+source = load_site("DEMO", sys.argv[1]).sources["aria"]
+ensure_rv_limits(load_site("DEMO", sys.argv[1]), update=True)
+began = time.monotonic()
+with rv_slots(source, occupy=source.max_associations):
+    print(f"held after {time.monotonic() - began:.1f} s", flush=True)
+    if sys.argv[2] == "hold":
+        time.sleep(600)
+    elif sys.argv[2] == "until-stdin-closes":
+        sys.stdin.read()
+"""
+
+
+def hold_rv_slots(server: Server, site: DemoSite) -> subprocess.Popen[str]:
+    """A process holding every association slot of the demo R&V until its stdin is closed."""
+    env = {**server.env, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_SLOTS, str(site.config_path),
+                               "until-stdin-closes"], env=env, cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stderr is not None
+    line = holder.stdout.readline()
+    assert line.startswith("held"), holder.stderr.read()[-3000:]
+    return holder
+
+
+def release(holder: subprocess.Popen[str]) -> None:
+    assert holder.stdin is not None
+    holder.stdin.close()
+    assert holder.wait(60) == 0
+
 
 def test_deployment_run_from_the_cli_on_a_real_server_and_worker(
         server: Server, make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
@@ -80,18 +113,31 @@ def test_two_workers_share_runs_and_an_overlapping_trigger_is_cancelled(
                  if line.strip().startswith("└── UUID:")]
         return uid
 
-    # Two triggers while the workers are down (a restart, a double click in the UI): when the
-    # workers come up each takes one, so the two runs overlap for certain.
-    triggered = [trigger("incremental-backup/demo-incremental"), trigger("incremental-backup/demo-incremental")]
-    workers = Workers(server, site, ["w1", "w2"], tmp_path)
+    # Another run holds every association slot of the R&V (a nightly, a backfill), so the first
+    # incremental run taken stays Running, waiting for a slot, until the test lets the holder go.
+    # Two triggers while the workers are down (a restart, a double click in the UI): the second
+    # run a worker takes meets the first one Running, for certain, and is cancelled on arrival.
+    holder = hold_rv_slots(server, site)
+    workers = None
     try:
+        triggered = [trigger("incremental-backup/demo-incremental"),
+                     trigger("incremental-backup/demo-incremental")]
+        workers = Workers(server, site, ["w1", "w2"], tmp_path)
+        server.wait_states(triggered, lambda t: sorted(map(str, t)) == ["CANCELLED", "RUNNING"])
         triggered.append(trigger("treatment-report/demo-report"))
+        release(holder)
         runs = server.wait_terminal(triggered)
     finally:
-        workers.stop()
+        holder.kill()
+        if workers is not None:
+            workers.stop()
 
+    assert workers is not None
     first, second, report = (runs[i]["state"]["type"] for i in triggered)
     assert (first, second) in {("COMPLETED", "CANCELLED"), ("CANCELLED", "COMPLETED")}
+    [cancelled] = [runs[i]["state"] for i in triggered[:2]
+                   if runs[i]["state"]["type"] == "CANCELLED"]
+    assert cancelled["message"] == "Deployment concurrency limit reached."
     assert report == "COMPLETED"
     assert all("submitting flow run" in workers.submitted(w) for w in ("w1", "w2")), \
         "both workers of the pool picked up runs"
@@ -201,20 +247,6 @@ def test_a_killed_run_ends_crashed_and_mails_the_site(
     assert "DEMO" in mail["Subject"] and "Crashed" in mail["Subject"], mail["Subject"]
     assert run_id in mail.get_payload()  # type: ignore[operator]
     assert "Server^Test" not in mail.as_string() and "Server, Test" not in mail.as_string()
-
-
-HOLD_SLOTS = """
-import sys, time
-from radonc_backup.config import load_site
-from tasks.limits import ensure_rv_limits, rv_slots
-source = load_site("DEMO", sys.argv[1]).sources["aria"]
-ensure_rv_limits(load_site("DEMO", sys.argv[1]), update=True)
-began = time.monotonic()
-with rv_slots(source, occupy=source.max_associations):
-    print(f"held after {time.monotonic() - began:.1f} s", flush=True)
-    if sys.argv[2] == "hold":
-        time.sleep(600)
-"""
 
 
 def test_a_killed_run_gives_its_r_and_v_slots_back_within_its_lease(
