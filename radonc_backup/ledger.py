@@ -3,13 +3,16 @@
 One SQLite file under the site's state directory. A row moves found -> moved -> verified, or to
 failed (and back to moved on a retry). ``verified`` is set only by ``mark_verified``, which callers
 use only after a presence check in the backup, and a verified row is never downgraded by a later
-failure. Every write is one ``BEGIN IMMEDIATE`` transaction on a fresh connection, with WAL and a
-busy timeout, so two processes (a 10-minute run and a nightly run) can share the file.
+failure. Every write is one ``BEGIN IMMEDIATE`` transaction, with WAL and a busy timeout, so two
+processes (a 10-minute run and a nightly run) can share the file. Each thread keeps its own
+connection to the file for the life of the ``Ledger`` object.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from .instance import InstanceRef
 
 STATES = ("found", "moved", "verified", "failed")
 _CHUNK = 500
+_INHERITED: list[sqlite3.Connection] = []  # connections a forked child must leave alone
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -130,6 +134,7 @@ class LedgerError(ConfigError):
 class Ledger:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._local = threading.local()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as conn:
@@ -152,13 +157,29 @@ class Ledger:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        """This thread's connection, opened on first use and kept: opening one, and closing
+        the last one (a WAL checkpoint), cost milliseconds each, per ledger call. Any error
+        inside drops it (closing rolls back what was left open), so the next call starts from a
+        fresh connection as before. A connection never crosses a fork."""
+        held: tuple[int, sqlite3.Connection] | None = getattr(self._local, "conn", None)
+        if held is not None and held[0] != os.getpid():
+            _INHERITED.append(held[1])  # the parent's: never used, and never closed, here
+            held = None
+        if held is None:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            try:
+                conn.execute("PRAGMA busy_timeout=60000")
+                conn.execute("PRAGMA synchronous=NORMAL")
+            except BaseException:
+                conn.close()
+                raise
+            held = self._local.conn = (os.getpid(), conn)
         try:
-            conn.execute("PRAGMA busy_timeout=60000")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            yield conn
-        finally:
-            conn.close()
+            yield held[1]
+        except BaseException:
+            self._local.conn = None
+            held[1].close()
+            raise
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
