@@ -12,12 +12,14 @@ Why a layer of our own:
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
@@ -39,6 +41,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, build_role, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom import sop_class as sop
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
@@ -55,6 +58,41 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
 from .errors import DicomError, FatalDicomError, FindTruncated, RetriableDicomError
+
+# pynetdicom's own event logging formats every DIMSE message, and every identifier of every
+# C-FIND and C-MOVE answer (patient names among them), whether or not a handler shows the line:
+# most of this process's CPU over a long listing (measured: docs/performance.md). The backup
+# logs what it does itself; ``python -m radonc_backup.dicom_tools -v`` turns pynetdicom's back on.
+pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
+
+@contextmanager
+def dimse_log(stream: IO[str], verbose: int) -> Iterator[None]:
+    """With ``verbose`` 1, pynetdicom's account of each association and message goes to
+    ``stream`` while the block runs; 2, also every PDU and every identifier asked and answered
+    (patient names included: for a terminal, never for a log file). 0 changes nothing."""
+    if not verbose:
+        yield
+        return
+    dimse = logging.getLogger("pynetdicom")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    saved = (dimse.level, pynetdicom_config.LOG_HANDLER_LEVEL,
+             pynetdicom_config.LOG_REQUEST_IDENTIFIERS, pynetdicom_config.LOG_RESPONSE_IDENTIFIERS)
+    dimse.addHandler(handler)
+    dimse.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+    pynetdicom_config.LOG_HANDLER_LEVEL = "standard"
+    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = \
+        verbose > 1
+    try:
+        yield
+    finally:
+        dimse.removeHandler(handler)
+        (level, pynetdicom_config.LOG_HANDLER_LEVEL, pynetdicom_config.LOG_REQUEST_IDENTIFIERS,
+         pynetdicom_config.LOG_RESPONSE_IDENTIFIERS) = saved
+        dimse.setLevel(level)
+
 
 RT_RECORD_CLASSES = {
     sop.RTBeamsTreatmentRecordStorage: "RT Beams Treatment Record",

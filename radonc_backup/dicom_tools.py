@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import logging
 import re
 import sys
 import time
@@ -35,7 +34,7 @@ from pydicom.multival import MultiValue
 
 from .config import AriaSource, DicomPeer, MimSource, MosaiqSource, OrthancTarget, Site, \
     load_site, resolve_secret
-from .dicom_net import DicomClient, Peer, Timeouts, identifier
+from .dicom_net import DicomClient, Peer, Timeouts, dimse_log, identifier
 from .errors import BackupError, ConfigError, DicomError, RetriableDicomError
 from .probe import probe
 
@@ -391,18 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    dimse = logging.getLogger("pynetdicom")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    level = dimse.level
-    if args.verbose:
-        dimse.addHandler(handler)
-        dimse.setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
-    try:
+    with dimse_log(sys.stderr, args.verbose):
         return _run(args)
-    finally:
-        dimse.removeHandler(handler)
-        dimse.setLevel(level)
 
 
 def _run(args: argparse.Namespace) -> int:

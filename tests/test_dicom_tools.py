@@ -136,6 +136,16 @@ def test_a_misspelled_key_is_refused_and_json_and_verbose_output(
     assert code == OK and json.loads(out)["status"] == 0
     assert "Association Accepted" in err or "Requesting Association" in err, err[-1000:]
 
+    # pynetdicom's account of the exchange names no patient at -v; -vv shows the identifiers.
+    query = ("find", "aria", *cfg, "--json", "-k", "PatientID=TOOL001", "-k", "PatientName=")
+    code, out, err = run(capsys, *query, "-v")
+    assert code == OK and "Tool^Patient^Middle" in out
+    assert "Find Request" in err and "Tool^Patient" not in err, err[-1000:]
+    code, out, err = run(capsys, *query, "-vv")
+    assert code == OK and "Tool^Patient^Middle" in err
+    code, out, err = run(capsys, *query)
+    assert code == OK and err == ""
+
 
 def test_a_peer_uid_never_names_a_file_outside_the_folder() -> None:
     assert file_name_for("1.2.840.10008.1") == "1.2.840.10008.1.dcm"
