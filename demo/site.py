@@ -125,9 +125,10 @@ def pydicom_rt_samples() -> list[Path]:
     return [Path(p) for p in (get_testdata_file(n) for n in PYDICOM_RT_SAMPLES) if p]
 
 
-def add_restore_target(site: DemoSite, alias: str, server: OrthancServer) -> None:
+def add_restore_target(site: DemoSite, alias: str, server: OrthancServer,
+                       associations: int = 1) -> None:
     """Declare ``server`` (an Orthanc, its REST API as the backup's password) as a restore
-    target of site DEMO."""
+    target of site DEMO that takes ``associations`` at once."""
     config = Path(site.config_path)
     config.write_text(config.read_text() + f"""
 [DEMO.restore_targets.{alias}]
@@ -138,4 +139,5 @@ port = {server.dicom_port}
 rest_url = "{server.url}"
 username = "{server.username}"
 password_env = "RADONC_DEMO_BACKUP_PASSWORD"
+max_associations = {associations}
 """)

@@ -77,7 +77,7 @@ def restore(site: str, target: str = "", ae: str = "", host: str = "", port: int
                        len(missing_patients), ", ".join(missing_patients[:SHOW]))
     if dry_run or not items:
         return summary
-    with held_for(cfg, where.aet, where.host):
+    with held_for(cfg, where.aet, where.host, where.associations):
         done = with_site_retries(send_objects, settings)(site, backup, config, target, ae,
                                                          host, port, items)
     summary.update(sent=done.sent, verified=len(done.verified), missing=len(done.missing),

@@ -13,6 +13,7 @@ import io
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -285,15 +286,30 @@ class OrthancBackup:
         return out
 
     def send(self, modality: str, aet: str, host: str, port: int, resource_ids: list[str],
-             chunk: int = 500) -> int:
+             associations: int = 1, chunk: int = 500) -> int:
         """C-STORE instances from the backup to another AE, by Orthanc itself (declared to it
-        as ``modality``; in memory unless its modalities live in its database). Returns how
-        many it sent; a failure is raised naming the AE."""
+        as ``modality``; in memory unless its modalities live in its database), split in order
+        between ``associations`` requests at once (each one association; whole series stay
+        together unless a series is larger than a share). Returns how many it sent; a failure
+        is raised naming the AE, once every request has ended."""
         r = self._client().put(f"/modalities/{modality}",
                                json={"AET": aet, "Host": host, "Port": port})
         if r.status_code >= 400:
             raise BackupTargetError(f"{self._where}: declaring {aet}@{host}:{port} answered "
                                     f"{r.status_code}: {r.text[:200]}")
+        shares = max(1, min(associations, len(resource_ids)))
+        size = -(-len(resource_ids) // shares) if resource_ids else 0
+        parts = [resource_ids[i:i + size] for i in range(0, len(resource_ids), size)] if size \
+            else []
+        if len(parts) <= 1:
+            return sum(self._store_share(modality, aet, host, port, part, chunk) for part in parts)
+        with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+            futures = [pool.submit(self._store_share, modality, aet, host, port, part, chunk)
+                       for part in parts]
+        return sum(f.result() for f in futures)  # every share has ended: the first error
+
+    def _store_share(self, modality: str, aet: str, host: str, port: int,
+                     resource_ids: list[str], chunk: int) -> int:
         sent = 0
         for i in range(0, len(resource_ids), chunk):
             part = resource_ids[i:i + chunk]

@@ -234,6 +234,25 @@ class DicomScpTarget(DicomPeer):
 BackupTarget = Annotated[Union[OrthancTarget, DicomScpTarget], Field(discriminator="type")]
 
 
+class _RestoreKeys(_Strict):
+    max_associations: int = Field(default=1, ge=1, le=16)
+    """Associations a restore opens to this AE at once (the backup Orthanc's C-STOREs, split
+    between them; its ``ConcurrentJobs`` bounds how many run together). A restore to one of the
+    site's own R&V sources also holds that many of the source's slots."""
+
+
+class OrthancRestoreTarget(OrthancTarget, _RestoreKeys):
+    pass
+
+
+class DicomScpRestoreTarget(DicomScpTarget, _RestoreKeys):
+    pass
+
+
+RestoreTarget = Annotated[Union[OrthancRestoreTarget, DicomScpRestoreTarget],
+                          Field(discriminator="type")]
+
+
 class Settings(_Strict):
     window_overlap_minutes: int = Field(default=30, ge=0)
     """How far each incremental window reaches back before the watermark (late-written records)."""
@@ -345,7 +364,7 @@ class Site(_Strict):
     script_ae: str
     sources: dict[str, Source]
     backup_targets: dict[str, BackupTarget]
-    restore_targets: dict[str, BackupTarget] = {}
+    restore_targets: dict[str, RestoreTarget] = {}
     """Where the recovery flows may send the backup's objects (a rebuilt R&V, a scratch AE for
     the drill): an Orthanc (verified through its REST API) or any DICOM SCP (by C-FIND)."""
     settings: Settings = Settings()
@@ -375,6 +394,14 @@ class Site(_Strict):
         if self.default_backup not in self.backup_targets:
             raise ValueError(f"default_backup {self.default_backup!r} is not one of the "
                              f"backup_targets {sorted(self.backup_targets)}")
+        for name, target in self.restore_targets.items():
+            for alias, src in self.sources.items():
+                if isinstance(src, MosaiqSource) or (src.aet, src.ip) != (target.aet, target.ip):
+                    continue
+                if target.max_associations > src.max_associations:
+                    raise ValueError(f"restore_targets.{name} is source {alias} ({src.aet}): its "
+                                     f"max_associations {target.max_associations} is more than "
+                                     f"the source's {src.max_associations}")
         return self
 
     @property

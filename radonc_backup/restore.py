@@ -37,6 +37,7 @@ class Target:
     host: str
     port: int
     check: OrthancBackup | DicomScpBackup  # how arrivals are asked for
+    associations: int = 1  # C-STORE associations at once (the entry's max_associations)
 
     @property
     def modality(self) -> str:
@@ -54,7 +55,8 @@ def open_target(site: Site, alias: str = "", ae: str = "", host: str = "",
         cfg = site.restore_targets[alias]
         check: OrthancBackup | DicomScpBackup = OrthancBackup(site, alias, cfg) \
             if isinstance(cfg, OrthancTarget) else DicomScpBackup(site, alias, cfg)
-        return Target(f"{alias} ({cfg.label})", cfg.aet, cfg.ip, cfg.port, check)
+        return Target(f"{alias} ({cfg.label})", cfg.aet, cfg.ip, cfg.port, check,
+                      cfg.max_associations)
     if not (ae and host and port):
         raise ConfigError(f"site {site.name}: name a restore target, or give ae, host and port")
     cfg = DicomScpTarget(type="dicom_scp", aet=ae, ip=host, port=port)
@@ -125,7 +127,7 @@ def send_and_verify(backup: OrthancBackup, target: Target, items: list[HeldInsta
     out = Restored()
     started = time.monotonic()
     out.sent = backup.send(target.modality, target.aet, target.host, target.port,
-                           [i.resource_id for i in items])
+                           [i.resource_id for i in items], target.associations)
     held = wait_for(target.check, [i.ref for i in items], timeout)
     out.seconds = time.monotonic() - started
     out.verified = sorted(held)

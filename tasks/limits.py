@@ -92,12 +92,12 @@ def ensure_rv_limits(site: Site, update: bool = False) -> dict[str, int]:
 
 
 @contextmanager
-def held_for(site: Site, aet: str, host: str) -> Iterator[None]:
-    """A restore to one of the site's own R&V sources (same AE title and host) holds one of
-    that source's association slots, like a backup run; another target needs none."""
+def held_for(site: Site, aet: str, host: str, associations: int = 1) -> Iterator[None]:
+    """A restore to one of the site's own R&V sources (same AE title and host) holds as many of
+    that source's association slots as it opens, like a backup run; another target needs none."""
     for src in site.sources.values():
         if not isinstance(src, MosaiqSource) and src.aet == aet and src.ip == host:
-            with rv_slots(src):
+            with rv_slots(src, occupy=associations):
                 yield
             return
     yield

@@ -94,6 +94,15 @@ def test_config_location_from_environment(tmp_path: Path, monkeypatch: pytest.Mo
     ('type = "aria"\naet = "ARIA_AE"', 'type = "varian"\naet = "ARIA_AE"', "sources.aria"),
     ("batch_size = 25", "batch_size = 0", "settings.batch_size"),
     ("batch_size = 25", "bach_size = 25", "settings.bach_size"),
+    # A restore to the R&V itself never opens more associations than the R&V allows; a backup
+    # target has no such key.
+    ("batch_size = 25", 'batch_size = 25\n[ALPHA.restore_targets.rebuilt]\ntype = "dicom_scp"\n'
+     'aet = "ARIA_AE"\nip = "127.0.0.1"\nport = 105\nmax_associations = 8',
+     "restore_targets.rebuilt is source aria (ARIA_AE): its max_associations 8 is more than the "
+     "source's 4"),
+    ('rest_url = "http://127.0.0.1:8042"\npassword_env = "ALPHA',
+     'rest_url = "http://127.0.0.1:8042"\nmax_associations = 2\npassword_env = "ALPHA',
+     "key 'backup_targets.pacs.max_associations': Extra inputs are not permitted"),
 ])
 def test_config_errors_name_file_site_and_key(tmp_path: Path, old: str, new: str,
                                              expected: str) -> None:

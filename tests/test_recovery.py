@@ -31,7 +31,7 @@ def rebuilt(make_site: Callable[..., DemoSite]) -> Iterator[tuple[DemoSite, Orth
     server = OrthancServer("REBUILT", modalities={
         "backup": (backup_aet, "127.0.0.1", site.backup.dicom_port),
         "us": (cfg.script_ae, "127.0.0.1", 104)}).start()
-    add_restore_target(site, "rebuilt", server)
+    add_restore_target(site, "rebuilt", server, associations=2)
     try:
         yield site, server
     finally:
@@ -73,6 +73,12 @@ def test_restore_sends_the_patients_asked_for_each_identical_and_a_dry_run_sends
     assert done.is_completed(), done.message
     assert done.result()["verified"] == len(wanted)
     assert server.sop_instance_uids() == wanted, "those two patients, all of them, nothing else"
+    # The target takes two associations: the backup sent its objects as two C-STORE jobs.
+    with site.backup.rest() as client:
+        jobs = [j["Content"] for j in client.get("/jobs?expand").json()
+                if j["Type"] == "DicomModalityStore" and j["Content"]["RemoteAet"] == "REBUILT"]
+    assert sorted(j["InstancesCount"] for j in jobs) == sorted(
+        [len(wanted) // 2, len(wanted) - len(wanted) // 2]), jobs
     for uid in wanted:  # identical to the backup's copy, pixel data included
         assert whole(server, uid) == whole(site.backup, uid), uid
 
