@@ -10,4 +10,5 @@ def replace_section(path: Path, heading: str, lines: list[str]) -> None:
     text = path.read_text() if path.exists() else "# Performance\n\n"
     head, _, tail = text.partition(heading)
     rest = "## " + tail.split("\n## ", 1)[1] if "\n## " in tail else ""
-    path.write_text(head.rstrip() + "\n\n" + "\n".join(lines) + ("\n" + rest if rest else ""))
+    body = "\n".join(lines).rstrip() + "\n"
+    path.write_text(head.rstrip() + "\n\n" + body + ("\n" + rest if rest else ""))

@@ -3,9 +3,10 @@
 Selects what the backup holds of the named patients (or of every patient with an RT Record
 verified in a period), of the kinds asked for (``record``: RT Records; ``context``: plans,
 structure sets, images, dose), and has the backup Orthanc C-STORE them to a ``restore_targets``
-entry or an AE/host/port; each object is then asked for on the target (REST for an Orthanc,
-else C-FIND). ``--dry-run`` lists what would move, per patient and kind, with sizes, and sends
-nothing. The run ends Failed naming what the target does not hold.
+entry (over its ``max_associations`` at once) or an AE/host/port (one association); each
+object is then asked for on the target (REST for an Orthanc, else C-FIND). ``--dry-run`` lists
+what would move, per patient and kind, with sizes, and sends nothing. The run ends Failed
+naming what the target does not hold.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def restore(site: str, target: str = "", ae: str = "", host: str = "", port: int
         done = with_site_retries(send_objects, settings)(site, backup, config, target, ae,
                                                          host, port, items)
     summary.update(sent=done.sent, verified=len(done.verified), missing=len(done.missing),
-                   seconds=round(done.seconds, 1), objects_per_second=round(done.rate, 1))
+                   seconds=round(done.seconds, 2), objects_per_second=round(done.rate, 1))
     create_markdown_artifact(key=artifact_key("restore", site), markdown=(
         f"# Restore: site {site} to {where.label}\n\n{len(patients)} patient(s), "
         f"{len(items)} object(s), {size / 1e6:.1f} MB: {len(done.verified)} verified on the "
