@@ -10,7 +10,9 @@
    site's timezone, with the ``site`` parameter limited to the sites of the config (skip with
    ``--no-deploy``);
 4. deploys ``crash-notice`` and an automation that starts it for every run that ends Crashed
-   (a killed process cannot run its own failure hook, so this sends the site's e-mail);
+   (a killed process cannot run its own failure hook, so this sends the site's e-mail), and
+   one that marks Crashed a run whose heartbeats stopped (its machine died: no worker is left
+   to say so);
 5. prints the command that starts a worker, with the environment it needs.
 
 Run it again after changing the config or ``prefect.yaml``; it only creates or updates.
@@ -126,18 +128,78 @@ def schedule_for(kind: str, site: Site) -> dict[str, Any]:
 
 
 def prefect_file_for(sites: list[Site], pool: str, template: Path = PREFECT_FILE,
-                     ) -> dict[str, Any]:
-    """Every site's set of the per-site deployments, and once each of the others."""
+                     heartbeat: int | None = None) -> dict[str, Any]:
+    """Every site's set of the per-site deployments, and once each of the others.
+
+    With ``heartbeat`` (seconds), every deployment's runs emit a heartbeat that often (their
+    environment says so, whatever the worker's says) and carry the tag the zombie automation
+    watches (``ensure_zombie_automation``)."""
     spec = yaml.safe_load(template.read_text())
     per_site = [d for d in spec["deployments"] if "site" in d.get("parameters", {})]
     shared = [{**d, "work_pool": {**d.get("work_pool", {}), "name": pool}}
               for d in spec["deployments"] if d not in per_site]
     spec["deployments"] = [dep for site in sites
                            for dep in site_deployments(per_site, site, pool)] + shared
+    if heartbeat:
+        for dep in spec["deployments"]:
+            dep["tags"] = [*dep.get("tags", []), HEARTBEAT_TAG]
+            variables = dep["work_pool"].setdefault("job_variables", {})
+            variables["env"] = {**variables.get("env", {}),
+                                "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat)}
     return spec
 
 
 CRASH_AUTOMATION = "radonc-backup: mail the site about a crashed run"
+ZOMBIE_AUTOMATION = "radonc-backup: mark a run whose machine died Crashed"
+HEARTBEAT_TAG = "radonc-heartbeat"
+MISSED_HEARTBEATS = 3
+"""A deployment's run that sends no heartbeat for this many of its intervals is marked Crashed."""
+
+
+def heartbeat_seconds() -> int | None:
+    """How often the deployments' runs will send a heartbeat: the register step's own
+    ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` (Prefect's default 180 s; at least 30), or None when
+    heartbeats are off."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().flows.heartbeat_frequency
+
+
+def ensure_zombie_automation(heartbeat: int) -> None:
+    """A run of a deployment whose process died with its machine (power cut, reboot, a killed
+    VM) stays Running forever: no worker is left to see it end. Its heartbeats stop, though:
+    after ``MISSED_HEARTBEATS`` intervals without one (and without an end), the server marks it
+    Crashed, which starts the crash mail (``ensure_crash_automation``) and frees the
+    deployment's concurrency slot. Only runs carrying ``HEARTBEAT_TAG`` are watched: their
+    interval is known (the deployments' environment sets it); a run started by hand is not."""
+    from datetime import timedelta
+
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    within = heartbeat * MISSED_HEARTBEATS
+    with get_client(sync_client=True) as client:
+        for old in client.read_automations_by_name(ZOMBIE_AUTOMATION):
+            client.delete_automation(old.id)
+        client.create_automation(AutomationCore(
+            name=ZOMBIE_AUTOMATION,
+            description=f"A deployment's run that sent no heartbeat for {within} s (its "
+                        f"interval: {heartbeat} s) is marked Crashed",
+            trigger=EventTrigger(
+                match={"prefect.resource.id": "prefect.flow-run.*"},
+                match_related={"prefect.resource.id": f"prefect.tag.{HEARTBEAT_TAG}"},
+                after={"prefect.flow-run.heartbeat"},
+                expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
+                        "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+                        "prefect.flow-run.Crashed"},
+                for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+                within=timedelta(seconds=within)),
+            actions=[ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {within} s: the run's process or its machine died "
+                        "(nothing it had not verified is marked done; the next run takes it "
+                        "up)")]))
 
 
 def ensure_crash_automation() -> None:
@@ -230,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not args.no_deploy:
-        spec = prefect_file_for(sites, args.pool)
+        heartbeat = heartbeat_seconds()
+        spec = prefect_file_for(sites, args.pool, heartbeat=heartbeat)
         code = deploy(spec)
         if code:
             return code
@@ -239,6 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         ensure_crash_automation()
         print("deployments: " + ", ".join(names))
         print(f"automation: {CRASH_AUTOMATION}")
+        if heartbeat:
+            ensure_zombie_automation(heartbeat)
+            print(f"automation: {ZOMBIE_AUTOMATION} (heartbeat every {heartbeat} s, Crashed "
+                  f"after {heartbeat * MISSED_HEARTBEATS} s without one)")
+        else:
+            print("warning: PREFECT_FLOWS_HEARTBEAT_FREQUENCY is off: a run whose machine "
+                  "dies will stay Running", file=sys.stderr)
     print("start a worker (see docs/operations.md for the service unit):\n  "
           + worker_command(args.pool, args.config))
     return 0

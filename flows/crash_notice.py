@@ -2,53 +2,93 @@
 
 A run's ``on_crashed`` hook runs only if something can still load the flow: when the process is
 killed (the OOM killer, ``kill -9``, a reboot), Prefect 3.8's worker fails to load it ("Runner
-failed to retrieve flow to execute on_crashed hooks") and no mail goes out. ``deployments.register``
-therefore creates a server-side automation: every flow run of RadOnc Backup that enters Crashed
-starts this flow (deployment ``crash-notice``), which mails the run's site with the same message
-the hook would have sent, unless the hook already did.
+failed to retrieve flow to execute on_crashed hooks") and no mail goes out. So this flow
+(deployment ``crash-notice``) mails the run's site with the same message the hook would have
+sent, unless a mail about it went out already. Two things start it:
+
+- the automation ``deployments.register`` creates: every run of RadOnc Backup that enters
+  Crashed starts it for that run, usually within seconds;
+- its schedule, every 10 minutes, with no run named: it sweeps every run of RadOnc Backup that
+  ended Crashed in the last 24 hours. Prefect's trigger pipeline can miss an event (CI saw a
+  killed run end Crashed and no automation run follow within a minute; PrefectHQ/prefect#21932
+  reports state events the triggers never see), so the sweep is what makes the mail certain.
+
+Each crashed run is mailed once: the mail's log line is written to the crashed run itself
+(``MAIL_SENT``), and a run carrying it, or the line saying the same problem was mailed already,
+is passed over.
 """
 
 from __future__ import annotations
 
 import sys
+from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 from uuid import UUID
 
 from prefect import flow, get_run_logger
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter,
+                                            FlowRunFilterExpectedStartTime, FlowRunFilterState,
+                                            FlowRunFilterStateType, LogFilter,
+                                            LogFilterFlowRunId)
+from prefect.client.schemas.objects import StateType
 
-from flows.hooks import MAIL_SENT, notify_failure
+from flows.hooks import MAIL_SENT, SAME_PROBLEM, notify_failure
 
 BACKUP_FLOWS = ["incremental-backup", "nightly-backup", "plan-context-backfill",
                 "treatment-report", "validation-sweep", "downtime-pack", "dr-drill",
                 "mosaiq-summary"]
+SWEEP_HOURS = 24
+"""How far back the scheduled sweep looks for crashed runs (by their expected start)."""
+
+
+def _mailed(client: SyncPrefectClient, run_id: UUID) -> bool:
+    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    return any(MAIL_SENT in log.message or SAME_PROBLEM in log.message for log in logs)
+
+
+def mail_crashed(client: SyncPrefectClient, run_id: UUID) -> str:
+    """Mail one crashed run's site unless that was done; says what it did."""
+    run = client.read_flow_run(run_id)
+    if run.state is None or not run.state.is_crashed():
+        return f"run {run_id} is {run.state.name if run.state else 'without state'}: no mail"
+    if _mailed(client, run_id):
+        return f"run {run_id}: mailed already"
+    notify_failure(SimpleNamespace(name=client.read_flow(run.flow_id).name), run, run.state)
+    return f"run {run_id}: mailed"
+
+
+def crashed_runs(client: SyncPrefectClient, hours: float) -> list[UUID]:
+    """Runs of RadOnc Backup's flows that are Crashed, expected to start in the last ``hours``."""
+    since = datetime.now(timezone.utc) - timedelta(hours=hours)
+    runs = client.read_flow_runs(
+        flow_filter=FlowFilter(name=FlowFilterName(any_=BACKUP_FLOWS)),
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED])),
+            expected_start_time=FlowRunFilterExpectedStartTime(after_=since)))
+    return [r.id for r in runs]
 
 
 @flow(name="crash-notice", flow_run_name="crash notice {flow_run_id}", log_prints=False)
-def crash_notice(flow_run_id: str) -> str:
-    """Send the failure e-mail of a crashed run to its site.
+def crash_notice(flow_run_id: str = "", hours: float = SWEEP_HOURS) -> list[str]:
+    """Send the failure e-mail of crashed runs to their sites.
 
     Args:
-        flow_run_id: The crashed run: its ID, or Prefect's resource ID prefect.flow-run.<ID>.
+        flow_run_id: One crashed run: its ID, or Prefect's resource ID prefect.flow-run.<ID>.
+            Empty: every run of RadOnc Backup that ended Crashed in the last ``hours``.
+        hours: How far back the sweep looks.
     """
     logger = get_run_logger()
-    run_id = UUID(flow_run_id.rsplit(".", 1)[-1])
     with get_client(sync_client=True) as client:
-        run = client.read_flow_run(run_id)
-        flow_name = client.read_flow(run.flow_id).name
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
-            any_=[run_id])))
-    if any(MAIL_SENT in log.message for log in logs):
-        logger.info("run %s: its own hook already sent the failure e-mail", run_id)
-        return "already mailed"
-    if run.state is None or not run.state.is_crashed():
-        logger.info("run %s is %s, not crashed: no mail", run_id,
-                    run.state.name if run.state else "without state")
-        return "not crashed"
-    notify_failure(SimpleNamespace(name=flow_name), run, run.state)
-    return "mailed"
+        ids = [UUID(flow_run_id.rsplit(".", 1)[-1])] if flow_run_id else \
+            crashed_runs(client, hours)
+        said = [mail_crashed(client, run_id) for run_id in ids]
+    for line in said:
+        logger.info("%s", line)
+    if not flow_run_id:
+        logger.info("sweep: %d crashed run(s) in the last %g h", len(ids), hours)
+    return said
 
 
 if __name__ == "__main__":
-    crash_notice(sys.argv[1])
+    crash_notice(sys.argv[1] if len(sys.argv) > 1 else "")

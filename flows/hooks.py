@@ -23,6 +23,7 @@ from radonc_backup.notify import RunFailure, cleared_message, failure_message, r
 
 
 MAIL_SENT = "failure e-mail sent"
+SAME_PROBLEM = "no failure e-mail: the same problem was mailed already"
 
 
 def _deployment_and_reports(flow_run: Any) -> tuple[str, list[str]]:
@@ -59,8 +60,7 @@ def notify_failure(flow: Any, flow_run: Any, state: Any) -> None:
     alert = OpenAlert(signature(state.name, state.message or ""), flow_run.name,
                       str(flow_run.id), state.name)
     if not alerts(site).is_new(alert_key(flow, flow_run), alert):
-        logger.info("no failure e-mail: the same problem was mailed already; a mail goes out "
-                    "when it changes or clears")
+        logger.info("%s; a mail goes out when it changes or clears", SAME_PROBLEM)
         return
     ui = site.notify.ui_url or str(PREFECT_UI_URL.value() or "")
     failure = RunFailure(site.name, flow.name, deployment, flow_run.name, str(flow_run.id),

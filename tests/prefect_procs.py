@@ -83,6 +83,19 @@ class Server:
             "sort": "EXPECTED_START_TIME_ASC"})
         return list(runs)
 
+    def story(self) -> str:
+        """What a failing server test shows: every run with its state and message, the state
+        events the server published, and the end of the server's log."""
+        runs = self.post("/flow_runs/filter", {"sort": "EXPECTED_START_TIME_ASC"})
+        lines = [f"run {r['id']} {r['name']}: {r['state']['type']} "
+                 f"{(r['state'].get('message') or '')[:200]}" for r in runs]
+        events = self.post("/events/filter", {"filter": {"event": {"prefix": ["prefect.flow-run."]}},
+                                              "limit": 200})
+        lines += [f"event {e['occurred']} {e['event']} {e['resource']['prefect.resource.id']}"
+                  for e in events["events"] if not e["event"].endswith("heartbeat")]
+        lines.append((self.home / "server.log").read_text()[-3000:])
+        return "\n".join(lines)
+
     def wait_terminal(self, run_ids: list[str], timeout: float = 180) -> dict[str, dict[str, Any]]:
         return self.wait_states(run_ids, lambda types: set(types) <= TERMINAL, timeout)
 

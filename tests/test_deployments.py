@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.register import prefect_file_for, site_deployments, worker_command
+from deployments.register import HEARTBEAT_TAG, prefect_file_for, site_deployments, \
+    worker_command
 from deployments.serve import deployments_for
 from radonc_backup.config import load_site
 from radonc_backup.errors import ConfigError
@@ -47,7 +48,10 @@ def test_register_deploys_the_set_once_per_site_in_its_timezone() -> None:
     assert summary["parameters"] == {"site": "UCLA", "source": "mosaiq"}
     assert summary["entrypoint"] == "flows/mosaiq_summary.py:mosaiq_summary"
     assert summary["schedules"] == [{"cron": "0 6 * * *", "timezone": "America/Los_Angeles"}]
-    assert "parameters" not in by_name["crash-notice"]
+    assert "parameters" not in by_name["crash-notice"]  # a sweep; the automation names a run
+    assert by_name["crash-notice"]["schedules"] == [{"interval": 600, "timezone": "UTC"}]
+    assert by_name["crash-notice"]["concurrency_limit"] == {"limit": 1,
+                                                            "collision_strategy": "ENQUEUE"}
     ucla = by_name["ucla-incremental"]
     assert ucla["parameters"] == {"site": "UCLA"}
     assert ucla["schedules"] == [{"interval": 600, "timezone": "America/Los_Angeles"}]
@@ -57,6 +61,16 @@ def test_register_deploys_the_set_once_per_site_in_its_timezone() -> None:
                                                     "timezone": "America/Los_Angeles"}]
     assert by_name["ucla-validation"]["schedules"][0]["cron"] == "0 4 * * 0"
     assert {d["work_pool"]["name"] for d in spec["deployments"]} == {"radonc-backup"}
+
+
+def test_with_a_heartbeat_every_deployment_sets_its_runs_interval_and_carries_the_watched_tag(
+        ) -> None:
+    spec = prefect_file_for([load_site("UCLA")], "radonc-backup", heartbeat=60)
+    for dep in spec["deployments"]:
+        assert dep["tags"][-1] == HEARTBEAT_TAG, dep["name"]
+        env = dep["work_pool"]["job_variables"]["env"]
+        assert env == {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "60"}, dep["name"]
+    assert {d["name"] for d in spec["deployments"]} >= {"ucla-incremental", "crash-notice"}
 
 
 def test_a_site_sets_its_own_schedules(tmp_path: Path) -> None:
