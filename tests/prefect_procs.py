@@ -70,6 +70,14 @@ class Server:
         return subprocess.run([*PREFECT, *args], env={**self.env, **(extra or {})}, cwd=ROOT,
                               capture_output=True, text=True, timeout=timeout)
 
+    def trigger(self, name: str) -> str:
+        """``prefect deployment run NAME`` without waiting: the new run's ID."""
+        out = self.prefect("deployment", "run", name)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        [run_id] = [line.split()[-1] for line in out.stdout.splitlines()
+                    if line.strip().startswith("└── UUID:")]
+        return run_id
+
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
         r = self.http.post(path, json=body or {})
         r.raise_for_status()

@@ -107,13 +107,6 @@ def test_two_workers_share_runs_and_an_overlapping_trigger_is_cancelled(
     course = todays_course("SRV002")
     register(server, site, course.all())
 
-    def trigger(name: str) -> str:
-        out = server.prefect("deployment", "run", name)
-        assert out.returncode == 0, out.stderr
-        [uid] = [line.split()[-1] for line in out.stdout.splitlines()
-                 if line.strip().startswith("└── UUID:")]
-        return uid
-
     # Another run holds every association slot of the R&V (a nightly, a backfill), so the first
     # incremental run taken stays Running, waiting for a slot, until the test lets the holder go.
     # Two triggers while the workers are down (a restart, a double click in the UI): the second
@@ -121,11 +114,11 @@ def test_two_workers_share_runs_and_an_overlapping_trigger_is_cancelled(
     holder = hold_rv_slots(server, site)
     workers = None
     try:
-        triggered = [trigger("incremental-backup/demo-incremental"),
-                     trigger("incremental-backup/demo-incremental")]
+        triggered = [server.trigger("incremental-backup/demo-incremental"),
+                     server.trigger("incremental-backup/demo-incremental")]
         workers = Workers(server, site, ["w1", "w2"], tmp_path)
         server.wait_states(triggered, lambda t: sorted(map(str, t)) == ["CANCELLED", "RUNNING"])
-        triggered.append(trigger("treatment-report/demo-report"))
+        triggered.append(server.trigger("treatment-report/demo-report"))
         release(holder)
         runs = server.wait_terminal(triggered)
     finally:
@@ -236,10 +229,7 @@ def test_a_killed_run_ends_crashed_and_mails_the_site_once(
     register(server, site, todays_course("SRV005").records)
     workers = Workers(server, site, ["w1"], tmp_path)
     try:
-        out = server.prefect("deployment", "run", "incremental-backup/demo-incremental")
-        assert out.returncode == 0, out.stderr
-        [run_id] = [line.split()[-1] for line in out.stdout.splitlines()
-                    if line.strip().startswith("└── UUID:")]
+        run_id = server.trigger("incremental-backup/demo-incremental")
         os.kill(_flow_process(run_id), signal.SIGKILL)  # the OOM killer, a reboot, kill -9
         runs = server.wait_terminal([run_id], timeout=120)
         deadline = time.monotonic() + 30
@@ -316,10 +306,7 @@ def test_a_run_whose_machine_died_is_marked_crashed_mailed_and_the_next_run_back
     holder = hold_rv_slots(server, site)  # the run waits for the R&V: Running, with heartbeats
     box = Workers(server, site, ["w1"], tmp_path)
     try:
-        out = server.prefect("deployment", "run", "incremental-backup/demo-incremental")
-        assert out.returncode == 0, out.stderr
-        [run_id] = [line.split()[-1] for line in out.stdout.splitlines()
-                    if line.strip().startswith("└── UUID:")]
+        run_id = server.trigger("incremental-backup/demo-incremental")
         pid = _flow_process(run_id)
         assert b"PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30\0" in Path(f"/proc/{pid}/environ"
                                                                  ).read_bytes()
