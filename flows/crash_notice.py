@@ -32,6 +32,7 @@ from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunF
                                             FlowRunFilterStateType, LogFilter,
                                             LogFilterFlowRunId)
 from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.sorting import LogSort
 
 from flows.hooks import MAIL_SENT, SAME_PROBLEM, notify_failure
 
@@ -43,7 +44,10 @@ SWEEP_HOURS = 24
 
 
 def _mailed(client: SyncPrefectClient, run_id: UUID) -> bool:
-    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    """Whether the run's log says a mail went out (or was not owed). Newest lines first: the
+    API returns a page of them (200), a long run logs more, and these lines come last."""
+    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
+                            sort=LogSort.TIMESTAMP_DESC)
     return any(MAIL_SENT in log.message or SAME_PROBLEM in log.message for log in logs)
 
 
