@@ -31,8 +31,12 @@ if [[ ! -x .venv/bin/python ]]; then "$PYTHON" -m venv .venv; fi
 # then proves the lock complete (--no-deps: pip takes nothing the lock does not name).
 lock=requirements.txt
 if [[ "${1:-}" == test ]]; then lock=requirements-test.txt; fi
+# The stamp names the lock the venv was installed from, with its hash: another lock asked for
+# (demo after test, test after demo) or a changed one reinstalls, so the venv is always exactly
+# the lock of the command that runs.
 stamp=.venv/.lock.sha256
-if ! sha256sum --status -c "$stamp" 2>/dev/null; then
+if ! { [[ -f "$stamp" ]] && [[ "$(awk '{print $2}' "$stamp")" == "$lock" ]] \
+       && sha256sum --status -c "$stamp" 2>/dev/null; }; then
   echo "Installing Python packages from $lock (pinned, with hashes)"
   .venv/bin/python -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r "$lock"
   extra=$(.venv/bin/python - "$lock" <<'PY'
