@@ -228,12 +228,18 @@ def ensure_crash_automation() -> None:
 
 def deploy(spec: dict[str, Any]) -> int:
     """``prefect deploy --all`` on the per-site file, from the checkout (entrypoints are
-    relative to it)."""
+    relative to it). Its output is shown only when it fails: on success it advises, once per
+    deployment, a worker command without the environment our workers need, beside ours."""
     with tempfile.TemporaryDirectory(prefix="radonc-deploy-") as tmp:
         path = Path(tmp) / "prefect.yaml"
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
-        return subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
-                               "--prefect-file", str(path)], cwd=PROJECT_ROOT).returncode
+        done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
+                               "--prefect-file", str(path)], cwd=PROJECT_ROOT,
+                              capture_output=True, text=True)
+    if done.returncode:
+        sys.stdout.write(done.stdout)
+    sys.stderr.write(done.stderr)
+    return done.returncode
 
 
 def limit_site_parameter(names: list[str], known_sites: list[str]) -> int:
@@ -263,10 +269,9 @@ def worker_command(pool: str, config: str | None) -> str:
            "RADONC_BACKUP_HOME": str(PROJECT_ROOT), CONFIG_ENV: str(config_path(config))}
     if os.environ.get(STATE_DIR_ENV):
         env[STATE_DIR_ENV] = os.environ[STATE_DIR_ENV]
-    prefect = Path(sys.executable).with_name("prefect")
     return (f"cd {shlex.quote(str(PROJECT_ROOT))} && "
             + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-            + f" {shlex.quote(str(prefect))} worker start --pool {shlex.quote(pool)}")
+            + f" {shlex.quote(sys.executable)} -m deployments.worker --pool {shlex.quote(pool)}")
 
 
 def main(argv: list[str] | None = None) -> int:

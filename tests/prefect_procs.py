@@ -129,7 +129,8 @@ class Workers:
         # What a service unit sets: the site file, and the backup's password as a secret.
         env = {**server.env, "RADONC_BACKUP_CONFIG": str(site.config_path),
                "RADONC_DEMO_BACKUP_PASSWORD": site.backup.password}
-        self.procs = [subprocess.Popen([*PREFECT, "worker", "start", "--pool", "radonc-backup",
+        self.procs = [subprocess.Popen([sys.executable, "-m", "deployments.worker",
+                                        "--pool", "radonc-backup",
                                         "--name", name, "--limit", "1", *extra_args],
                                        env=env, cwd=ROOT,
                                        stdout=self.logs[name].open("w"),

@@ -90,7 +90,8 @@ def test_worker_command_carries_what_a_worker_needs() -> None:
     line = worker_command("radonc-backup", None)
     assert f"RADONC_BACKUP_HOME={ROOT}" in line
     assert f"RADONC_BACKUP_CONFIG={ROOT / 'config' / 'environments.toml'}" in line
-    assert "PREFECT_API_URL=" in line and line.endswith("worker start --pool radonc-backup")
+    assert "PREFECT_API_URL=" in line
+    assert line.endswith("-m deployments.worker --pool radonc-backup")
 
 
 def test_serve_builds_site_schedules_in_its_timezone() -> None:

@@ -41,7 +41,9 @@ def test_scheduler_creates_runs_and_a_worker_completes_the_next_one(
     assert DEPLOYMENTS[-1] == "crash-notice" and "demo-department-backfill" in DEPLOYMENTS
     assert "deployments: " + ", ".join(DEPLOYMENTS) in printed
     assert f"RADONC_BACKUP_HOME={Path(__file__).resolve().parent.parent}" in printed
-    assert "worker start --pool radonc-backup" in printed
+    [worker_line] = [line for line in printed.splitlines() if "deployments.worker" in line]
+    assert worker_line.endswith("-m deployments.worker --pool radonc-backup")
+    assert "RADONC_BACKUP_HOME=" in worker_line, "one worker command, the one with our environment"
 
     deadline = time.monotonic() + 60
     while not (runs := scheduled(server, "incremental-backup/demo-incremental")):

@@ -24,6 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "deployments" / "systemd"
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Unit:
     """The [Service] of a unit file with the install paths replaced by this test's."""
 
@@ -48,9 +52,12 @@ class Unit:
 
     def start(self, log: Path, extra_env: dict[str, str]) -> None:
         keep = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        # Started with SIGINT ignored, as from nohup or a non-interactive shell's `&`: Prefect's
+        # worker stops on SIGTERM by sending itself SIGINT, so that must still work.
         self.proc = subprocess.Popen(self.argv, env={**keep, **self.env, **extra_env},
                                      cwd=getattr(self, "cwd", str(ROOT)), stdout=log.open("w"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_ignore_sigint)
 
     def stop(self) -> float:
         """Send the unit's KillSignal as systemd does (to the main process); seconds to exit."""
