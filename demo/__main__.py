@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from demo.site import pydicom_rt_samples, start_demo_site
     from demo.synthetic import demo_cohort, to_bytes
+    from flows.cli import EPHEMERAL_TIMED_OUT, ephemeral_advice
     from flows.incremental_backup import incremental_backup
     from radonc_backup.config import load_site
     from radonc_backup.errors import BackupError
@@ -61,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
             summary = incremental_backup(site="DEMO", config=str(site.config_path))
         except BackupError as exc:
             print(f"FAILED: {exc}", file=sys.stderr)
+            return 1
+        except RuntimeError as exc:
+            if not str(exc).startswith(EPHEMERAL_TIMED_OUT):
+                raise
+            print(f"FAILED: site DEMO: {ephemeral_advice()}", file=sys.stderr)
             return 1
         print(f"\nWindow (America/New_York): {summary['window']}")
         print(f"Found {summary['found']} RT Records; moved {summary['moved']}; verified in the "

@@ -1,7 +1,8 @@
 """Run any flow from the shell: ``python -m flows.<name> --site UCLA ...``.
 
 Options are built from the flow's own signature, so the CLI and the Prefect UI take the same
-parameters. Exit code 0 when the run completed, 1 when it failed, 2 for bad arguments, 3 when a
+parameters. Exit code 0 when the run completed, 1 when it failed, 2 for bad arguments
+(argparse's, an unknown site, a sites file that cannot be loaded: nothing ran), 3 when a
 backup run verified every record but its plan-context backfill did not complete (the run's state
 is ``Completed (context incomplete)``).
 
@@ -17,17 +18,21 @@ import argparse
 import contextlib
 import inspect
 import json
+import logging
 import sys
 import typing
 from datetime import date, datetime
 from typing import Any
 
 import httpx
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import (PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_API_URL,
+                              PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+                              temporary_settings)
 
+from flows import ONE_LINE_ERROR
 from flows.backup_run import CONTEXT_INCOMPLETE
 from radonc_backup.config import load_site
-from radonc_backup.errors import BackupError
+from radonc_backup.errors import BackupError, ConfigError
 from tasks.limits import ensure_rv_limits
 
 _CONVERTERS: dict[type, Any] = {int: int, float: float, str: str,
@@ -42,7 +47,9 @@ def _base_type(hint: Any) -> type:
 def build_parser(flow_obj: Any, description: str) -> argparse.ArgumentParser:
     fn = flow_obj.fn
     hints = typing.get_type_hints(fn)
-    parser = argparse.ArgumentParser(prog=f"python -m {fn.__module__}", description=description,
+    spec = fn.__globals__.get("__spec__")  # run as ``python -m``, the module is "__main__"
+    module = spec.name if spec is not None else fn.__module__
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, param in inspect.signature(fn).parameters.items():
         base = _base_type(hints.get(name, str))
@@ -72,12 +79,40 @@ def server_unreachable(api: str) -> str | None:
     return None if response.status_code == 200 else f"HTTP {response.status_code}"
 
 
+def _drop_run_errors(record: logging.LogRecord) -> bool:
+    return not getattr(record, ONE_LINE_ERROR, False)
+
+
+def _print_errors_once() -> None:
+    """The shell prints a failed run's error as its ``FAILED:`` line; the console does not
+    echo the run's own record of it (the run's log in Prefect and the site log keep it)."""
+    for handler in logging.getLogger().handlers:
+        if _drop_run_errors not in handler.filters:
+            handler.addFilter(_drop_run_errors)
+
+
+EPHEMERAL_TIMED_OUT = "Timed out while attempting to connect to ephemeral Prefect API server"
+
+
+def ephemeral_advice() -> str:
+    """What to do when Prefect's temporary local server did not come up in time."""
+    waited = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    return (f"the temporary local Prefect server did not answer within {waited} s (a busy "
+            "machine?): run again, set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, "
+            "or start a Prefect server (docs/operations.md) and set PREFECT_API_URL")
+
+
 def run_cli(flow_obj: Any, description: str, argv: list[str] | None = None, *,
             uses_rv: bool = True, runs_without_server: bool = False) -> int:
     args = build_parser(flow_obj, description).parse_args(argv)
+    _print_errors_once()
     local = contextlib.nullcontext()
     try:
         site = load_site(args.site, args.config)
+    except ConfigError as exc:  # an unknown site or an unreadable sites file: nothing ran
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 2
+    try:
         api = str(PREFECT_API_URL.value() or "")
         down = server_unreachable(api) if api else None
         if down and not runs_without_server:
@@ -86,10 +121,16 @@ def run_cli(flow_obj: Any, description: str, argv: list[str] | None = None, *,
                   "temporary local Prefect", file=sys.stderr)
             return 1
         if down:
+            # Never the server's own database (PREFECT_HOME's, when the server runs on this
+            # machine but cannot be reached): a database of the site's own state directory.
+            offline = site.state_dir / "prefect-offline" / "prefect.db"
+            offline.parent.mkdir(parents=True, exist_ok=True)
             print(f"site {site.name}: Prefect server {api} is unreachable ({down}): running "
-                  f"{flow_obj.name} with a temporary local Prefect instead; this run will not "
-                  "be in the server's run history", file=sys.stderr)
-            local = temporary_settings(updates={PREFECT_API_URL: None})
+                  f"{flow_obj.name} with a temporary local Prefect instead; this run's history "
+                  f"is kept in {offline}, not in the server's", file=sys.stderr)
+            local = temporary_settings(updates={
+                PREFECT_API_URL: None,
+                PREFECT_API_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{offline}"})
         with local:
             if uses_rv:  # an ad-hoc run may be the first on this server: create missing limits
                 ensure_rv_limits(site)
@@ -97,6 +138,11 @@ def run_cli(flow_obj: Any, description: str, argv: list[str] | None = None, *,
             result = state.result(raise_on_failure=False)
     except BackupError as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        if not str(exc).startswith(EPHEMERAL_TIMED_OUT):
+            raise
+        print(f"FAILED: site {site.name}: {ephemeral_advice()}", file=sys.stderr)
         return 1
     if not state.is_completed():
         print(f"FAILED: {result if isinstance(result, BaseException) else state.message}",

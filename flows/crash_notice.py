@@ -20,6 +20,7 @@ is passed over.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
@@ -73,7 +74,14 @@ def crashed_runs(client: SyncPrefectClient, hours: float) -> list[UUID]:
     return [r.id for r in runs]
 
 
-@flow(name="crash-notice", flow_run_name="crash notice {flow_run_id}", log_prints=False)
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    run_id = str((flow_run.parameters or {}).get("flow_run_id") or "")
+    return f"crash notice {run_id.rsplit('.', 1)[-1]}" if run_id else "crash notice sweep"
+
+
+@flow(name="crash-notice", flow_run_name=_run_name, log_prints=False)
 def crash_notice(flow_run_id: str = "", hours: float = SWEEP_HOURS) -> list[str]:
     """Send the failure e-mail of crashed runs to their sites.
 
@@ -94,5 +102,22 @@ def crash_notice(flow_run_id: str = "", hours: float = SWEEP_HOURS) -> list[str]
     return said
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.crash_notice", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("flow_run_id", nargs="?", default="",
+                        help="one crashed run's ID (empty: sweep the last --hours)")
+    parser.add_argument("--hours", type=float, default=SWEEP_HOURS,
+                        help=f"how far back the sweep looks (default: {SWEEP_HOURS:g})")
+    args = parser.parse_args(argv)
+    state = crash_notice(args.flow_run_id, args.hours, return_state=True)
+    for line in state.result(raise_on_failure=False) if state.is_completed() else []:
+        print(line)
+    if not state.is_completed():
+        print(f"FAILED: {state.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    crash_notice(sys.argv[1] if len(sys.argv) > 1 else "")
+    sys.exit(main())

@@ -10,6 +10,7 @@ cross-check of the DICOM-based treatment report. Writes a CSV (UTF-8 with BOM; d
 
 from __future__ import annotations
 
+import sys
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.backup_run import artifact_key
+from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from radonc_backup.config import PROJECT_ROOT, MosaiqSource, load_site
 from radonc_backup.errors import ConfigError
@@ -79,3 +81,7 @@ def mosaiq_summary(site: str, mrn: str = "", start_date: date | None = None,
     get_run_logger().info("site %s: Mosaiq summary of %d course(s) written to %s", site,
                           len(rows), path)
     return {"site": site, "courses": len(rows), "csv": str(path)}
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(mosaiq_summary, __doc__ or "", uses_rv=False))

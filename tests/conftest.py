@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from datetime import date, timedelta
@@ -15,6 +18,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 _PREFECT_TMP = tempfile.mkdtemp(prefix="radonc-prefect-")
+atexit.register(shutil.rmtree, _PREFECT_TMP, ignore_errors=True)  # after Prefect's own exit hooks
 os.environ.setdefault("PREFECT_HOME", _PREFECT_TMP)
 os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(Path(_PREFECT_TMP) / "results")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -30,6 +34,23 @@ from demo.synthetic import Course, to_bytes  # noqa: E402
 FAST_RETRIES = {"retries": 2, "retry_backoff_seconds": 0.2, "retry_jitter_factor": 0,
                 "verify_timeout": 0.5, "acse_timeout": 5, "dimse_timeout": 20,
                 "network_timeout": 10, "connection_timeout": 3}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A passing session leaves nothing in the temporary directory (its test folders hold
+    synthetic patients' files); a failing one keeps its folders for a look."""
+    if exitstatus != 0:
+        return
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None or getattr(factory, "_basetemp", None) is None:
+        return
+    base = factory.getbasetemp()
+    shutil.rmtree(base, ignore_errors=True)
+    current = base.parent / f"{base.name.rstrip('0123456789')}current"
+    if current.is_symlink() and not current.exists():
+        current.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        base.parent.rmdir()  # only when no other session of this user holds a folder there
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import csv
 import os
+import runpy
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from demo.orthanc import free_port
 from demo.site import DemoSite
@@ -23,14 +26,91 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
                           text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
-def test_help_lists_the_flow_parameters() -> None:
-    for module in ("flows.incremental_backup", "flows.nightly_backup"):
-        result = cli(module, "--help")
-        assert result.returncode == 0
-        assert "--site" in result.stdout and "--config" in result.stdout
-    assert "--days" in cli("flows.nightly_backup", "--help").stdout
-    report_help = cli("flows.treatment_report", "--help").stdout
+SHELL_FLOWS = ["incremental_backup", "nightly_backup", "plan_context_backfill",
+               "treatment_report", "validation_sweep", "downtime_pack", "restore", "export",
+               "dr_drill", "mosaiq_summary"]
+
+
+def run_main(module: str, *argv: str) -> int:
+    """``python -m flows.<module> ARGV`` in this process: the module's own ``__main__`` block."""
+    saved = sys.argv
+    sys.argv = [module, *argv]
+    try:
+        runpy.run_module(f"flows.{module}", run_name="__main__", alter_sys=False)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def test_every_flow_has_help_and_an_unknown_site_is_a_bad_argument(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    for module in SHELL_FLOWS:
+        assert run_main(module, "--help") == 0, module
+        said = capsys.readouterr().out
+        assert "--site" in said and "--config" in said, module
+        assert f"usage: python -m flows.{module} " in said, module
+        required = {"export": ["--folder", "out"], "dr_drill": ["--target", "scratch"]}
+        assert run_main(module, "--site", "NOSUCH", *required.get(module, [])) == 2, module
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("FAILED: ") and "'NOSUCH'" in err[0] \
+            and "DEMO" in err[0], (module, err)
+    assert run_main("crash_notice", "--help") == 0
+    assert "--hours" in capsys.readouterr().out
+
+
+def test_a_temporary_prefect_that_does_not_come_up_is_one_line(tmp_path: Path) -> None:
+    """Prefect's ephemeral server gets a start-up wait fit for a busy machine; when even that
+    runs out, the shell says what to do in one line instead of a traceback."""
+    result = cli("flows.treatment_report", "--site", "DEMO",
+                 env={"PREFECT_HOME": str(tmp_path / "prefect"),
+                      "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0"})
+    assert result.returncode == 1
+    [line] = [x for x in result.stderr.splitlines() if "FAILED" in x]
+    assert line.startswith("FAILED: site DEMO: the temporary local Prefect server did not answer "
+                           "within 0 s"), result.stderr[-2000:]
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in line
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_the_flow_parameters(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_main("nightly_backup", "--help") == 0
+    assert "--days" in capsys.readouterr().out
+    assert run_main("treatment_report", "--help") == 0
+    report_help = capsys.readouterr().out
     assert "--treatment-start-date" in report_help and "--out" in report_help
+    assert run_main("mosaiq_summary", "--help") == 0
+    assert "--mrn" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("prefect")
+def test_a_missing_password_is_one_line_in_the_shell_and_in_the_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, LogFilter, \
+        LogFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.logging.handlers import APILogHandler
+
+    cfg = tmp_path / "sites.toml"
+    cfg.write_text((ROOT / "config" / "environments.toml").read_text().replace(
+        '"RADONC_DEMO_BACKUP_PASSWORD"', '"RADONC_TEST_NO_SUCH_PASSWORD"'))
+    assert run_main("incremental_backup", "--site", "DEMO", "--config", str(cfg)) == 1
+    said = "site DEMO: backup target orthanc (BACKUP_DEMO): environment variable " \
+        "RADONC_TEST_NO_SUCH_PASSWORD is not set"
+    assert capsys.readouterr().err.strip().splitlines() == [f"FAILED: {said}"]
+
+    APILogHandler().flush()  # the run's log lines reach the server in batches
+    with get_client(sync_client=True) as client:
+        [run] = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["incremental-backup"])),
+            sort=FlowRunSort.START_TIME_DESC, limit=1)
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    assert run.state is not None and run.state.is_failed() and said in str(run.state.message)
+    errors = [log.message for log in logs if log.level >= 40]
+    assert len(errors) == 1 and said in errors[0], errors
+    assert all("Traceback" not in log.message for log in logs)
 
 
 def test_cli_run_backs_up_and_a_failed_run_exits_non_zero(
@@ -109,7 +189,11 @@ def test_report_cli_writes_the_csv_even_with_the_prefect_server_down(
                                          "PREFECT_API_URL": down})
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"Prefect server {down} is unreachable" in result.stderr
-    assert "running treatment-report with a temporary local Prefect" in result.stderr
+    offline = site.workdir / "state" / "prefect-offline" / "prefect.db"
+    assert "running treatment-report with a temporary local Prefect instead; this run's " \
+        f"history is kept in {offline}, not in the server's" in result.stderr
+    assert offline.stat().st_size > 0, "the history is where the line says"
+    assert not (tmp_path / "prefect" / "prefect.db").exists(), "never the server's database"
     assert "Traceback" not in result.stderr
     with out.open(encoding="utf-8-sig", newline="") as fh:
         (row,) = list(csv.DictReader(fh))
