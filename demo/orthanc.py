@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -24,9 +25,21 @@ ORTHANC_BINARY = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now, drawn at random below Linux's ephemeral range (32768 and up).
+
+    Ports the kernel hands out (``bind(0)``) are the ones it also gives outgoing connections,
+    and to the next process asking: between our choice and the server binding it, another test
+    process or a client socket could take it. Drawn at random from 20000-32767 they rarely meet.
+    """
+    for _ in range(200):
+        port = random.randrange(20000, 32768)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port in 20000-32767")
 
 
 @dataclass

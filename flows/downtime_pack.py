@@ -49,18 +49,21 @@ def downtime_pack(site: str, days: int | None = None, folder: str | None = None,
     end = local.date()
     days = days or cfg.settings.downtime_pack_days
     root = Path(folder or cfg.settings.downtime_pack_dir or cfg.state_dir / "downtime-packs")
-    work = Path(tempfile.mkdtemp(prefix="downtime-report-"))
-    report_csv = work / f"treatment-report-{site}-{end}.csv"
-    report = treatment_report(site=site, treatment_start_date=end - timedelta(days=days - 1),
-                              end_date=end, out=str(report_csv), backup=backup, config=config,
-                              return_state=True)
-    if not report.is_completed():
-        raise BackupIncomplete(f"site {site}: downtime pack not built, the last good pack "
-                               f"({root / CURRENT}) is kept: the treatment report "
-                               f"{report.name}: {report.message}")
-    rows = pd.read_csv(report_csv, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    pack = build(backup_of(site, backup, config), rows, root, f"{site}-{local:%Y%m%d-%H%M%S}",
-                 site, [report_csv, report_csv.with_suffix(".html")], local, keep)
+    # The day's report (names, birth dates) is written beside the pack only: its working
+    # copy is removed however the run ends.
+    with tempfile.TemporaryDirectory(prefix="downtime-report-") as work:
+        report_csv = Path(work) / f"treatment-report-{site}-{end}.csv"
+        report = treatment_report(site=site, treatment_start_date=end - timedelta(days=days - 1),
+                                  end_date=end, out=str(report_csv), backup=backup,
+                                  config=config, return_state=True)
+        if not report.is_completed():
+            raise BackupIncomplete(f"site {site}: downtime pack not built, the last good pack "
+                                   f"({root / CURRENT}) is kept: the treatment report "
+                                   f"{report.name}: {report.message}")
+        rows = pd.read_csv(report_csv, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        pack = build(backup_of(site, backup, config), rows, root,
+                     f"{site}-{local:%Y%m%d-%H%M%S}", site,
+                     [report_csv, report_csv.with_suffix(".html")], local, keep)
     seconds = time.monotonic() - started
     summary: dict[str, object] = {
         "site": site, "pack": str(pack.folder), "current": str(root / CURRENT),

@@ -122,6 +122,8 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
 
     summary = summarize(site, lane.lane.source, outcomes, totals(lane.ledger))
     summary["unreadable_records"] = unreadable
+    summary["records_left_to_link"] = lane.ledger.count_records_without_plan() \
+        - len(unreadable)  # the next run reads them
     summary["records_without_plan"] = lane.ledger.records_without_plan()
     for uid, why in unreadable.items():
         outcomes.append(ContextOutcome(uid, "", "incomplete", [f"RT Record {uid}: {why}"]))
@@ -246,6 +248,10 @@ def publish(summary: dict[str, object], outcomes: list[ContextOutcome]) -> None:
                            f"{summary['plans']} plan(s): {summary['complete']} complete, "
                            f"{summary['incomplete']} incomplete, {summary['deferred']} "
                            f"deferred to off-peak hours, {summary['skipped']} skipped.\n"
+                           + (f"\n{summary['records_left_to_link']} verified RT Record(s) "
+                              "left for the next run to read their plan from (at most "
+                              "link_per_run a run).\n" if summary.get("records_left_to_link")
+                              else "")
                            + "".join(f"\n- {n}" for n in notes)))
 
 

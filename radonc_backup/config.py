@@ -270,6 +270,10 @@ class Settings(_Strict):
     """The nightly run also asks, one patient at a time and without a date, for every RT Record
     of each patient with a record in the last N days (0: no such pass). It finds what no date
     query can: records with an empty TreatmentDate, untimed records in a split day."""
+    link_per_run: int = Field(default=2000, ge=1)
+    """Verified RT Records whose plan reference a run reads from the backup, at most (the rest
+    the next run, counted in its summary): a ledger of 100,000 unlinked records made one run
+    read them all, log an error line for each and publish an event the server refused."""
     context_retry_minutes: int = Field(default=60, ge=0)
     """An incremental run also walks again a plan context left incomplete (a series missing on
     the R&V, a refused dose) once it was last walked this long ago: the 10-minute runs complete

@@ -427,16 +427,24 @@ class LaneLedger:
                 "backup=? AND kind=? AND state='verified' GROUP BY sop_class_uid",
                 (*self.key, kind)).fetchall())
 
-    def verified_records_without_plan(self) -> list[InstanceRef]:
-        """Verified RT Records whose plan has not been read yet."""
+    _UNLINKED = ("FROM instances i LEFT JOIN record_plans p ON p.site=i.site AND "
+                 "p.source=i.source AND p.backup=i.backup AND p.record_uid=i.sop_instance_uid "
+                 "WHERE i.site=? AND i.source=? AND i.backup=? AND i.kind='record' AND "
+                 "i.state='verified' AND p.record_uid IS NULL")
+
+    def verified_records_without_plan(self, limit: int | None = None) -> list[InstanceRef]:
+        """Verified RT Records whose plan has not been read yet; with ``limit``, that many at
+        random, so that records whose copy cannot be read never keep the rest waiting."""
         sql = ("SELECT i.sop_instance_uid, i.sop_class_uid, i.patient_id, i.study_uid, "
-               "i.series_uid, i.treatment_date, i.treatment_time FROM instances i "
-               "LEFT JOIN record_plans p ON p.site=i.site AND p.source=i.source AND "
-               "p.backup=i.backup AND p.record_uid=i.sop_instance_uid "
-               "WHERE i.site=? AND i.source=? AND i.backup=? AND i.kind='record' AND "
-               "i.state='verified' AND p.record_uid IS NULL")
+               "i.series_uid, i.treatment_date, i.treatment_time " + self._UNLINKED)
+        if limit is not None:
+            sql += f" ORDER BY RANDOM() LIMIT {int(limit)}"
         with self._connect() as conn:
             return [InstanceRef(*r) for r in conn.execute(sql, self.key)]
+
+    def count_records_without_plan(self) -> int:
+        with self._connect() as conn:
+            return int(conn.execute("SELECT COUNT(*) " + self._UNLINKED, self.key).fetchone()[0])
 
     def linked(self, record_uids: Iterable[str]) -> set[str]:
         """Those of ``record_uids`` whose plan reference was read already."""

@@ -22,11 +22,19 @@ def link_new_records(ref: LaneRef, records: list[InstanceRef] | None = None) -> 
     """
     lane = ref.open()
     site = ref.site
-    todo = records if records is not None else lane.ledger.verified_records_without_plan()
+    logger = get_run_logger()
+    todo = records if records is not None else \
+        lane.ledger.verified_records_without_plan(limit=lane.site.settings.link_per_run)
     _, unreadable = link_records(lane, todo)
-    for uid, why in unreadable.items():
-        get_run_logger().error("site %s: RT Record %s: %s", site, uid, why)
+    for uid, why in list(unreadable.items())[:LOGGED_UNREADABLE]:
+        logger.error("site %s: RT Record %s: %s", site, uid, why)
+    if len(unreadable) > LOGGED_UNREADABLE:
+        logger.error("site %s: %d more RT Record(s) unreadable in the backup (the run's "
+                     "summary lists them)", site, len(unreadable) - LOGGED_UNREADABLE)
     return unreadable
+
+
+LOGGED_UNREADABLE = 20
 
 
 @task(name="select-records-in-backup", cache_policy=NO_CACHE)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from datetime import date, timedelta
@@ -17,8 +17,23 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 
+# Every temporary file of the session, ours and those of the servers and tools it starts
+# (TMPDIR is inherited), in one folder: removed at exit when the session passed, kept for a look
+# when it failed. A run leaves nothing else in /tmp.
+_SESSION_TMP = tempfile.mkdtemp(prefix="radonc-tests-")
+os.environ["TMPDIR"] = tempfile.tempdir = _SESSION_TMP
+_PASSED: list[bool] = []
+
+
+def _remove_session_tmp() -> None:  # registered first: runs after Prefect's own exit hooks
+    if _PASSED:
+        shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+    else:
+        print(f"test files kept in {_SESSION_TMP}", file=sys.stderr)
+
+
+atexit.register(_remove_session_tmp)
 _PREFECT_TMP = tempfile.mkdtemp(prefix="radonc-prefect-")
-atexit.register(shutil.rmtree, _PREFECT_TMP, ignore_errors=True)  # after Prefect's own exit hooks
 os.environ.setdefault("PREFECT_HOME", _PREFECT_TMP)
 os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(Path(_PREFECT_TMP) / "results")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -37,20 +52,8 @@ FAST_RETRIES = {"retries": 2, "retry_backoff_seconds": 0.2, "retry_jitter_factor
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """A passing session leaves nothing in the temporary directory (its test folders hold
-    synthetic patients' files); a failing one keeps its folders for a look."""
-    if exitstatus != 0:
-        return
-    factory = getattr(session.config, "_tmp_path_factory", None)
-    if factory is None or getattr(factory, "_basetemp", None) is None:
-        return
-    base = factory.getbasetemp()
-    shutil.rmtree(base, ignore_errors=True)
-    current = base.parent / f"{base.name.rstrip('0123456789')}current"
-    if current.is_symlink() and not current.exists():
-        current.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        base.parent.rmdir()  # only when no other session of this user holds a folder there
+    if exitstatus == 0:
+        _PASSED.append(True)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from radonc_backup.instance import InstanceRef
-from radonc_backup.ledger import Lane, Ledger
+from radonc_backup.ledger import Lane, Ledger, PlanLink
 
 LANE = Lane("DEMO", "aria", "orthanc")
 
@@ -99,3 +99,24 @@ def test_an_orthanc_backup_is_asked_once_a_plain_scp_until_the_timeout() -> None
     orthanc, scp = Target(True), Target(False)
     assert wait_for(orthanc, refs, timeout=30) == {"1.2.4"} and orthanc.asked == 1  # type: ignore[arg-type]
     assert wait_for(scp, refs, timeout=0.6) == {"1.2.4"} and scp.asked > 1  # type: ignore[arg-type]
+
+
+def test_a_run_reads_at_most_link_per_run_records_and_none_is_kept_waiting(
+        tmp_path: Path) -> None:
+    """Unlinked verified records are taken a bounded number at a time, at random: records whose
+    copy cannot be read (never linked) do not keep the others from their turn."""
+    lane = Ledger(tmp_path / "l.sqlite").at(LANE)
+    lane.record_found(refs(10))
+    lane.mark_moved([f"1.2.3.{i}" for i in range(10)])
+    lane.mark_verified([f"1.2.3.{i}" for i in range(10)])
+    unreadable = {"1.2.3.0", "1.2.3.1", "1.2.3.2"}
+    runs = 0
+    while lane.count_records_without_plan() > len(unreadable):
+        batch = lane.verified_records_without_plan(limit=3)
+        assert len(batch) == 3
+        lane.link_plans({r.sop_instance_uid: PlanLink("1.9.9", "P1", "TB1")
+                         for r in batch if r.sop_instance_uid not in unreadable})
+        runs += 1
+        assert runs < 200, "a readable record was kept waiting"
+    left = {r.sop_instance_uid for r in lane.verified_records_without_plan()}
+    assert left == unreadable

@@ -4,6 +4,7 @@ to a third Orthanc standing in for the rebuilt R&V."""
 from __future__ import annotations
 
 import io
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -211,3 +212,5 @@ def test_the_downtime_pack_holds_each_treated_patient_and_a_failed_build_keeps_t
     assert failed.is_failed() and "last good pack" in str(failed.message), failed.message
     assert current.resolve() == Path(summary["pack"]).resolve(), "the last good pack stays"
     assert not list(packs.glob("*.partial"))
+    assert not list(Path(tempfile.gettempdir()).glob("downtime-report-*")), \
+        "the day's report (names, birth dates) is left nowhere but in the pack"
