@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 # (TMPDIR is inherited), in one folder: removed at exit when the session passed, kept for a look
 # when it failed. A run leaves nothing else in /tmp.
 _SESSION_TMP = tempfile.mkdtemp(prefix="radonc-tests-")
+os.chmod(_SESSION_TMP, 0o711)  # PostgreSQL runs as its own user and must reach its folder
 os.environ["TMPDIR"] = tempfile.tempdir = _SESSION_TMP
 _PASSED: list[bool] = []
 
@@ -49,6 +50,12 @@ from demo.synthetic import Course, to_bytes  # noqa: E402
 FAST_RETRIES = {"retries": 2, "retry_backoff_seconds": 0.2, "retry_jitter_factor": 0,
                 "verify_timeout": 0.5, "acse_timeout": 5, "dimse_timeout": 20,
                 "network_timeout": 10, "connection_timeout": 3}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (a stable sort): spread over pytest-xdist's processes, the longest
+    ones start at once instead of holding the end of the run."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -89,26 +96,55 @@ def load(site: DemoSite, *courses: Course, records_only: bool = False) -> int:
     return site.rv.upload([to_bytes(ds) for ds in objects])
 
 
+@pytest.fixture(scope="session")
+def prefect_postgres() -> Iterator[Callable[[], str]]:
+    """One PostgreSQL cluster for the session's Prefect servers; each call makes a database
+    for one server, the way docs/operations.md does (deployments.prefect_database), and
+    returns the server's connection URL."""
+    from deployments.prefect_database import connection_url, ensure_database
+    from tests.postgres_server import PostgresServer
+
+    cluster = PostgresServer(Path(tempfile.mkdtemp(prefix="prefect-pg-")), user="pgadmin",
+                             password="pg-admin-pw", database="scratch")
+    made: list[str] = []
+
+    def database() -> str:
+        name = f"prefect_{len(made)}"
+        os.environ["PGPASSWORD"] = cluster.password  # the admin's, for psql
+        try:
+            password = ensure_database(f"{name}_user", name, cluster.admin_url())
+        finally:
+            del os.environ["PGPASSWORD"]
+        assert password is not None
+        made.append(name)
+        return connection_url(f"{name}_user", password, "127.0.0.1", cluster.port, name)
+
+    yield database
+    cluster.remove()
+
+
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Any]:
-    """A real `prefect server start` with its scheduler off (only triggered runs happen)."""
+def server(tmp_path: Path, prefect_postgres: Callable[[], str]) -> Iterator[Any]:
+    """A real `prefect server start` on PostgreSQL with its scheduler off (only triggered runs
+    happen)."""
     from tests.prefect_procs import Server
 
     home = tmp_path / "prefect-server"
     home.mkdir()
-    srv = Server(home)
+    srv = Server(home, database_url=prefect_postgres())
     yield srv
     srv.stop()
 
 
 @pytest.fixture
-def scheduling_server(tmp_path: Path) -> Iterator[Any]:
-    """A real `prefect server start` as production runs it: every service on, the scheduler too."""
+def scheduling_server(tmp_path: Path, prefect_postgres: Callable[[], str]) -> Iterator[Any]:
+    """A real `prefect server start` as production runs it: on PostgreSQL, every service on, the
+    scheduler too."""
     from tests.prefect_procs import Server
 
     home = tmp_path / "prefect-server"
     home.mkdir()
-    srv = Server(home, scheduler=True)
+    srv = Server(home, scheduler=True, database_url=prefect_postgres())
     yield srv
     srv.stop()
 

@@ -1,8 +1,10 @@
-"""A real PostgreSQL server for the Mosaiq tests: Debian's binaries, a fresh cluster in a
-temporary folder, password (SCRAM) logins, on 127.0.0.1 and a free port, stopped by PID.
+"""A real PostgreSQL server: Debian's binaries, a fresh cluster in a temporary folder, password
+(SCRAM) logins, on 127.0.0.1 and a free port, stopped by PID.
 
-It gives the tests what SQLite cannot: a login that is refused and a server that is down,
-then up again; and a second SQL dialect for the Mosaiq query.
+For the Mosaiq tests it gives what SQLite cannot: a login that is refused and a server that is
+down, then up again; and a second SQL dialect for the Mosaiq query. For the deployment tests, the
+Prefect server's database, as production runs it (one cluster per test session, a database per
+server).
 """
 
 from __future__ import annotations
@@ -32,22 +34,28 @@ def _bin(name: str) -> str:
 
 
 class PostgresServer:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, user: str = USER, password: str = PASSWORD,
+                 database: str = DATABASE) -> None:
+        self.user, self.password = user, password
         self.folder = folder
         self.data = folder / "data"
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "pw").write_text(PASSWORD + "\n")
+        (folder / "pw").write_text(password + "\n")
         self._owner = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
         if self._owner:  # PostgreSQL refuses to run as root
             for path in (folder, folder / "pw"):
                 os.chown(path, self._owner.pw_uid, self._owner.pw_gid)
-        self._run([_bin("initdb"), "-D", str(self.data), "-U", USER, "-E", "UTF8",
+        self._run([_bin("initdb"), "-D", str(self.data), "-U", user, "-E", "UTF8",
                    "--locale=C.UTF-8", "--auth=scram-sha-256", f"--pwfile={folder / 'pw'}"])
         self.start()
-        self._run([_bin("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", USER,
-                   DATABASE], env={"PGPASSWORD": PASSWORD})
+        self._run([_bin("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", user,
+                   database], env={"PGPASSWORD": password})
+
+    def admin_url(self) -> str:
+        """The administrator's libpq URL (its password: ``PGPASSWORD``)."""
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/postgres"
 
     def _user(self) -> dict[str, int]:
         return {"user": self._owner.pw_uid, "group": self._owner.pw_gid,

@@ -29,21 +29,28 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 
 
 class Server:
-    def __init__(self, home: Path, scheduler: bool = False) -> None:
+    """``prefect server start`` on ``database_url`` (PostgreSQL, as production runs it; None:
+    SQLite under ``home``)."""
+
+    def __init__(self, home: Path, scheduler: bool = False,
+                 database_url: str | None = None) -> None:
         self.home = home
         self.port = free_port()
         self.api = f"http://127.0.0.1:{self.port}/api"
-        self.env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": self.api,
+        db = {"PREFECT_API_DATABASE_CONNECTION_URL": database_url} if database_url else {}
+        self.env = {**os.environ, **db, "PREFECT_HOME": str(home), "PREFECT_API_URL": self.api,
                     "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                     "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": str(scheduler).lower(),
                     "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO",
                     "RADONC_BACKUP_HOME": str(ROOT)}
         self.env.pop("PREFECT_RESULTS_LOCAL_STORAGE_PATH", None)
         self.log = (home / "server.log").open("w")
+        # Only the server knows its database: workers and commands talk to its API.
         self.proc = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1",
                                       "--port", str(self.port)], env=self.env, cwd=ROOT,
                                      stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        self.env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
         self.http = httpx.Client(base_url=self.api, timeout=30)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

@@ -60,6 +60,7 @@ def test_every_flow_has_help_and_an_unknown_site_is_a_bad_argument(
     assert "--hours" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_temporary_prefect_that_does_not_come_up_is_one_line(tmp_path: Path) -> None:
     """Prefect's ephemeral server gets a start-up wait fit for a busy machine; when even that
     runs out, the shell says what to do in one line instead of a traceback."""
@@ -113,6 +114,7 @@ def test_a_missing_password_is_one_line_in_the_shell_and_in_the_run(
     assert all("Traceback" not in log.message for log in logs)
 
 
+@pytest.mark.slow
 def test_cli_run_backs_up_and_a_failed_run_exits_non_zero(
         make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
     site = make_site()
@@ -147,6 +149,7 @@ def test_cli_run_backs_up_and_a_failed_run_exits_non_zero(
     assert "FAILED: site DEMO" in failed.stderr and "UNKNOWN_SCU" in failed.stderr
 
 
+@pytest.mark.slow
 def test_backfill_cli_on_demand_for_one_patient(make_site: Callable[..., DemoSite],
                                                 tmp_path: Path) -> None:
     site = make_site()
@@ -173,6 +176,7 @@ def test_backfill_cli_on_demand_for_one_patient(make_site: Callable[..., DemoSit
     assert '"plans": 0' in department.stdout
 
 
+@pytest.mark.slow
 def test_report_cli_writes_the_csv_even_with_the_prefect_server_down(
         make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
     """On the day of a network-wide outage the Prefect server may be down with the R&V: the
@@ -210,6 +214,7 @@ def test_report_cli_writes_the_csv_even_with_the_prefect_server_down(
         "(docs/operations.md), or unset PREFECT_API_URL to run with a temporary local Prefect"]
 
 
+@pytest.mark.slow
 def test_recovery_from_the_shell_a_dry_run_and_an_export(
         make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
     """The runbook's commands (docs/recovery.md) as typed: a restore dry run lists and sends

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import yaml
 
 from demo.site import DemoSite
@@ -27,6 +28,7 @@ from tests.prefect_procs import ROOT, Server, Workers, register, todays_course, 
 from tests.test_backup_flows import refuse_patient_lua
 
 LANE = Lane("DEMO", "aria", "orthanc")
+pytestmark = pytest.mark.slow  # real Prefect servers and workers
 
 HOLD_SLOTS = """
 import sys, time
@@ -67,6 +69,7 @@ def test_deployment_run_from_the_cli_on_a_real_server_and_worker(
     site = make_site()
     course = todays_course("SRV001")
     register(server, site, course.all())
+    assert not list(server.home.glob("*.db")), "the server's database is PostgreSQL, not SQLite"
 
     deployments = server.post("/deployments/filter")
     spec = yaml.safe_load((Path(__file__).parent.parent / "prefect.yaml").read_text())

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
 import yaml
 
 from demo.site import DemoSite
@@ -26,6 +27,7 @@ from tests.prefect_procs import Server, Workers, register, todays_course, uids
 # Every deployment prefect.yaml declares, in its order (register deploys them for the site).
 DEPLOYMENTS = [d["name"] for d in yaml.safe_load(
     (Path(__file__).resolve().parent.parent / "prefect.yaml").read_text())["deployments"]]
+pytestmark = pytest.mark.slow  # a real Prefect server, its scheduler and a worker
 
 
 def scheduled(server: Server, name: str) -> list[dict[str, Any]]:

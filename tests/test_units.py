@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from demo.orthanc import free_port
 from demo.site import DemoSite
@@ -22,6 +23,7 @@ from tests.prefect_procs import todays_course, uids
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "deployments" / "systemd"
+pytestmark = pytest.mark.slow  # real Prefect servers and workers
 
 
 def _ignore_sigint() -> None:
