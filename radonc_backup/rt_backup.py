@@ -109,17 +109,20 @@ class Screen:
 def find_records(client: DicomClient, queries: Iterable[DayQuery], cap: int = 0,
                  on_split: Callable[[DayQuery], None] | None = None,
                  screen: Screen | None = None,
-                 on_cut: Callable[[int], None] | None = None) -> list[InstanceRef]:
+                 on_cut: Callable[[int], None] | None = None,
+                 on_answered: Callable[[int, int], None] | None = None) -> list[InstanceRef]:
     """Every RT Record the peer holds in the queries' windows, de-duplicated by SOP UID.
 
     A query that the peer cut short (a Cancel status, or ``cap`` or more matches from a peer that
     truncates silently) is split in two and both halves are asked; a one-second window still cut
     short is an error. ``on_cut(n)`` hears of each answer the peer itself ended as cut after
-    ``n`` matches (its cap, to remember).
+    ``n`` matches (its cap, to remember); ``on_answered(done, total)`` of each window answered
+    whole, with the windows known so far (splits add some).
     """
     screen = screen or Screen(client)
     found: dict[str, InstanceRef] = {}
     pending = list(queries)
+    answered = 0
     while pending:
         query = pending.pop(0)
         matches: list[Dataset] = []
@@ -147,6 +150,9 @@ def find_records(client: DicomClient, queries: Iterable[DayQuery], cap: int = 0,
             ref = screen.keep(m, query)
             if ref is not None:
                 found.setdefault(ref.sop_instance_uid, ref)
+        answered += 1
+        if on_answered is not None:
+            on_answered(answered, answered + len(pending))
     return sorted(found.values(), key=lambda r: (r.treatment_date, r.treatment_time,
                                                  r.sop_instance_uid))
 
@@ -275,7 +281,9 @@ def patient_record_identifier(patient_id: str) -> Dataset:
 
 
 def find_patient_records(client: DicomClient, patient_ids: Iterable[str],
-                         cap: int = 0, screen: Screen | None = None) -> list[InstanceRef]:
+                         cap: int = 0, screen: Screen | None = None,
+                         on_answered: Callable[[int, int], None] | None = None,
+                         ) -> list[InstanceRef]:
     """Every RT Record of these patients, asked one patient at a time and without a date.
 
     The nightly net under the date queries: a record with an empty TreatmentDate (Type 2), or
@@ -286,7 +294,10 @@ def find_patient_records(client: DicomClient, patient_ids: Iterable[str],
     """
     screen = screen or Screen(client)
     found: dict[str, InstanceRef] = {}
-    for patient_id in patient_ids:
+    patient_ids = list(patient_ids)
+    for done, patient_id in enumerate(patient_ids, 1):
+        if on_answered is not None and done > 1:
+            on_answered(done - 1, len(patient_ids))
         matches = [m for m in client.find(patient_record_identifier(patient_id))
                    if m.get("SOPInstanceUID")]
         if cap and len(matches) >= cap:

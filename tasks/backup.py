@@ -28,7 +28,7 @@ from radonc_backup.errors import DicomError
 from radonc_backup.validation import DayCheck, Discrepancy, Validation, check_day, \
     context_damage, repair, source_copies, unknown_to_ledger, validate_lane
 from radonc_backup.windows import DayQuery
-from tasks.progress import INSTANCES_FROM, Progress
+from tasks.progress import INSTANCES_FROM, PATIENTS_FROM, WINDOWS_FROM, Progress
 
 
 def retry_only_transient(task: Task[Any, Any], task_run: Any, state: Any) -> bool:
@@ -81,9 +81,12 @@ def find_rt_records(ref: LaneRef, queries: list[DayQuery]) -> Found:
             client, queries, lane.ledger.studies_with_records_since(f"{since:%Y%m%d}"),
             last - timedelta(days=lane.source.new_study_days), cap, screen)
     else:
+        progress = Progress(f"date windows asked of {lane.source.aet}, site {ref.site}",
+                            len(queries), WINDOWS_FROM)
         refs = find_records(client, queries, cap=cap, screen=screen, on_cut=cuts.append,
                             on_split=lambda q: logger.info("window %s cut short or at the cap "
-                                                           "of %d: splitting", q, cap))
+                                                           "of %d: splitting", q, cap),
+                            on_answered=lambda done, total: progress.update(done, total=total))
     notes = screen.notes()
     for n in sorted(set(cuts)):
         lane.ledger.ledger.remember_cap(lane.source.label, n)
@@ -146,7 +149,10 @@ def find_rt_records_by_patient(ref: LaneRef, patient_ids: list[str]) -> Found:
     if lane.source.query == "hierarchical":
         refs = find_records_hierarchical(client, [], [], None, cap, screen, patient_ids)
     else:
-        refs = find_patient_records(client, patient_ids, cap=cap, screen=screen)
+        progress = Progress(f"patients asked of {lane.source.aet} without a date, site "
+                            f"{ref.site}", len(patient_ids), PATIENTS_FROM)
+        refs = find_patient_records(client, patient_ids, cap=cap, screen=screen,
+                                    on_answered=lambda done, total: progress.update(done))
     for note in screen.notes():
         get_run_logger().warning("site %s: %s", ref.site, note)
     get_run_logger().info("site %s: %d RT Records of %d patient(s) on %s", ref.site, len(refs),

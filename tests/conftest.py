@@ -96,55 +96,62 @@ def load(site: DemoSite, *courses: Course, records_only: bool = False) -> int:
     return site.rv.upload([to_bytes(ds) for ds in objects])
 
 
-@pytest.fixture(scope="session")
-def prefect_postgres() -> Iterator[Callable[[], str]]:
-    """One PostgreSQL cluster for the session's Prefect servers; each call makes a database
-    for one server, the way docs/operations.md does (deployments.prefect_database), and
-    returns the server's connection URL."""
-    from deployments.prefect_database import connection_url, ensure_database
-    from tests.postgres_server import PostgresServer
+class PrefectDatabases:
+    """One PostgreSQL cluster for the session's Prefect servers; ``new()`` makes a database for
+    one server the way docs/operations.md does (deployments.prefect_database) and returns the
+    server's connection URL."""
 
-    cluster = PostgresServer(Path(tempfile.mkdtemp(prefix="prefect-pg-")), user="pgadmin",
-                             password="pg-admin-pw", database="scratch")
-    made: list[str] = []
+    def __init__(self) -> None:
+        from tests.postgres_server import PostgresServer
 
-    def database() -> str:
-        name = f"prefect_{len(made)}"
-        os.environ["PGPASSWORD"] = cluster.password  # the admin's, for psql
+        self.cluster = PostgresServer(Path(tempfile.mkdtemp(prefix="prefect-pg-")),
+                                      user="pgadmin", password="pg-admin-pw", database="scratch")
+        self.made = 0
+        self.admin_env = {"PGPASSWORD": self.cluster.password}
+
+    def new(self) -> str:
+        from deployments.prefect_database import connection_url, ensure_database
+
+        name = f"prefect_{self.made}"
+        self.made += 1
+        os.environ.update(self.admin_env)
         try:
-            password = ensure_database(f"{name}_user", name, cluster.admin_url())
+            password = ensure_database(f"{name}_user", name, self.cluster.admin_url())
         finally:
             del os.environ["PGPASSWORD"]
         assert password is not None
-        made.append(name)
-        return connection_url(f"{name}_user", password, "127.0.0.1", cluster.port, name)
+        return connection_url(f"{name}_user", password, "127.0.0.1", self.cluster.port, name)
 
-    yield database
-    cluster.remove()
+
+@pytest.fixture(scope="session")
+def prefect_postgres() -> Iterator[PrefectDatabases]:
+    databases = PrefectDatabases()
+    yield databases
+    databases.cluster.remove()
 
 
 @pytest.fixture
-def server(tmp_path: Path, prefect_postgres: Callable[[], str]) -> Iterator[Any]:
+def server(tmp_path: Path, prefect_postgres: PrefectDatabases) -> Iterator[Any]:
     """A real `prefect server start` on PostgreSQL with its scheduler off (only triggered runs
     happen)."""
     from tests.prefect_procs import Server
 
     home = tmp_path / "prefect-server"
     home.mkdir()
-    srv = Server(home, database_url=prefect_postgres())
+    srv = Server(home, database_url=prefect_postgres.new())
     yield srv
     srv.stop()
 
 
 @pytest.fixture
-def scheduling_server(tmp_path: Path, prefect_postgres: Callable[[], str]) -> Iterator[Any]:
+def scheduling_server(tmp_path: Path, prefect_postgres: PrefectDatabases) -> Iterator[Any]:
     """A real `prefect server start` as production runs it: on PostgreSQL, every service on, the
     scheduler too."""
     from tests.prefect_procs import Server
 
     home = tmp_path / "prefect-server"
     home.mkdir()
-    srv = Server(home, scheduler=True, database_url=prefect_postgres())
+    srv = Server(home, scheduler=True, database_url=prefect_postgres.new())
     yield srv
     srv.stop()
 

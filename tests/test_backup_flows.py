@@ -15,8 +15,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, \
-    FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, \
+    ArtifactFilterKey, ArtifactFilterType, FlowRunFilter, FlowRunFilterId
 from pydicom.dataset import Dataset
 
 from demo.site import DemoSite
@@ -250,3 +250,21 @@ def test_backup_password_from_a_prefect_secret_block(make_site: Callable[..., De
     state = run(incremental_backup, site, at(0, 16))
     assert state.is_completed(), state.message
     assert site.backup.sop_instance_uids() == uids(*c.records)
+
+
+def test_a_nightly_over_many_days_shows_its_progress(make_site: Callable[..., DemoSite]) -> None:
+    """A long search (a nightly over weeks) has a progress artifact in the UI, not silence."""
+    site = make_site()
+    record = course("E2E900", at(-5, 8), delivered=1).records[0]
+    push(site, record)
+    state = run(nightly_backup, site, at(1, 2, 0), days=10)
+    assert state.is_completed(), state.message
+    assert record.SOPInstanceUID in site.backup.sop_instance_uids()
+    with get_client(sync_client=True) as client:
+        shown = client.read_artifacts(artifact_filter=ArtifactFilter(
+            type=ArtifactFilterType(any_=["progress"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    [windows] = [a for a in shown if "date windows asked of RV_DEMO" in str(a.description)]
+    assert float(windows.data) == 100.0  # type: ignore[arg-type]
+    done, _, total = str(windows.description).split(": ", 1)[1].split()[:3]
+    assert done == total and int(total) >= 10, windows.description

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from demo.site import DemoSite
-from tests.prefect_procs import Server, Workers, register, todays_course, uids
+from tests.prefect_procs import TERMINAL, Server, Workers, register, todays_course, uids
 
 # Every deployment prefect.yaml declares, in its order (register deploys them for the site).
 DEPLOYMENTS = [d["name"] for d in yaml.safe_load(
@@ -34,12 +34,14 @@ def scheduled(server: Server, name: str) -> list[dict[str, Any]]:
     return [r for r in server.deployment_runs(name) if r["state"]["type"] == "SCHEDULED"]
 
 
-def test_scheduler_creates_runs_and_a_worker_completes_the_next_one(
+def test_scheduler_creates_runs_and_a_worker_completes_the_next_three(
         scheduling_server: Server, make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
     server = scheduling_server
     site = make_site(schedules={"incremental_minutes": 1})
     course = todays_course("SCH001")
-    printed = register(server, site, course.all())
+    server.env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = "30"  # the mark-Crashed automation's
+    printed = register(server, site, course.all())         # window: 90 s, within this test
+    del server.env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]
     assert DEPLOYMENTS[-1] == "crash-notice" and "demo-department-backfill" in DEPLOYMENTS
     assert "deployments: " + ", ".join(DEPLOYMENTS) in printed
     assert f"RADONC_BACKUP_HOME={Path(__file__).resolve().parent.parent}" in printed
@@ -72,8 +74,21 @@ def test_scheduler_creates_runs_and_a_worker_completes_the_next_one(
     workers = Workers(server, site, ["w1"], tmp_path)
     try:
         done = server.wait_terminal([first["id"]], timeout=due + 120)
+        # Three incremental intervals with the scheduler, the worker and the automations on.
+        deadline = time.monotonic() + 3 * 60 + 60
+        while len(finished := [r for r in server.deployment_runs(
+                "incremental-backup/demo-incremental") if r["state"]["type"] in TERMINAL]) < 3:
+            assert time.monotonic() < deadline, server.story()
+            time.sleep(2)
     finally:
         workers.stop()
+    assert {r["state"]["type"] for r in finished} == {"COMPLETED"}, server.story()
+    log = (server.home / "server.log").read_text()
+    for trouble in ("database is locked", "dropping", "Traceback", "| ERROR"):
+        assert trouble not in log, log[-3000:]
+    acted = server.post("/events/filter", {"filter": {"event": {
+        "prefix": ["prefect.automation.action"]}}, "limit": 50})["events"]
+    assert acted == [], ["no automation acts on runs that ended", acted]
     run = done[first["id"]]
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert run["auto_scheduled"] is True

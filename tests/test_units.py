@@ -19,6 +19,7 @@ import pytest
 from demo.orthanc import free_port
 from demo.site import DemoSite
 from demo.synthetic import to_bytes
+from tests.conftest import PrefectDatabases
 from tests.prefect_procs import todays_course, uids
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,7 @@ class Unit:
         for old, new in replace.items():
             text = text.replace(old, new)
         self.env: dict[str, str] = {}
+        self.env_files: list[Path] = []
         self.kill = signal.SIGTERM  # systemd's default
         for line in text.splitlines():
             key, _, value = line.partition("=")
@@ -50,10 +52,14 @@ class Unit:
                 self.kill = signal.Signals[value]
             elif key == "WorkingDirectory":
                 self.cwd = value
+            elif key == "EnvironmentFile":
+                self.env_files.append(Path(value.removeprefix("-")))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, log: Path, extra_env: dict[str, str]) -> None:
         keep = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        keep.update(line.split("=", 1) for path in self.env_files if path.exists()
+                    for line in path.read_text().splitlines() if "=" in line)
         # Started with SIGINT ignored, as from nohup or a non-interactive shell's `&`: Prefect's
         # worker stops on SIGTERM by sending itself SIGINT, so that must still work.
         self.proc = subprocess.Popen(self.argv, env={**keep, **self.env, **extra_env},
@@ -75,7 +81,8 @@ class Unit:
 
 
 def test_server_and_worker_units_run_a_deployment_and_stop_on_their_signal(
-        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+        make_site: Callable[..., DemoSite], tmp_path: Path,
+        prefect_postgres: PrefectDatabases) -> None:
     site = make_site()
     course = todays_course("UNIT01")
 
@@ -86,6 +93,7 @@ def test_server_and_worker_units_run_a_deployment_and_stop_on_their_signal(
     replace = {"/opt/radonc-backup/.venv/bin": bin_dir, "/opt/radonc-backup": str(ROOT),
                "/var/lib/radonc-backup": str(tmp_path / "var"),
                "/etc/radonc-backup/sites.toml": str(site.config_path),
+               "/etc/radonc-backup/prefect-server.env": str(tmp_path / "prefect-server.env"),
                "radonc-backup.example.org": "127.0.0.1", ":4200": f":{port}",
                "--port 4200": f"--port {port}", "%i": "w1", "--host 0.0.0.0": "--host 127.0.0.1"}
     server, worker = Unit("prefect-server.service", replace), Unit("radonc-worker@.service",
@@ -94,6 +102,19 @@ def test_server_and_worker_units_run_a_deployment_and_stop_on_their_signal(
     assert worker.env["RADONC_BACKUP_HOME"] == str(ROOT)
     api = f"http://127.0.0.1:{port}/api"
     Path(server.env["PREFECT_HOME"]).mkdir(parents=True)  # the radonc user's home, per the docs
+    # The server's PostgreSQL database, made as docs/operations.md says (here on the session's
+    # cluster rather than Debian's main one): the URL and its password in the unit's env file.
+    cluster = prefect_postgres.cluster
+    made = subprocess.run([sys.executable, "-m", "deployments.prefect_database", "--admin-url",
+                           cluster.admin_url(), "--port", str(cluster.port), "--database",
+                           "prefect_unit", "--user", "prefect_unit", "--env-file",
+                           str(server.env_files[0])], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **prefect_postgres.admin_env}, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert server.env_files[0].stat().st_mode & 0o777 == 0o600
+    assert "PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://prefect_unit:" in \
+        server.env_files[0].read_text()
+    assert "prefect_unit:" not in made.stdout + made.stderr, "the password is never printed"
     server.start(tmp_path / "server.log", {})
     try:
         deadline = time.monotonic() + 90
@@ -108,6 +129,7 @@ def test_server_and_worker_units_run_a_deployment_and_stop_on_their_signal(
             time.sleep(0.3)
         ui = httpx.get(f"http://127.0.0.1:{port}/ui-settings", timeout=10).json()
         assert ui["api_url"] == server.env["PREFECT_UI_API_URL"]
+        assert not list(Path(server.env["PREFECT_HOME"]).glob("*.db")), "PostgreSQL, not SQLite"
 
         cli_env = {**os.environ, "PREFECT_API_URL": api}
         reg = subprocess.run([sys.executable, "-m", "deployments.register", "--config",
