@@ -52,10 +52,24 @@ FAST_RETRIES = {"retries": 2, "retry_backoff_seconds": 0.2, "retry_jitter_factor
                 "network_timeout": 10, "connection_timeout": 3}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Slow tests first (a stable sort): spread over pytest-xdist's processes, the longest
-    ones start at once instead of holding the end of the run."""
+    ones start at once instead of holding the end of the run.
+
+    And the ``xdist_group`` of a test into its node ID, which is how ``--dist loadgroup`` sends
+    a group to one process: pytest-xdist 3.8 sets ``item._nodeid``, which pytest 9 no longer
+    reads (a group of three ran on three processes), so it is done here."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        if groups and "@" not in item.nodeid:
+            from _pytest.nodeid import coerce_node_id  # pytest 9 keeps the ID structured
+
+            grouped = f"{item.nodeid}@{'_'.join(groups)}"
+            item._id = coerce_node_id(grouped)  # type: ignore[attr-defined]
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -139,6 +153,25 @@ def server(tmp_path: Path, prefect_postgres: PrefectDatabases) -> Iterator[Any]:
     home = tmp_path / "prefect-server"
     home.mkdir()
     srv = Server(home, database_url=prefect_postgres.new())
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def registered_server(tmp_path_factory: pytest.TempPathFactory,
+                      prefect_postgres: PrefectDatabases) -> Iterator[Any]:
+    """One real server on PostgreSQL (scheduler off) for a module's tests, registered once for
+    site DEMO with the deployments' runs sending heartbeats every 30 s (the least Prefect
+    allows: a dead run is marked Crashed 90 s after its last); ``registered`` is what the
+    register step printed. Tests take it through a fixture that calls ``reset()``."""
+    from tests.prefect_procs import Server, register_config
+
+    srv = Server(tmp_path_factory.mktemp("prefect-server"), database_url=prefect_postgres.new())
+    srv.env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = "30"
+    srv.registered = register_config(srv, Path(__file__).resolve().parent.parent / "config"
+                                     / "environments.toml", "DEMO")
+    del srv.env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]  # the runs have it from the deployments
+    srv.keep_env()
     yield srv
     srv.stop()
 

@@ -63,6 +63,23 @@ class Server:
             time.sleep(0.3)
         raise AssertionError("prefect server did not start within 90 s")
 
+    def keep_env(self) -> None:
+        """What ``reset`` restores (a test may change ``env`` for its own commands)."""
+        self._env = dict(self.env)
+
+    def reset(self, timeout: float = 120) -> None:
+        """Between tests that share this server: the environment as kept, no flow run left,
+        and every concurrency slot free (a test that left one held fails the next here, by
+        name, rather than later for a reason it cannot see)."""
+        self.env = dict(getattr(self, "_env", self.env))
+        for run in self.post("/flow_runs/filter", {"limit": 200}):
+            self.http.delete(f"/flow_runs/{run['id']}").raise_for_status()
+        deadline = time.monotonic() + timeout
+        while held := {c["name"]: c["active_slots"] for c in
+                       self.post("/v2/concurrency_limits/filter") if c["active_slots"]}:
+            assert time.monotonic() < deadline, f"concurrency slots still held: {held}"
+            time.sleep(1)
+
     def stop(self) -> None:
         self.http.close()
         os.killpg(self.proc.pid, signal.SIGTERM)
@@ -169,10 +186,18 @@ def todays_course(patient_id: str) -> Course:
 def register(server: Server, site: DemoSite, objects: list[Any]) -> str:
     """Load the R&V stand-in, then run the register step against the server."""
     site.rv.upload([to_bytes(ds) for ds in objects])
+    return register_config(server, site.config_path)
+
+
+def register_config(server: Server, config: Path | str, *sites: str) -> str:
+    """``python -m deployments.register --config CONFIG [--site S ...]`` against the server: what
+    it prints. The deployments do not depend on the config's addresses (a worker's environment
+    names the config), so one registration serves every site of a test module."""
     done = server.prefect("--version")  # warm the interpreter's import cache before timing out
     assert done.returncode == 0
+    chosen = [arg for name in sites for arg in ("--site", name)]
     result = subprocess.run([sys.executable, "-m", "deployments.register", "--config",
-                             str(site.config_path)], env=server.env, cwd=ROOT,
+                             str(config), *chosen], env=server.env, cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "work pool radonc-backup: created" in result.stdout

@@ -16,19 +16,36 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from demo.site import DemoSite
+from demo.synthetic import to_bytes
 from flows.hooks import MAIL_SENT
 from radonc_backup.ledger import Lane, Ledger
 from tests.conftest import Inbox, add_notify
-from tests.prefect_procs import ROOT, Server, Workers, register, todays_course, uids
+from tests.prefect_procs import ROOT, Server, Workers, todays_course, uids
 from tests.test_backup_flows import refuse_patient_lua
 
 LANE = Lane("DEMO", "aria", "orthanc")
 pytestmark = pytest.mark.slow  # real Prefect servers and workers
+
+# Two groups, each on one server registered once (the registered_server fixture, per process):
+# pytest-xdist runs a group in one process, the two groups at once.
+GROUP_A, GROUP_B = pytest.mark.xdist_group("server-a"), pytest.mark.xdist_group("server-b")
+
+
+@pytest.fixture
+def server(registered_server: Server) -> Server:
+    """The module's server, reset: no run left from an earlier test, every slot free."""
+    registered_server.reset()
+    return registered_server
+
+
+def on_rv(site: DemoSite, objects: list[Any]) -> None:
+    site.rv.upload([to_bytes(ds) for ds in objects])
 
 HOLD_SLOTS = """
 import sys, time
@@ -64,11 +81,12 @@ def release(holder: subprocess.Popen[str]) -> None:
     assert holder.wait(60) == 0
 
 
+@GROUP_A
 def test_deployment_run_from_the_cli_on_a_real_server_and_worker(
         server: Server, make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
     site = make_site()
     course = todays_course("SRV001")
-    register(server, site, course.all())
+    on_rv(site, course.all())
     assert not list(server.home.glob("*.db")), "the server's database is PostgreSQL, not SQLite"
 
     deployments = server.post("/deployments/filter")
@@ -104,11 +122,12 @@ def test_deployment_run_from_the_cli_on_a_real_server_and_worker(
     assert "Worker 'w1' submitting flow run" in workers.submitted("w1")
 
 
+@GROUP_B
 def test_two_workers_share_runs_and_an_overlapping_trigger_is_cancelled(
         server: Server, make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
     site = make_site()
     course = todays_course("SRV002")
-    register(server, site, course.all())
+    on_rv(site, course.all())
 
     # Another run holds every association slot of the R&V (a nightly, a backfill), so the first
     # incremental run taken stays Running, waiting for a slot, until the test lets the holder go.
@@ -145,11 +164,12 @@ def test_two_workers_share_runs_and_an_overlapping_trigger_is_cancelled(
     assert {(r.state, r.attempts) for r in rows} == {("verified", 1)}
 
 
+@GROUP_B
 def test_retrying_a_failed_run_finishes_only_the_unfinished_work(
         server: Server, make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
     site = make_site(backup_lua=[refuse_patient_lua("SRV004")])
     ok, refused = todays_course("SRV003"), todays_course("SRV004")
-    register(server, site, [*ok.records, *refused.records])
+    on_rv(site, [*ok.records, *refused.records])
 
     workers = Workers(server, site, ["w1"], tmp_path)
     try:
@@ -175,10 +195,10 @@ def test_retrying_a_failed_run_finishes_only_the_unfinished_work(
     assert {rows[u].state for u in rows} == {"verified"}
 
 
+@GROUP_A
 def test_a_mistyped_site_is_refused_at_trigger_time_naming_the_known_sites(
         server: Server, make_site: Callable[..., DemoSite]) -> None:
     site = make_site()
-    register(server, site, [])
     refused = server.prefect("deployment", "run", "incremental-backup/demo-incremental",
                              "--param", "site=DEMOO")
     assert refused.returncode != 0
@@ -187,10 +207,10 @@ def test_a_mistyped_site_is_refused_at_trigger_time_naming_the_known_sites(
     assert server.post("/flow_runs/filter") == [], "no run was created"
 
 
+@GROUP_A
 def test_a_worker_without_radonc_backup_home_fails_the_run_with_one_plain_line(
         server: Server, make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
     site = make_site()
-    register(server, site, [])
     server.env.pop("RADONC_BACKUP_HOME")
     workers = Workers(server, site, ["w1"], tmp_path)
     try:
@@ -219,6 +239,7 @@ def _flow_process(run_id: str, timeout: float = 60) -> int:
     raise AssertionError(f"no process for flow run {run_id}")
 
 
+@GROUP_B
 def test_a_killed_run_ends_crashed_and_mails_the_site_once(
         server: Server, make_site: Callable[..., DemoSite], tmp_path: Path,
         smtp: tuple[Inbox, int]) -> None:
@@ -229,7 +250,7 @@ def test_a_killed_run_ends_crashed_and_mails_the_site_once(
     inbox, port = smtp
     site = make_site()
     add_notify(site, port)
-    register(server, site, todays_course("SRV005").records)
+    on_rv(site, todays_course("SRV005").records)
     workers = Workers(server, site, ["w1"], tmp_path)
     try:
         run_id = server.trigger("incremental-backup/demo-incremental")
@@ -260,6 +281,7 @@ def test_a_killed_run_ends_crashed_and_mails_the_site_once(
     assert len(marks) == 1, "the crashed run carries the one mail's line"
 
 
+@GROUP_B
 def test_a_killed_run_gives_its_r_and_v_slots_back_within_its_lease(
         server: Server, make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
     """A run killed while holding every association slot of the R&V: the next run gets them
@@ -291,6 +313,7 @@ def _heartbeats(server: Server, run_id: str) -> int:
     return len(events["events"])
 
 
+@GROUP_A
 def test_a_run_whose_machine_died_is_marked_crashed_mailed_and_the_next_run_backs_up(
         server: Server, make_site: Callable[..., DemoSite], tmp_path: Path,
         smtp: tuple[Inbox, int]) -> None:
@@ -302,10 +325,8 @@ def test_a_run_whose_machine_died_is_marked_crashed_mailed_and_the_next_run_back
     site = make_site()
     add_notify(site, port)
     course = todays_course("SRV006")
-    server.env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = "30"  # the least Prefect allows
-    out = register(server, site, course.all())
-    del server.env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]  # the runs have it from the deployment
-    assert "heartbeat every 30 s, Crashed after 90 s without one" in out
+    on_rv(site, course.all())
+    assert "heartbeat every 30 s, Crashed after 90 s without one" in server.registered
     holder = hold_rv_slots(server, site)  # the run waits for the R&V: Running, with heartbeats
     box = Workers(server, site, ["w1"], tmp_path)
     try:
