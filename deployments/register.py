@@ -10,9 +10,9 @@
    site's timezone, with the ``site`` parameter limited to the sites of the config (skip with
    ``--no-deploy``);
 4. deploys ``crash-notice`` and an automation that starts it for every run that ends Crashed
-   (a killed process cannot run its own failure hook, so this sends the site's e-mail), and
-   one that marks Crashed a run whose heartbeats stopped (its machine died: no worker is left
-   to say so);
+   (a killed process cannot run its own failure hook, so this sends the site's e-mail); its
+   10-minute sweep also marks Crashed a run whose heartbeats stopped (its machine died: no
+   worker is left to say so), at the heartbeat interval set here;
 5. prints the command that starts a worker, with the environment it needs.
 
 Run it again after changing the config or ``prefect.yaml``; it only creates or updates.
@@ -39,6 +39,7 @@ from prefect.workers.process import ProcessWorker
 
 from radonc_backup.config import CONFIG_ENV, PROJECT_ROOT, STATE_DIR_ENV, MosaiqSource, Site, \
     config_path, load_site, site_names
+from flows.crash_notice import HEARTBEAT_TAG, MISSED_HEARTBEATS
 from radonc_backup.errors import BackupError
 from tasks.limits import ensure_rv_limits
 
@@ -132,8 +133,8 @@ def prefect_file_for(sites: list[Site], pool: str, template: Path = PREFECT_FILE
     """Every site's set of the per-site deployments, and once each of the others.
 
     With ``heartbeat`` (seconds), every deployment's runs emit a heartbeat that often (their
-    environment says so, whatever the worker's says) and carry the tag the zombie automation
-    watches (``ensure_zombie_automation``)."""
+    environment says so, whatever the worker's says) and carry the tag crash-notice's sweep
+    watches; the sweep is told the interval (``flows.crash_notice.mark_dead_runs``)."""
     spec = yaml.safe_load(template.read_text())
     per_site = [d for d in spec["deployments"] if "site" in d.get("parameters", {})]
     shared = [{**d, "work_pool": {**d.get("work_pool", {}), "name": pool}}
@@ -146,14 +147,13 @@ def prefect_file_for(sites: list[Site], pool: str, template: Path = PREFECT_FILE
             variables = dep["work_pool"].setdefault("job_variables", {})
             variables["env"] = {**variables.get("env", {}),
                                 "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat)}
+            if dep["name"] == "crash-notice":  # its sweep marks silent runs Crashed
+                dep["parameters"] = {**dep.get("parameters", {}), "heartbeat_seconds": heartbeat}
     return spec
 
 
 CRASH_AUTOMATION = "radonc-backup: mail the site about a crashed run"
 ZOMBIE_AUTOMATION = "radonc-backup: mark a run whose machine died Crashed"
-HEARTBEAT_TAG = "radonc-heartbeat"
-MISSED_HEARTBEATS = 3
-"""A deployment's run that sends no heartbeat for this many of its intervals is marked Crashed."""
 
 
 def heartbeat_seconds() -> int | None:
@@ -165,41 +165,16 @@ def heartbeat_seconds() -> int | None:
     return get_current_settings().flows.heartbeat_frequency
 
 
-def ensure_zombie_automation(heartbeat: int) -> None:
-    """A run of a deployment whose process died with its machine (power cut, reboot, a killed
-    VM) stays Running forever: no worker is left to see it end. Its heartbeats stop, though:
-    after ``MISSED_HEARTBEATS`` intervals without one (and without an end), the server marks it
-    Crashed, which starts the crash mail (``ensure_crash_automation``) and frees the
-    deployment's concurrency slot. Only runs carrying ``HEARTBEAT_TAG`` are watched: their
-    interval is known (the deployments' environment sets it); a run started by hand is not."""
-    from datetime import timedelta
-
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
-    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
-
-    within = heartbeat * MISSED_HEARTBEATS
+def remove_zombie_automation() -> bool:
+    """Delete the mark-Crashed automation an earlier version created: its trigger sometimes saw
+    a run's last heartbeat after the run's Completed event and then tried to mark the finished
+    run Crashed (a scheduler test saw it, on PostgreSQL too). crash-notice's sweep reads the
+    heartbeats itself instead. True when one was deleted."""
     with get_client(sync_client=True) as client:
-        for old in client.read_automations_by_name(ZOMBIE_AUTOMATION):
-            client.delete_automation(old.id)
-        client.create_automation(AutomationCore(
-            name=ZOMBIE_AUTOMATION,
-            description=f"A deployment's run that sent no heartbeat for {within} s (its "
-                        f"interval: {heartbeat} s) is marked Crashed",
-            trigger=EventTrigger(
-                match={"prefect.resource.id": "prefect.flow-run.*"},
-                match_related={"prefect.resource.id": f"prefect.tag.{HEARTBEAT_TAG}"},
-                after={"prefect.flow-run.heartbeat"},
-                expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
-                        "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
-                        "prefect.flow-run.Crashed"},
-                for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
-                within=timedelta(seconds=within)),
-            actions=[ChangeFlowRunState(
-                state=StateType.CRASHED,
-                message=f"no heartbeat for {within} s: the run's process or its machine died "
-                        "(nothing it had not verified is marked done; the next run takes it "
-                        "up)")]))
+        old = client.read_automations_by_name(ZOMBIE_AUTOMATION)
+        for automation in old:
+            client.delete_automation(automation.id)
+    return bool(old)
 
 
 def ensure_crash_automation() -> None:
@@ -307,10 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         ensure_crash_automation()
         print("deployments: " + ", ".join(names))
         print(f"automation: {CRASH_AUTOMATION}")
+        if remove_zombie_automation():
+            print(f"automation removed: {ZOMBIE_AUTOMATION} (crash-notice's sweep does it)")
         if heartbeat:
-            ensure_zombie_automation(heartbeat)
-            print(f"automation: {ZOMBIE_AUTOMATION} (heartbeat every {heartbeat} s, Crashed "
-                  f"after {heartbeat * MISSED_HEARTBEATS} s without one)")
+            print(f"crash-notice sweep, every 10 minutes: a run without a heartbeat for "
+                  f"{heartbeat * MISSED_HEARTBEATS} s (heartbeat every {heartbeat} s) is marked "
+                  "Crashed and mailed")
         else:
             print("warning: PREFECT_FLOWS_HEARTBEAT_FREQUENCY is off: a run whose machine "
                   "dies will stay Running", file=sys.stderr)

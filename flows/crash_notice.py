@@ -12,6 +12,8 @@ sent, unless a mail about it went out already. Two things start it:
   ended Crashed in the last 24 hours. Prefect's trigger pipeline can miss an event (CI saw a
   killed run end Crashed and no automation run follow within a minute; PrefectHQ/prefect#21932
   reports state events the triggers never see), so the sweep is what makes the mail certain.
+  First, the sweep marks Crashed the deployments' runs whose heartbeats stopped (their machine
+  died: no worker is left to say so), so they are mailed in the same sweep.
 
 Each crashed run is mailed once: the mail's log line is written to the crashed run itself
 (``MAIL_SENT``), and a run carrying it, or the line saying the same problem was mailed already,
@@ -30,10 +32,13 @@ from prefect import flow, get_run_logger
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter,
                                             FlowRunFilterExpectedStartTime, FlowRunFilterState,
-                                            FlowRunFilterStateType, LogFilter,
-                                            LogFilterFlowRunId)
+                                            FlowRunFilterStateType, FlowRunFilterTags,
+                                            LogFilter, LogFilterFlowRunId)
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import LogSort
+from prefect.events.filters import (EventFilter, EventNameFilter, EventOccurredFilter,
+                                    EventResourceFilter)
+from prefect.states import Crashed
 
 from flows.hooks import MAIL_SENT, SAME_PROBLEM, notify_failure
 
@@ -63,6 +68,46 @@ def mail_crashed(client: SyncPrefectClient, run_id: UUID) -> str:
     return f"run {run_id}: mailed"
 
 
+HEARTBEAT_TAG = "radonc-heartbeat"
+"""Carried by the deployments' runs, whose heartbeat interval the register step set."""
+MISSED_HEARTBEATS = 3
+"""A deployment's run that sends no heartbeat for this many of its intervals is marked Crashed."""
+
+
+def mark_dead_runs(client: SyncPrefectClient, heartbeat_seconds: int) -> list[str]:
+    """Mark Crashed every Running run of a deployment whose last heartbeat (or start, before
+    its first) is older than ``MISSED_HEARTBEATS`` intervals: its process or its machine died
+    and nothing else will say so. Done here, by reading the heartbeats, not by an automation:
+    Prefect's trigger pipeline sometimes saw a run's last heartbeat after its Completed event
+    and then tried to mark a finished run Crashed. A run that ended meanwhile is refused by the
+    server (the state is proposed, never forced)."""
+    limit = timedelta(seconds=heartbeat_seconds * MISSED_HEARTBEATS)
+    now = datetime.now(timezone.utc)
+    said = []
+    for run in client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=BACKUP_FLOWS)),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
+                tags=FlowRunFilterTags(all_=[HEARTBEAT_TAG]))):
+        started = run.start_time or run.expected_start_time or now
+        beats = client.read_events(filter=EventFilter(
+            event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+            resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"]),
+            occurred=EventOccurredFilter(since=started, until=now)), limit=1).events
+        last = max([started, *(b.occurred for b in beats)])
+        if now - last <= limit:
+            continue
+        quiet = int((now - last).total_seconds())
+        result = client.set_flow_run_state(run.id, Crashed(message=(
+            f"no heartbeat for {quiet} s (over {MISSED_HEARTBEATS} x {heartbeat_seconds} s): "
+            "the run's process or its machine died (nothing it had not verified is marked "
+            "done; the next run takes it up)")))
+        said.append(f"run {run.id}: no heartbeat for {quiet} s: "
+                    + ("marked Crashed" if result.status.value == "ACCEPT"
+                       else f"not marked ({result.status.value})"))
+    return said
+
+
 def crashed_runs(client: SyncPrefectClient, hours: float) -> list[UUID]:
     """Runs of RadOnc Backup's flows that are Crashed, expected to start in the last ``hours``."""
     since = datetime.now(timezone.utc) - timedelta(hours=hours)
@@ -82,19 +127,24 @@ def _run_name() -> str:
 
 
 @flow(name="crash-notice", flow_run_name=_run_name, log_prints=False)
-def crash_notice(flow_run_id: str = "", hours: float = SWEEP_HOURS) -> list[str]:
-    """Send the failure e-mail of crashed runs to their sites.
+def crash_notice(flow_run_id: str = "", hours: float = SWEEP_HOURS,
+                 heartbeat_seconds: int = 0) -> list[str]:
+    """Mark Crashed the runs whose heartbeats stopped, and mail crashed runs to their sites.
 
     Args:
         flow_run_id: One crashed run: its ID, or Prefect's resource ID prefect.flow-run.<ID>.
             Empty: every run of RadOnc Backup that ended Crashed in the last ``hours``.
         hours: How far back the sweep looks.
+        heartbeat_seconds: The deployments' heartbeat interval (the register step sets it): a
+            sweep first marks Crashed a Running run silent for three of them. 0: not done.
     """
     logger = get_run_logger()
     with get_client(sync_client=True) as client:
+        marked = mark_dead_runs(client, heartbeat_seconds) \
+            if heartbeat_seconds and not flow_run_id else []
         ids = [UUID(flow_run_id.rsplit(".", 1)[-1])] if flow_run_id else \
             crashed_runs(client, hours)
-        said = [mail_crashed(client, run_id) for run_id in ids]
+        said = marked + [mail_crashed(client, run_id) for run_id in ids]
     for line in said:
         logger.info("%s", line)
     if not flow_run_id:

@@ -71,6 +71,8 @@ def test_with_a_heartbeat_every_deployment_sets_its_runs_interval_and_carries_th
         env = dep["work_pool"]["job_variables"]["env"]
         assert env == {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "60"}, dep["name"]
     assert {d["name"] for d in spec["deployments"]} >= {"ucla-incremental", "crash-notice"}
+    [notice] = [d for d in spec["deployments"] if d["name"] == "crash-notice"]
+    assert notice["parameters"] == {"heartbeat_seconds": 60}, "its sweep knows the interval"
 
 
 def test_a_site_sets_its_own_schedules(tmp_path: Path) -> None:
