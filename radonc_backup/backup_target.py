@@ -89,9 +89,13 @@ class OrthancBackup:
     def _client(self) -> httpx.Client:
         """One keep-alive HTTP client per target (creating one costs ~50 ms)."""
         if self._http is None:
-            # Loading CA certificates costs ~40 ms and is needed only for https.
+            # Loading CA certificates costs ~40 ms and is needed only for https. An idle
+            # connection is dropped after 0.4 s: Orthanc's HTTP server (CivetWeb) closes one
+            # after 0.5 s, and reusing it just then failed a request under load ("Server
+            # disconnected without sending a response").
             self._http = httpx.Client(base_url=self.url, auth=self._auth, timeout=self._timeout,
-                                      verify=self.url.startswith("https"))
+                                      verify=self.url.startswith("https"),
+                                      limits=httpx.Limits(keepalive_expiry=0.4))
         return self._http
 
     def connect(self) -> None:

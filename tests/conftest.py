@@ -52,6 +52,11 @@ FAST_RETRIES = {"retries": 2, "retry_backoff_seconds": 0.2, "retry_jitter_factor
                 "network_timeout": 10, "connection_timeout": 3}
 
 
+SERVER_FIXTURES = {"make_site", "prefect", "server", "scheduling_server", "registered_server",
+                   "prefect_postgres", "postgres"}
+"""Fixtures that start Orthanc, Prefect or PostgreSQL: a test using one is in the slow tier."""
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Slow tests first (a stable sort): spread over pytest-xdist's processes, the longest
     ones start at once instead of holding the end of the run.
@@ -60,6 +65,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     a group to one process: pytest-xdist 3.8 sets ``item._nodeid``, which pytest 9 no longer
     reads (a group of three ran on three processes), so it is done here."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    for item in items:  # real servers make a test slow, whether or not it says so
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if not getattr(config.option, "loadgroup", False):
         return
     for item in items:
