@@ -52,7 +52,7 @@ FAST_RETRIES = {"retries": 2, "retry_backoff_seconds": 0.2, "retry_jitter_factor
                 "network_timeout": 10, "connection_timeout": 3}
 
 
-SERVER_FIXTURES = {"make_site", "prefect", "server", "scheduling_server", "registered_server",
+SERVER_FIXTURES = {"make_site", "prefect", "scheduling_server", "registered_server",
                    "prefect_postgres", "postgres"}
 """Fixtures that start Orthanc, Prefect or PostgreSQL: a test using one is in the slow tier."""
 
@@ -150,19 +150,6 @@ def prefect_postgres() -> Iterator[PrefectDatabases]:
     databases = PrefectDatabases()
     yield databases
     databases.cluster.remove()
-
-
-@pytest.fixture
-def server(tmp_path: Path, prefect_postgres: PrefectDatabases) -> Iterator[Any]:
-    """A real `prefect server start` on PostgreSQL with its scheduler off (only triggered runs
-    happen)."""
-    from tests.prefect_procs import Server
-
-    home = tmp_path / "prefect-server"
-    home.mkdir()
-    srv = Server(home, database_url=prefect_postgres.new())
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")
