@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,9 +56,10 @@ def pseudonymizer(seed: str | None) -> object:
 
 
 def write_items(backup: OrthancBackup, items: list[HeldInstance], into: Path,
-                anonymizer: object | None = None) -> tuple[int, int]:
-    """Each item's file from the backup under ``into`` (pseudonymized with ``anonymizer``).
-    Returns files and bytes written."""
+                anonymizer: object | None = None,
+                on_written: Callable[[int], None] | None = None) -> tuple[int, int]:
+    """Each item's file from the backup under ``into`` (pseudonymized with ``anonymizer``);
+    ``on_written(n)`` hears of each. Returns files and bytes written."""
     files = size = 0
     for item in items:
         data = backup.fetch_file(item.resource_id, item.ref.sop_instance_uid)
@@ -71,12 +73,14 @@ def write_items(backup: OrthancBackup, items: list[HeldInstance], into: Path,
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         files, size = files + 1, size + len(data)
+        if on_written is not None:
+            on_written(files)
     return files, size
 
 
 def export(backup: OrthancBackup, items: list[HeldInstance], folder: Path,
            pseudonymize: bool = False, seed: str | None = None, zip_it: bool = False,
-           ) -> Exported:
+           on_written: Callable[[int], None] | None = None) -> Exported:
     """Write ``items`` to ``folder`` (which must not exist yet), whole or not at all."""
     if folder.exists():
         raise FileExistsError(f"{folder} exists: export to a new folder")
@@ -85,7 +89,7 @@ def export(backup: OrthancBackup, items: list[HeldInstance], folder: Path,
     partial.mkdir(parents=True)
     try:
         files, size = write_items(backup, items, partial,
-                                  pseudonymizer(seed) if pseudonymize else None)
+                                  pseudonymizer(seed) if pseudonymize else None, on_written)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

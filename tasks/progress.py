@@ -18,6 +18,7 @@ INSTANCES_FROM = 2000  # verified instances a validation sweep asks the backup a
 
 WINDOWS_FROM = 7  # date windows a backup run asks the R&V (a nightly over a week or more)
 PATIENTS_FROM = 50  # patients asked one by one, without a date
+EXPORT_FROM = 500  # objects an export writes
 LOG_EVERY = 60.0  # seconds between progress lines in the run's log
 
 

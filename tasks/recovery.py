@@ -13,6 +13,7 @@ from radonc_backup.errors import ConfigError
 from radonc_backup.export import Exported, export
 from radonc_backup.restore import Restored, compare_copies, open_target, select, \
     send_and_verify
+from tasks.progress import EXPORT_FROM, Progress
 
 
 def backup_of(site: str, backup: str | None, config: str | None) -> OrthancBackup:
@@ -61,5 +62,6 @@ def export_objects(site: str, backup: str | None, config: str | None,
                    items: list[HeldInstance], folder: str, pseudonymize: bool, seed: str,
                    zip_it: bool) -> Exported:
     """Write the objects to a new folder (pseudonymized if asked), whole or not at all."""
+    progress = Progress(f"objects exported, site {site}", len(items), EXPORT_FROM)
     return export(backup_of(site, backup, config), items, Path(folder), pseudonymize,
-                  seed or None, zip_it)
+                  seed or None, zip_it, on_written=progress.update)

@@ -130,8 +130,18 @@ def files_under(folder: Path) -> list[Path]:
 
 
 def test_export_plain_and_pseudonymized_leaves_the_backup_as_it_was(
-        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+        make_site: Callable[..., DemoSite], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past EXPORT_FROM objects (500) an export shows its progress; lowered here to the
+    test's few objects."""
+    import tasks.recovery
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, \
+        ArtifactFilterType
+
     from flows.export import export
+
+    monkeypatch.setattr(tasks.recovery, "EXPORT_FROM", 1)
 
     site = make_site()
     a, b = course("EXP001", at(-1, 9), delivered=2), course("EXP002", at(0, 10), delivered=1)
@@ -148,6 +158,13 @@ def test_export_plain_and_pseudonymized_leaves_the_backup_as_it_was(
     assert record.relative_to(tmp_path / "plain").parts[0] == "EXP001"  # patient/study/series
     assert record.read_bytes() == stored(site.backup, str(dcmread(record).SOPInstanceUID))
     assert Path(plain.result()["zip"]).stat().st_size > 0
+    with get_client(sync_client=True) as client:
+        [progress] = client.read_artifacts(artifact_filter=ArtifactFilter(
+            type=ArtifactFilterType(any_=["progress"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[plain.state_details.flow_run_id])))
+    assert float(progress.data) == 100.0  # type: ignore[arg-type]
+    assert f"objects exported, site DEMO: {len(a.all())} of {len(a.all())}" in \
+        str(progress.description)
 
     pseudo = export(folder=str(tmp_path / "pseudo"), patient_ids=["EXP001", "EXP002"],
                     pseudonymize=True, **params)
