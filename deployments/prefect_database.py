@@ -40,33 +40,41 @@ def connection_url(user: str, password: str, host: str, port: int, database: str
             f"@{host}:{port}/{database}")
 
 
-def _psql(admin_url: str | None, sql: str, database: str = "postgres") -> str:
+def _psql(admin_url: str | None, sql: str, database: str = "postgres",
+          env: dict[str, str] | None = None) -> str:
     if admin_url:
         argv = ["psql", admin_url.rsplit("/", 1)[0] + f"/{database}"]
     else:
         argv = ["runuser", "-u", "postgres", "--", "psql", "-d", database]
     # The SQL goes in on stdin: a password on psql's command line is visible in /proc.
     done = subprocess.run([*argv, "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1"], input=sql,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
     if done.returncode:
-        raise SetupError(f"psql ({database}): {done.stderr.strip().splitlines()[-1:]}")
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise SetupError(f"psql ({database}): {last}")
     return done.stdout.strip()
 
 
-def ensure_database(user: str, database: str, admin_url: str | None = None) -> str | None:
+def ensure_database(user: str, database: str, admin_url: str | None = None,
+                    admin_env: dict[str, str] | None = None) -> str | None:
     """Create the role (with a new random password, returned) and the database if missing;
-    None when the role existed (its password is kept: it is in the env file already)."""
+    None when the role existed (its password is kept: it is in the env file already).
+    ``admin_env``: added to psql's environment (``PGPASSWORD`` for ``admin_url``)."""
+
+    def psql(sql: str, db: str = "postgres") -> str:
+        return _psql(admin_url, sql, db, admin_env)
+
     for name in (user, database):
         if not _NAME.match(name):
             raise SetupError(f"{name!r}: use lowercase letters, digits and _ for names")
     password = None
-    if _psql(admin_url, f"SELECT 1 FROM pg_roles WHERE rolname = '{user}'") != "1":
+    if psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{user}'") != "1":
         password = secrets.token_urlsafe(24)
-        _psql(admin_url, f"CREATE ROLE {user} LOGIN PASSWORD '{password}'")
-    if _psql(admin_url, f"SELECT 1 FROM pg_database WHERE datname = '{database}'") != "1":
-        _psql(admin_url, f"CREATE DATABASE {database} OWNER {user} ENCODING 'UTF8' "
-                         "TEMPLATE template0")
-    _psql(admin_url, "CREATE EXTENSION IF NOT EXISTS pg_trgm", database=database)
+        psql(f"CREATE ROLE {user} LOGIN PASSWORD '{password}'")
+    if psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}'") != "1":
+        psql(f"CREATE DATABASE {database} OWNER {user} ENCODING 'UTF8' TEMPLATE template0")
+    psql("CREATE EXTENSION IF NOT EXISTS pg_trgm", database)
     return password
 
 

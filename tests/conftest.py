@@ -136,11 +136,8 @@ class PrefectDatabases:
 
         name = f"prefect_{self.made}"
         self.made += 1
-        os.environ.update(self.admin_env)
-        try:
-            password = ensure_database(f"{name}_user", name, self.cluster.admin_url())
-        finally:
-            del os.environ["PGPASSWORD"]
+        password = ensure_database(f"{name}_user", name, self.cluster.admin_url(),
+                                   self.admin_env)
         assert password is not None
         return connection_url(f"{name}_user", password, "127.0.0.1", self.cluster.port, name)
 
