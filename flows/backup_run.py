@@ -22,7 +22,7 @@ from radonc_backup.lane import OpenLane
 from radonc_backup.rt_backup import batches
 from radonc_backup.transfer import Awaiting, Outcome
 from radonc_backup.windows import DayQuery, utc_now
-from tasks.backup import check_backup, find_rt_records, find_rt_records_by_patient, move_batch, \
+from tasks.backup import Found, check_backup, find_rt_records, find_rt_records_by_patient, move_batch, \
     read_mosaiq_records, record_found, settle_moves, with_site_retries
 
 SHOW_FAILED = 20
@@ -49,6 +49,8 @@ class BackupSummary:
     watermark: str = ""
     plan_context: str = ""
     peer_notes: list[str] = field(default_factory=list)  # what the R&V made the run do
+    unusable: list[str] = field(default_factory=list)  # answers without a SOP Instance UID
+    unproven: list[str] = field(default_factory=list)  # what no query could prove absent
     verified_uids: list[str] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, object]:
@@ -77,10 +79,12 @@ def run_backup(flow_name: str, lane: OpenLane, queries: list[DayQuery], window: 
     else:
         by_date = with_site_retries(find_rt_records, settings)(lane.ref, queries)
     found = by_date.refs
-    note_peer(summary, by_date.notes)
+    take_finding(summary, by_date)
     if patients_since is not None and not isinstance(lane.source, MosaiqSource):
         found += by_patient(lane, found, patients_since, summary)
-    plan, summary.watermark = record_found(lane.ref, found, advance_to)
+    # An answer without its UID fails the run; the window is asked again by the next one.
+    plan, summary.watermark = record_found(lane.ref, found,
+                                           None if summary.unusable else advance_to)
     summary.found, summary.new, summary.already_verified = plan.found, plan.new, \
         plan.already_verified
     found_uids = {r.sop_instance_uid for r in found}
@@ -124,6 +128,13 @@ def run_backup(flow_name: str, lane: OpenLane, queries: list[DayQuery], window: 
     return summary
 
 
+def take_finding(summary: BackupSummary, found: Found) -> None:
+    """The finder's notes, unusable answers and unproven parts, into the summary."""
+    note_peer(summary, found.notes)
+    summary.unusable += [u for u in found.unusable if u not in summary.unusable]
+    summary.unproven += [u for u in found.unproven if u not in summary.unproven]
+
+
 def note_peer(summary: BackupSummary, notes: list[str]) -> None:
     """What the R&V made the run do (keys it ignored, lists it refused): once each, logged."""
     for note in notes:
@@ -149,23 +160,27 @@ def final_state(summary: BackupSummary) -> State:
 
 
 def catch_up_days(lane: OpenLane) -> int | None:
-    """Whole days to look back when the ledger was lost or replaced, else None.
+    """Whole days to look back when the ledger knows no RT Record of the lane, else None.
 
-    A ledger that knows no RT Record of the lane while the backup holds some is not a first
-    run: records that had failed before the loss would otherwise never be asked for again.
+    A new ledger (a first run, or one lost or replaced) always catches up, whatever the backup
+    holds: records that had failed before a loss, even when the backup never received one,
+    would otherwise never be asked for again. ``catch_up_days`` (62) covers two monthly sweeps
+    of 31 days, so nothing falls between the catch-up and the last sweep.
     """
     days = lane.site.settings.catch_up_days
-    if not days or lane.ledger.has_records() or not lane.target.holds_rt_records():
+    if not days or lane.ledger.has_records():
         return None
+    held = lane.target.holds_rt_records()
     get_run_logger().warning(
-        "site %s: the ledger %s knows no RT Record of %s while backup %s holds some: a lost or "
-        "replaced ledger; looking back %d days to catch up", lane.site.name, lane.ledger.path,
-        lane.lane.source, lane.lane.backup, days)
+        "site %s: the ledger %s knows no RT Record of %s (%s): looking back %d days to catch "
+        "up", lane.site.name, lane.ledger.path, lane.lane.source,
+        f"backup {lane.lane.backup} holds some: a lost or replaced ledger" if held else
+        "a first run, or a ledger lost before any record arrived", days)
     return days
 
 
 def catch_up_note(days: int) -> str:
-    return (f"the ledger knew no RT Record while the backup holds some (lost or replaced "
+    return (f"the ledger knew no RT Record of this source (a first run, or a lost or replaced "
             f"ledger): looked back {days} whole days")
 
 
@@ -178,7 +193,7 @@ def by_patient(lane: OpenLane, found: list[InstanceRef], since: date, summary: B
     if not patients:
         return []
     asked = with_site_retries(find_rt_records_by_patient, lane.site.settings)(lane.ref, patients)
-    note_peer(summary, asked.notes)
+    take_finding(summary, asked)
     theirs = asked.refs
     dated = {r.sop_instance_uid for r in found}
     unseen = [r for r in theirs if r.sop_instance_uid not in dated]
@@ -196,7 +211,16 @@ def by_patient(lane: OpenLane, found: list[InstanceRef], since: date, summary: B
 
 
 def raise_if_incomplete(summary: BackupSummary) -> None:
-    """End the run Failed, naming the records, when any of its lane is not verified."""
+    """End the run Failed, naming the records, when any of its lane is not verified, or when
+    the R&V answered with matches that carry no SOP Instance UID (they cannot be moved or
+    checked, so they are not dropped unseen either)."""
+    if summary.unusable:
+        shown = "; ".join(summary.unusable[:SHOW_FAILED])
+        more = f" and {len(summary.unusable) - SHOW_FAILED} more" \
+            if len(summary.unusable) > SHOW_FAILED else ""
+        raise BackupIncomplete(
+            f"site {summary.site}: {len(summary.unusable)} C-FIND answer(s) from "
+            f"{summary.source} without a SOP Instance UID, so not backed up: {shown}{more}")
     if summary.failed:
         shown = "; ".join(f"{uid} ({err})" for uid, err in
                           list(summary.failed_uids.items())[:SHOW_FAILED])
@@ -257,6 +281,12 @@ def _report(flow_name: str, s: BackupSummary) -> str:
     ]
     if s.peer_notes:
         lines += ["", "## What the R&V made this run do", "", *[f"- {n}" for n in s.peer_notes]]
+    if s.unusable:
+        lines += ["", "## Answers without a SOP Instance UID (the run fails)", "",
+                  *[f"- {u}" for u in s.unusable[:200]]]
+    if s.unproven:
+        lines += ["", "## Unproven: what a cut answer may hide", "",
+                  *[f"- {u}" for u in s.unproven[:200]]]
     if s.patients_asked:
         lines += ["", f"Asked per patient, without a date: {s.patients_asked} patient(s); "
                       f"found only that way: {len(s.found_by_patient)}"]

@@ -258,11 +258,11 @@ class Settings(_Strict):
     """How far each incremental window reaches back before the watermark (late-written records)."""
     lookback_days: int = Field(default=1, ge=0)
     """First run of a source, and nightly default: whole days looked back over."""
-    catch_up_days: int = Field(default=30, ge=0)
-    """A ledger that knows no record of a lane whose backup already holds RT Records was lost or
-    replaced: the first run then looks back this many whole days instead of ``lookback_days``
-    (records that failed before the loss are asked for again; what the backup holds is not
-    moved twice)."""
+    catch_up_days: int = Field(default=62, ge=0)
+    """A ledger that knows no record of a lane (a first run, or a ledger lost or replaced,
+    whatever the backup holds): its first run looks back this many whole days instead of
+    ``lookback_days`` (records that failed before the loss are asked for again; what the
+    backup holds is not moved twice). 62 covers two monthly sweeps of 31 days."""
     ledger_copies: int = Field(default=7, ge=1)
     """The nightly run keeps a copy of the ledger in <state_dir>/ledger-copies, one per day,
     this many days."""

@@ -83,6 +83,13 @@ CREATE TABLE IF NOT EXISTS peer_caps (
     cap INTEGER NOT NULL,
     seen TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS peer_answers (
+    peer TEXT NOT NULL,
+    level TEXT NOT NULL,
+    largest INTEGER NOT NULL,
+    seen TEXT NOT NULL,
+    PRIMARY KEY (peer, level)
+) WITHOUT ROWID;
 """
 
 
@@ -228,6 +235,22 @@ class Ledger:
             conn.execute("INSERT INTO peer_caps (peer, cap, seen) VALUES (?, ?, ?) ON CONFLICT "
                          "(peer) DO UPDATE SET cap=MIN(cap, excluded.cap), seen=excluded.seen",
                          (peer, cap, _now()))
+
+    def largest_answers(self, peer: str) -> dict[str, int]:
+        """The largest C-FIND answer ``peer`` has returned at each query level."""
+        with self._connect() as conn:
+            return {level: int(n) for level, n in conn.execute(
+                "SELECT level, largest FROM peer_answers WHERE peer=?", (peer,))}
+
+    def remember_answers(self, peer: str, largest: dict[str, int]) -> None:
+        """Keep, per level, the largest answer ``peer`` has returned (an answer reaching it
+        may be cut by a cap the peer never announced, and is checked)."""
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT INTO peer_answers (peer, level, largest, seen) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (peer, level) DO UPDATE SET largest=MAX(largest, "
+                "excluded.largest), seen=excluded.seen",
+                [(peer, level, n, _now()) for level, n in largest.items()])
 
     def at(self, lane: Lane) -> "LaneLedger":
         """This ledger as one lane sees it."""

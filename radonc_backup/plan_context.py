@@ -29,7 +29,7 @@ from .errors import BackupTargetError, DicomError, RetriableBackupTargetError
 from .instance import InstanceRef
 from .lane import OpenLane
 from .ledger import LaneLedger, PlanLink
-from .rt_backup import series_instances
+from .record_finder import RecordFinder, load_memory
 from .transfer import deliver
 
 OBJECT_TYPES = {
@@ -149,6 +149,8 @@ class ContextWalker:
         # A hierarchical-only peer: plan, structure set and doses are found by walking the
         # patient's studies and series (the series lookups name their study and series anyway).
         self.hierarchical = self.source.query == "hierarchical"
+        self.finder = RecordFinder(self.client, True, load_memory(
+            lane.ledger.ledger, self.source.label, self.source.max_find_results))
         self._studies: dict[str, list[str]] = {}
 
     def walk(self, link: PlanLink) -> ContextOutcome:
@@ -258,22 +260,36 @@ class ContextWalker:
         q = identifier("IMAGE", PatientID=patient_id, Modality="RTDOSE", StudyInstanceUID="",
                        SeriesInstanceUID="", SOPInstanceUID="", SOPClassUID="",
                        ReferencedRTPlanSequence=Sequence([item]))
+        # A list, not the answer stream: asking again by UID below needs the gate's permit that
+        # an open answer stream holds.
         matches = (self._walk(patient_id, "RTDOSE", ReferencedRTPlanSequence=Sequence([item]))
-                   if self.hierarchical else self.client.find(q))
+                   if self.hierarchical else list(self.client.find(q)))
         doses = []
-        blind = 0
+        blind = others = 0
         for match in matches:
             sop_class = str(match.get("SOPClassUID", "") or "")
             modality = str(match.get("Modality", "") or "")
             if (sop_class and sop_class != RT_DOSE) or (modality and modality != "RTDOSE"):
                 continue  # the peer ignored Modality: not a dose
-            if not (sop_class or modality):
+            if not (sop_class or modality) or not match.get("SOPInstanceUID"):
                 blind += 1  # never moved blind
                 continue
             refs = _referenced(match, "ReferencedRTPlanSequence")
-            # A peer that does not return the sequence gets the dose moved and read afterwards.
+            if not refs or not match.get("PatientID"):  # ask once more, by its UID
+                match = self._dose_again(match) or match
+                refs = _referenced(match, "ReferencedRTPlanSequence")
+            if str(match.get("PatientID", "") or "") != patient_id:
+                # the peer ignored PatientID, or does not say whose dose it is: never moved
+                others += 1
+                continue
+            # The patient's dose whose plan the peer never says is moved and read afterwards:
+            # it is this patient's, and a dose of another of their plans is worth keeping.
             if not refs or plan_uid in refs:
                 doses.append((InstanceRef.from_match(match), bool(refs)))
+        if others:
+            out.note(f"{self.where} answered the RT Dose lookup of patient {patient_id} with "
+                     f"{others} dose(s) of another patient, or of none it would name: not "
+                     "moved")
         if blind:
             out.problem(f"{blind} answer(s) to the RT Dose lookup of patient {patient_id} on "
                         f"{self.where} say neither SOPClassUID nor Modality: not moved")
@@ -289,6 +305,25 @@ class ContextWalker:
                     out.problem(f"RTDOSE {d.sop_instance_uid} not verified in backup "
                                 f"{self.lane.lane.backup}")
 
+    def _dose_again(self, match: Dataset) -> Dataset | None:
+        """A dose asked of the peer by its own UID, for its patient and the plans it
+        references (a peer may return on a UID query what it leaves out of a broad one)."""
+        item = Dataset()
+        item.ReferencedSOPInstanceUID = ""
+        keys = {k: match.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID")
+                if match.get(k)}
+        uid = str(match.SOPInstanceUID)
+        answers = list(self.client.find(identifier(
+            "IMAGE", **keys, SOPInstanceUID=uid, PatientID="", SOPClassUID="",
+            ReferencedRTPlanSequence=Sequence([item]))))
+        for again in answers:
+            if str(again.get("SOPInstanceUID", "")) == uid:
+                for k in ("StudyInstanceUID", "SeriesInstanceUID", "Modality"):
+                    if match.get(k) and not again.get(k):
+                        setattr(again, k, match.get(k))
+                return again
+        return None
+
     def _walk(self, patient_id: str, modality: str, **keys: object) -> list[Dataset]:
         """For a hierarchical-only peer: the patient's studies (asked once per walk), their
         series of ``modality``, and those series' instances with ``keys`` returned."""
@@ -298,7 +333,7 @@ class ContextWalker:
                     "STUDY", PatientID=patient_id, StudyInstanceUID=""))
                 if m.get("StudyInstanceUID")]
         return [m for study in self._studies[patient_id]
-                for m in series_instances(self.client, study, patient_id, modality, **keys)]
+                for m in self.finder.series_instances(study, patient_id, modality, **keys)]
 
     def _find_instance(self, uid: str, patient_id: str, kind: str) -> InstanceRef | None:
         q = identifier("IMAGE", PatientID=patient_id, StudyInstanceUID="", SeriesInstanceUID="",

@@ -9,6 +9,7 @@ function of a ``DicomClient`` so tests can run it against in-process SCPs.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
@@ -19,7 +20,8 @@ from pynetdicom.presentation import build_context
 
 from .config import PROFILES, AriaSource, MimSource
 from .dicom_net import RT_RECORD_CLASSES, DicomClient, contexts_for, identifier
-from .errors import DicomError, FatalDicomError
+from .errors import DicomError, FatalDicomError, FindTruncated
+from .record_finder import DateSpan, RecordFinder, is_round
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 RT_BEAMS_RECORD = sop.RTBeamsTreatmentRecordStorage
@@ -47,10 +49,44 @@ class ProbeReport:
         return all(c.verdict != FAIL for c in self.checks)
 
 
+def _answers(client: DicomClient, query: Dataset) -> tuple[list[Dataset], bool]:
+    """Every match of ``query``, and whether the peer ended the answer with Cancel (cut)."""
+    matches: list[Dataset] = []
+    try:
+        for m in client.find(query):
+            matches.append(m)
+    except FindTruncated:
+        return matches, True
+    return matches, False
+
+
+def _cap_check(client: DicomClient, level: str, base: dict[str, object], since: date,
+               today: date, date_key: str, time_key: str) -> tuple[int, str, int]:
+    """The cap the peer shows (0: none), how, and how many matches there are, found the way
+    runs find it: a broad query and, when its count may be a cap, its parts (a part holding a
+    match the broad answer did not proves a silent cap; Cancel is a cap the peer announces)."""
+    finder = RecordFinder(client, today=today)
+    matches = finder.collect(level, base, DateSpan(since, today, today, date_key, time_key),
+                             "probe")
+    memory = finder.memory
+    if not memory.learned:
+        return 0, f"{len(matches)} matches from {since} to {today}, also asked in parts: no " \
+                  "cap shown", len(matches)
+    cap = min(memory.learned)
+    how = (f"ends answers cut at {cap} with Cancel (0xFE00)" if memory.cancelled else
+           f"stops at {cap} matches and says Success (a silent cap): {len(matches)} exist "
+           f"from {since} to {today}")
+    return cap, how, len(matches)
+
+
+RECORD_KEYS: dict[str, object] = {"Modality": "RTRECORD", "PatientID": "",
+                                  "StudyInstanceUID": "", "SeriesInstanceUID": "",
+                                  "SOPInstanceUID": "", "SOPClassUID": ""}
+
+
 def _record_query(start: date, end: date) -> Dataset:
-    return identifier("IMAGE", Modality="RTRECORD", PatientID="", StudyInstanceUID="",
-                      SeriesInstanceUID="", SOPInstanceUID="", SOPClassUID="",
-                      TreatmentDate=f"{start:%Y%m%d}-{end:%Y%m%d}", TreatmentTime="")
+    return identifier("IMAGE", **RECORD_KEYS, TreatmentDate=f"{start:%Y%m%d}-{end:%Y%m%d}",
+                      TreatmentTime="")
 
 
 def probe(client: DicomClient, source: AriaSource | MimSource, today: date) -> ProbeReport:
@@ -63,7 +99,7 @@ def probe(client: DicomClient, source: AriaSource | MimSource, today: date) -> P
         return report
     report.add("C-ECHO", OK, "answers")
     _records(client, source, today, report)
-    _hierarchical(client, today, report)
+    _hierarchical(client, source, today, report)
     _retrieve(client, source, report)
     return report
 
@@ -73,7 +109,7 @@ def _records(client: DicomClient, source: AriaSource | MimSource, today: date,
     """The query every backup run makes: relational, IMAGE level, the last 7 days' records."""
     start = today - timedelta(days=6)
     try:
-        answers = list(client.find(_record_query(start, today)))
+        answers, _ = _answers(client, _record_query(start, today))
     except FatalDicomError as exc:
         if source.query == "hierarchical":
             report.add("relational record query", OK,
@@ -123,28 +159,57 @@ def _records(client: DicomClient, source: AriaSource | MimSource, today: date,
         report.add("TreatmentDate honoured", OK if not old else WARN,
                    "nothing treated on 1900-01-01" if not old else
                    f"{len(old)} match(es) for 1900-01-01: the peer ignores TreatmentDate")
-    cap = source.max_find_results
-    if cap and len(answers) >= cap:
-        report.add("answer cap", WARN, f"{len(answers)} matches reach max_find_results = {cap}: "
-                                       "runs split such windows")
-    elif not cap and len(answers) >= 100 and len(answers) % 100 == 0:
-        report.add("answer cap", WARN, f"exactly {len(answers)} matches: a round number, maybe "
-                                       "a silent cap; ask the vendor and set max_find_results")
-        report.settings.append(f"max_find_results = {len(answers)}  # if that is the cap")
+    _report_cap(report, source, *_cap_check(client, "IMAGE", RECORD_KEYS, start, today,
+                                            "TreatmentDate", "TreatmentTime"))
+
+
+def _report_cap(report: ProbeReport, source: AriaSource | MimSource, cap: int, how: str,
+                count: int, level: str = "") -> None:
+    """What the cap check found, and the setting that makes runs split at that cap. Runs also
+    find a cap nobody set (docs/r-and-v-compatibility.md), but only once an answer shows it:
+    said here, the first run splits too."""
+    configured = source.max_find_results
+    name = f"answer cap ({level})" if level else "answer cap"
+    if cap:
+        fits = configured and configured <= cap
+        report.add(name, OK if fits else WARN,
+                   f"the peer {how}" + (f"; max_find_results = {configured} covers it" if fits
+                                        else "; set max_find_results so runs split from the "
+                                             "first answer"))
+        if not fits and not any(line.startswith("max_find_results") for line in
+                                report.settings):
+            report.settings.append(f"max_find_results = {cap}  # the cap this peer showed")
+    elif is_round(count):
+        report.add(name, WARN, f"exactly {count} matches: a round number, maybe a cap "
+                                       "it did not show here; runs check such answers by "
+                                       "splitting them")
     else:
-        report.add("answer cap", OK, f"{len(answers)} matches, no sign of a cap"
-                   + (f" (max_find_results = {cap})" if cap else ""))
+        report.add(name, OK, how + (f" (max_find_results = {configured})"
+                                            if configured else ""))
 
 
-def _hierarchical(client: DicomClient, today: date, report: ProbeReport) -> None:
+def _study_query(start: date, end: date | None) -> Dataset:
+    dates = f"{start:%Y%m%d}-" + (f"{end:%Y%m%d}" if end else "")
+    return identifier("STUDY", StudyDate=dates, StudyInstanceUID="", PatientID="")
+
+
+def _hierarchical(client: DicomClient, source: AriaSource | MimSource, today: date,
+                  report: ProbeReport) -> None:
     since = today - timedelta(days=6)
     try:
-        studies = list(client.find(identifier("STUDY", StudyDate=f"{since:%Y%m%d}-",
-                                               StudyInstanceUID="", PatientID="")))
+        studies, cut = _answers(client, _study_query(since, None))
     except DicomError as exc:
         report.add("STUDY-level query", WARN, f"refused: {exc}")
         return
-    report.add("STUDY-level query", OK, f"{len(studies)} studies from the last 7 days")
+    report.add("STUDY-level query", OK, f"{len(studies)} studies from the last 7 days"
+               + (" (cut short with Cancel)" if cut else ""))
+    try:
+        found = _cap_check(client, "STUDY", {"StudyInstanceUID": "", "PatientID": ""}, since,
+                           today, "StudyDate", "StudyTime")
+    except DicomError as exc:
+        report.add("answer cap (STUDY level)", WARN, f"not checked: {exc}")
+        return
+    _report_cap(report, source, *found, level="STUDY level")
 
 
 def _retrieve(client: DicomClient, source: AriaSource | MimSource, report: ProbeReport) -> None:

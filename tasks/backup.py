@@ -8,7 +8,7 @@ what lets a rerun skip finished work.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from prefect import Task, get_run_logger, task
@@ -21,8 +21,8 @@ from radonc_backup.errors import ConfigError
 from radonc_backup.errors import is_retriable
 from radonc_backup.instance import InstanceRef
 from radonc_backup.lane import LaneRef, OpenLane
-from radonc_backup.rt_backup import Plan, Screen, find_patient_records, find_records, \
-    find_records_hierarchical, plan_work
+from radonc_backup.record_finder import Finding, RecordFinder, load_memory, save_memory
+from radonc_backup.rt_backup import Plan, plan_work
 from radonc_backup.transfer import Awaiting, Outcome, deliver, settle, verify_present
 from radonc_backup.errors import DicomError
 from radonc_backup.validation import DayCheck, Discrepancy, Validation, check_day, \
@@ -56,51 +56,55 @@ def with_site_retries(t: Task[Any, Any], settings: Settings) -> Task[Any, Any]:
 class Found:
     refs: list[InstanceRef]
     notes: list[str] = field(default_factory=list)  # keys the peer ignored, for the summary
+    unusable: list[str] = field(default_factory=list)  # answers without a SOP Instance UID
+    unproven: list[str] = field(default_factory=list)  # cut answers no part could complete
 
 
-def answer_cap(lane: OpenLane) -> int:
-    """The cap to split at: ``max_find_results``, or a smaller one the peer has shown before."""
-    shown = lane.ledger.ledger.peer_cap(lane.source.label)
-    return min((c for c in (lane.source.max_find_results, shown) if c), default=0)
+def record_finder(lane: OpenLane, today: date | None = None) -> RecordFinder:
+    """The lane's source as the one finder asks it, with what the ledger remembers of its
+    answers (caps shown, largest answers) and the configured ``max_find_results``."""
+    memory = load_memory(lane.ledger.ledger, lane.source.label, lane.source.max_find_results)
+    finder = RecordFinder(lane.client(), lane.source.query == "hierarchical", memory, today)
+    finder.on_split = lambda text: get_run_logger().info("site %s: %s", lane.site.name, text)
+    return finder
+
+
+def finished(lane: OpenLane, finder: RecordFinder, finding: Finding) -> Found:
+    """Remember what the peer's answers showed; log what the summary will say."""
+    save_memory(lane.ledger.ledger, lane.source.label, finder.memory)
+    logger = get_run_logger()
+    for note in finding.notes + finding.unproven:
+        logger.warning("site %s: %s", lane.site.name, note)
+    for line in finding.unusable[:20]:
+        logger.error("site %s: %s", lane.site.name, line)
+    return Found(finding.refs, finding.notes, finding.unusable, finding.unproven)
 
 
 @task(name="find-rt-records", cache_policy=NO_CACHE)
 def find_rt_records(ref: LaneRef, queries: list[DayQuery]) -> Found:
-    """C-FIND the RT Records of each window on the R&V, splitting windows the peer capped, and
-    keeping only the matches that are what was asked for."""
-    logger = get_run_logger()
+    """C-FIND the RT Records of each window on the R&V, splitting answers that were or may have
+    been cut, and keeping only the matches that are what was asked for."""
     lane = ref.open()
-    client = lane.client()
-    screen = Screen(client)
-    cap = answer_cap(lane)
-    cuts: list[int] = []
+    finder = record_finder(lane)
+    progress = Progress(f"date windows asked of {lane.source.aet}, site {ref.site}",
+                        len(queries), WINDOWS_FROM)
     if lane.source.query == "hierarchical" and queries:
         first, last = min(q.day for q in queries), max(q.day for q in queries)
         since = first - timedelta(days=lane.site.settings.patient_pass_days)
-        refs = find_records_hierarchical(
-            client, queries, lane.ledger.studies_with_records_since(f"{since:%Y%m%d}"),
-            last - timedelta(days=lane.source.new_study_days), cap, screen)
+        finding = finder.in_windows(
+            queries, lane.ledger.studies_with_records_since(f"{since:%Y%m%d}"),
+            last - timedelta(days=lane.source.new_study_days))
     else:
-        progress = Progress(f"date windows asked of {lane.source.aet}, site {ref.site}",
-                            len(queries), WINDOWS_FROM)
-        refs = find_records(client, queries, cap=cap, screen=screen, on_cut=cuts.append,
-                            on_split=lambda q: logger.info("window %s cut short or at the cap "
-                                                           "of %d: splitting", q, cap),
-                            on_answered=lambda done, total: progress.update(done, total=total))
-    notes = screen.notes()
-    for n in sorted(set(cuts)):
-        lane.ledger.ledger.remember_cap(lane.source.label, n)
-        notes.append(f"{lane.source.label} cut a C-FIND answer at {n} matches (status 0xFE00): "
-                     f"the window was split and asked again; {n} is remembered as its cap, so "
-                     "later answers that reach it are split too, also if it cuts silently")
-    if cap and cap != lane.source.max_find_results:
-        notes.append(f"{lane.source.label} has shown a C-FIND cap of {cap} before: windows "
-                     "reaching it are split (set max_find_results to say so in the config)")
-    for note in notes:
-        logger.warning("site %s: %s", ref.site, note)
-    logger.info("site %s: %d RT Records on %s in %d window(s)", ref.site, len(refs),
-                lane.source.aet, len(queries))
-    return Found(refs, notes)
+        finding = finder.in_windows(queries, on_answered=lambda done, total: progress.update(
+            done, total=total))
+    if finder.memory.cap and finder.memory.cap != lane.source.max_find_results:
+        finding.notes.append(f"{lane.source.label} has shown a C-FIND cap of "
+                             f"{finder.memory.cap} before: answers reaching it are split (set "
+                             "max_find_results to say so in the config)")
+    get_run_logger().info("site %s: %d RT Records on %s in %d window(s), %d C-FIND(s)",
+                          ref.site, len(finding.refs), lane.source.aet, len(queries),
+                          finding.finds)
+    return finished(lane, finder, finding)
 
 
 @task(name="read-mosaiq-sessions", cache_policy=NO_CACHE)
@@ -141,23 +145,16 @@ def read_mosaiq_records(ref: LaneRef, queries: list[DayQuery], undated: bool = F
 
 @task(name="find-rt-records-by-patient", cache_policy=NO_CACHE)
 def find_rt_records_by_patient(ref: LaneRef, patient_ids: list[str]) -> Found:
-    """C-FIND every RT Record of each patient, whatever its date (one query per patient)."""
+    """C-FIND every RT Record of each patient, whatever its date."""
     lane = ref.open()
-    client = lane.client()
-    screen = Screen(client)
-    cap = answer_cap(lane)
-    if lane.source.query == "hierarchical":
-        refs = find_records_hierarchical(client, [], [], None, cap, screen, patient_ids)
-    else:
-        progress = Progress(f"patients asked of {lane.source.aet} without a date, site "
-                            f"{ref.site}", len(patient_ids), PATIENTS_FROM)
-        refs = find_patient_records(client, patient_ids, cap=cap, screen=screen,
-                                    on_answered=lambda done, total: progress.update(done))
-    for note in screen.notes():
-        get_run_logger().warning("site %s: %s", ref.site, note)
-    get_run_logger().info("site %s: %d RT Records of %d patient(s) on %s", ref.site, len(refs),
-                          len(patient_ids), lane.source.aet)
-    return Found(refs, screen.notes())
+    finder = record_finder(lane)
+    progress = Progress(f"patients asked of {lane.source.aet} without a date, site "
+                        f"{ref.site}", len(patient_ids), PATIENTS_FROM)
+    finding = finder.of_patients(patient_ids, on_answered=lambda done, _: progress.update(done))
+    get_run_logger().info("site %s: %d RT Records of %d patient(s) on %s, %d C-FIND(s)",
+                          ref.site, len(finding.refs), len(patient_ids), lane.source.aet,
+                          finding.finds)
+    return finished(lane, finder, finding)
 
 
 @task(name="record-found", cache_policy=NO_CACHE)

@@ -7,11 +7,12 @@ from datetime import date
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from radonc_backup.dicom_net import identifier
+from radonc_backup.errors import FatalDicomError
 from radonc_backup.instance import InstanceRef
 from radonc_backup.lane import LaneRef
 from radonc_backup.ledger import PlanLink
 from radonc_backup.plan_context import ContextOutcome, ContextWalker, WalkGates, link_records
+from radonc_backup.record_finder import RecordFinder
 
 
 @task(name="link-records-to-plans", cache_policy=NO_CACHE)
@@ -44,19 +45,11 @@ def select_records(ref: LaneRef, patient_ids: list[str] | None, start_date: date
     lane = ref.open()
     site = ref.site
     client = lane.site.client(lane.site.backup(lane.lane.backup)[1])
-    dates = ""
-    if start_date or end_date:
-        dates = f"{start_date:%Y%m%d}" if start_date else ""
-        dates += f"-{end_date:%Y%m%d}" if end_date else "-"
-    found: dict[str, InstanceRef] = {}
-    for patient_id in patient_ids or [""]:
-        q = identifier("IMAGE", Modality="RTRECORD", PatientID=patient_id, StudyInstanceUID="",
-                       SeriesInstanceUID="", SOPInstanceUID="", SOPClassUID="",
-                       TreatmentDate=dates, TreatmentTime="")
-        for match in client.find(q):
-            if match.get("SOPInstanceUID"):
-                ref = InstanceRef.from_match(match)
-                found[ref.sop_instance_uid] = ref
+    finding = RecordFinder(client).in_dates(start_date, end_date, patient_ids or [""])
+    if finding.unusable or finding.unproven:
+        raise FatalDicomError(site, client.peer.label, "C-FIND", "; ".join(
+            finding.unusable + finding.unproven)[:2000], calling_ae=client.calling_ae)
+    found = {r.sop_instance_uid: r for r in finding.refs}
     get_run_logger().info("site %s: %d RT Records in backup %s selected", site, len(found),
                           lane.lane.backup)
     return sorted(found.values(), key=lambda r: r.sop_instance_uid)

@@ -90,8 +90,10 @@ def test_first_run_backs_up_the_window_and_a_second_run_moves_nothing(
     state = run(incremental_backup, site, at(0, 16))
     assert state.is_completed(), state.message
     summary = state.result()
-    in_window = uids(*c.records[-2:])  # lookback 1 day: yesterday and today
-    assert summary["found"] == 2 and summary["moved"] == 2 and summary["verified"] == 2
+    # A new ledger catches up catch_up_days (62), not lookback_days: all five fractions.
+    in_window = uids(*c.records)
+    assert summary["found"] == 5 and summary["moved"] == 5 and summary["verified"] == 5
+    assert "looked back 62 whole days" in summary["catch_up"]
     assert site.backup.sop_instance_uids() == in_window
     rows = {r.ref.sop_instance_uid: r for r in ledger(site).at(LANE).rows()}
     assert set(rows) == in_window and {r.state for r in rows.values()} == {"verified"}
@@ -100,7 +102,8 @@ def test_first_run_backs_up_the_window_and_a_second_run_moves_nothing(
     assert again.is_completed()
     second = again.result()
     assert second["already_verified"] == 1 and second["moved"] == 0 and second["new"] == 0
-    assert site.backup.instance_count() == 2
+    assert second["catch_up"] == "", "only a new ledger's first run catches up"
+    assert site.backup.instance_count() == 5
 
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(again.state_details.flow_run_id)

@@ -16,7 +16,7 @@ from radonc_backup.config import load_site
 from radonc_backup.dicom_net import DicomClient, NoDelayAE, Peer, Timeouts
 from radonc_backup.errors import FatalDicomError, RetriableDicomError
 from radonc_backup.windows import DayQuery
-from radonc_backup.rt_backup import find_patient_records, find_records
+from radonc_backup.record_finder import CapMemory, RecordFinder
 from radonc_backup.transfer import move_identifiers
 from radonc_backup.instance import InstanceRef
 from tests.capped_scp import CappedFindSCP
@@ -52,7 +52,7 @@ def test_find_returns_every_record_of_the_window(make_site: Callable[..., DemoSi
     load(site, COURSE)
     cfg = load_site("DEMO", site.config_path)
     days = [DayQuery(datetime(2026, 11, d).date()) for d in range(15, 23)]
-    found = find_records(cfg.client(cfg.sources["aria"]), days)
+    found = RecordFinder(cfg.client(cfg.sources["aria"])).in_windows(days).refs
     assert sorted(r.sop_instance_uid for r in found) == sorted(
         r.SOPInstanceUID for r in COURSE.records)
     first = COURSE.records[0]
@@ -66,9 +66,10 @@ def test_window_at_the_peers_cap_is_split_until_complete() -> None:
     with CappedFindSCP("CAPPED_RV", busy_day.records, cap=4) as scp:
         client = DicomClient("DEMO", "RADONC_BACKUP", Peer("CAPPED_RV", "127.0.0.1", scp.port),
                              FAST)
-        splits: list[DayQuery] = []
-        found = find_records(client, [DayQuery(datetime(2026, 11, 16).date())], cap=4,
-                             on_split=splits.append)
+        splits: list[str] = []
+        finder = RecordFinder(client, memory=CapMemory(configured=4))
+        finder.on_split = splits.append
+        found = finder.in_windows([DayQuery(datetime(2026, 11, 16).date())]).refs
     assert sorted(r.sop_instance_uid for r in found) == sorted(
         r.SOPInstanceUID for r in busy_day.records)
     assert splits and len(scp.queries) > 2
@@ -84,14 +85,18 @@ def test_an_untimed_record_of_a_split_day_is_found_by_asking_its_patient() -> No
     del untimed.TreatmentTime
     second = make_course(Patient("NET011", "Net^Timed"), datetime(2026, 11, 16, 9, 0),
                          delivered=3, every=timedelta(minutes=10))
-    records = [*first.records, *second.records]
+    records = [*first.records[:-1], *second.records, untimed]  # the cut answer lacks it
     with CappedFindSCP("CAPPED_RV", records, cap=4) as scp:
         client = DicomClient("DEMO", "RADONC_BACKUP", Peer("CAPPED_RV", "127.0.0.1", scp.port),
                              FAST)
-        by_date = find_records(client, [DayQuery(datetime(2026, 11, 16).date())], cap=4)
-        by_patient = find_patient_records(client, ["NET010"], cap=4)
+        dated = RecordFinder(client, memory=CapMemory(configured=4)).in_windows(
+            [DayQuery(datetime(2026, 11, 16).date())])
+        by_date = dated.refs
+        by_patient = RecordFinder(client, memory=CapMemory(configured=4)).of_patients(
+            ["NET010"]).refs
     assert str(untimed.SOPInstanceUID) not in {r.sop_instance_uid for r in by_date}
     assert len(by_date) == 5
+    assert any("without a time" in u for u in dated.unproven), "never called complete"
     assert {r.sop_instance_uid for r in by_patient} == {str(r.SOPInstanceUID)
                                                         for r in first.records}
 
@@ -103,8 +108,8 @@ def test_orthanc_cut_short_answer_is_never_taken_as_complete(
     load(site, COURSE)
     cfg = load_site("DEMO", site.config_path)
     with pytest.raises(FatalDicomError, match="raise its C-FIND result limit"):
-        find_records(cfg.client(cfg.sources["aria"]), [DayQuery(datetime(2026, 11, 16)
-                                                                     .date())])
+        RecordFinder(cfg.client(cfg.sources["aria"])).in_windows(
+            [DayQuery(datetime(2026, 11, 16).date())])
 
 
 def test_move_reports_success_while_the_backup_refused(make_site: Callable[..., DemoSite]) -> None:

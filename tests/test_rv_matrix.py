@@ -85,23 +85,26 @@ def finish(site: DemoSite, world: Clinic, source: str) -> None:
         assert_arrived_intact(site, world.compressed)
 
 
-def bounds(world: Clinic, hierarchical: bool) -> tuple[int, int]:
+def bounds(world: Clinic, hierarchical: bool, catch_up_days: int = 62) -> tuple[int, int]:
     """The C-FIND and retrieve requests one incremental run with its backfill may send, as
-    docs/r-and-v-compatibility.md states them. Relational: one C-FIND per day of the window
-    (2 here), per plan 3 (plan, structure set, doses) + 2 per image series. Hierarchical:
-    1 + studies + record series for the records, per plan 1 + 4 per study of the patient +
-    2 x (3 + image series). Retrieves: at most one per record and, per plan, one each for the
-    plan, structure set and doses and one per image series."""
+    docs/r-and-v-compatibility.md states them. The run is the first of a new ledger: it looks
+    back ``catch_up_days`` whole days. Relational: one C-FIND per day (catch_up_days + 2 here),
+    per plan 3 (plan, structure set, doses) + 2 per image series. Hierarchical: 1 + studies +
+    record series for the records, per plan 1 + 4 per study of the patient + 2 x (3 + image
+    series). Both: at most 3 more per record, plan and image series, for the answers that may
+    have been cut and are checked in parts. Retrieves: at most one per record and, per plan,
+    one each for the plan, structure set and doses and one per image series."""
     plans = {str(r.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID) for r in world.records}
     images = {str(ds.SeriesInstanceUID) for ds in world.context
               if ds.Modality not in ("RTPLAN", "RTSTRUCT", "RTDOSE")}
     studies = {str(ds.StudyInstanceUID) for ds in world.everything()}
     record_series = {str(r.SeriesInstanceUID) for r in world.records}
     retrieves = len(world.records) + 3 * len(plans) + len(images)
+    checks = 3 * (len(world.records) + len(plans) + len(images))
     if not hierarchical:
-        return 2 + 3 * len(plans) + 2 * len(images), retrieves
+        return catch_up_days + 2 + 3 * len(plans) + 2 * len(images) + checks, retrieves
     return (1 + len(studies) + len(record_series)
-            + len(plans) * (1 + 4 + 2 * 3) + 2 * len(images), retrieves)
+            + len(plans) * (1 + 4 + 2 * 3) + 2 * len(images) + checks, retrieves)
 
 
 @pytest.mark.parametrize("stand_in", sorted(STRICT))
