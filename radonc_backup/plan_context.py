@@ -339,7 +339,8 @@ class ContextWalker:
         q = identifier("IMAGE", PatientID=patient_id, StudyInstanceUID="", SeriesInstanceUID="",
                        SOPInstanceUID=uid, SOPClassUID="")
         answers = self._walk(patient_id, kind) if self.hierarchical else self.client.find(q)
-        matches = [m for m in answers if str(m.get("SOPInstanceUID", "")) == uid]
+        matches = [m for m in answers if str(m.get("SOPInstanceUID", "")) == uid
+                   and str(m.get("PatientID", "") or patient_id) == patient_id]
         return InstanceRef.from_match(matches[0]) if matches else None
 
     def _find_series(self, patient_id: str, study_uid: str, series_uid: str,
@@ -353,7 +354,11 @@ class ContextWalker:
             if value not in (None, ""):
                 announced = int(value)
         q = identifier("IMAGE", SOPInstanceUID="", SOPClassUID="", **hierarchy)
-        refs = [InstanceRef.from_match(m) for m in self.client.find(q) if m.get("SOPInstanceUID")]
+        # A peer that ignores keys answers with other series, other patients: only what says
+        # it is of this series (and, when it says, of this patient) is taken.
+        refs = [InstanceRef.from_match(m) for m in self.client.find(q) if m.get("SOPInstanceUID")
+                and str(m.get("SeriesInstanceUID", "") or series_uid) == series_uid
+                and str(m.get("PatientID", "") or patient_id) == patient_id]
         return announced, refs
 
     def _note_present(self, refs: list[InstanceRef]) -> None:

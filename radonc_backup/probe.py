@@ -195,13 +195,14 @@ def _study_query(start: date, end: date | None) -> Dataset:
 
 def _hierarchical(client: DicomClient, source: AriaSource | MimSource, today: date,
                   report: ProbeReport) -> None:
-    since = today - timedelta(days=6)
+    """The STUDY-level search a hierarchical run makes: studies of the last new_study_days."""
+    since = today - timedelta(days=source.new_study_days)
     try:
         studies, cut = _answers(client, _study_query(since, None))
     except DicomError as exc:
         report.add("STUDY-level query", WARN, f"refused: {exc}")
         return
-    report.add("STUDY-level query", OK, f"{len(studies)} studies from the last 7 days"
+    report.add("STUDY-level query", OK, f"{len(studies)} studies since {since}"
                + (" (cut short with Cancel)" if cut else ""))
     try:
         found = _cap_check(client, "STUDY", {"StudyInstanceUID": "", "PatientID": ""}, since,

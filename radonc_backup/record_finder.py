@@ -268,6 +268,32 @@ def _in_window(ref: InstanceRef, query: DayQuery) -> bool:
     return query.start <= when.time().replace(microsecond=0) <= query.end
 
 
+def _runs_of_days(windows: list[DayQuery], today: date) -> list[tuple[Slice, list[DayQuery]]]:
+    """One query for each run of consecutive whole days (a date range: a new ledger's 62 days
+    are one C-FIND, split only when its answer is or may be cut), one for each part day."""
+    groups: list[tuple[Slice, list[DayQuery]]] = []
+    run: list[DayQuery] = []
+
+    def close() -> None:
+        if run:
+            part: Slice = DayTime(run[0]) if len(run) == 1 else \
+                DateSpan(run[0].day, run[-1].day, today)
+            groups.append((part, list(run)))
+            run.clear()
+
+    for q in sorted(set(windows)):
+        if not q.whole_day:
+            close()
+            groups.append((DayTime(q), [q]))
+        elif run and q.day == run[-1].day + timedelta(days=1):
+            run.append(q)
+        else:
+            close()
+            run.append(q)
+    close()
+    return groups
+
+
 class Screen:
     """Trust no match: each answer is checked against what was asked (an RT Record, in the
     window, of the patient) before it enters the ledger or a move.
@@ -285,9 +311,10 @@ class Screen:
         self.looked_up = 0
         self._answers: dict[str, Dataset] = {}  # UID -> its answer when asked by UID
 
-    def keep(self, match: Dataset, query: DayQuery | None = None,
+    def keep(self, match: Dataset, query: DayQuery | list[DayQuery] | None = None,
              patient_id: str | None = None) -> InstanceRef | None:
-        lacks_date = query is not None and "TreatmentDate" not in match
+        windows = [query] if isinstance(query, DayQuery) else list(query or [])
+        lacks_date = bool(windows) and "TreatmentDate" not in match
         if not (match.get("SOPClassUID") or match.get("Modality")) or lacks_date:
             match = self._look_up(match)
         ref = InstanceRef.from_match(match)
@@ -298,7 +325,7 @@ class Screen:
         if patient_id is not None and ref.patient_id != patient_id:
             self.ignored["PatientID"] += 1
             return None
-        if query is not None and not _in_window(ref, query):
+        if windows and not any(_in_window(ref, q) for q in windows):
             self.ignored["TreatmentDate/TreatmentTime"] += 1
             return None
         return ref
@@ -395,14 +422,14 @@ class RecordFinder:
                 if not ref.treatment_date or any(_in_window(ref, q) for q in windows):
                     self._add(ref)
             return self._done()
-        for done, query in enumerate(windows, 1):
-            for m in self.collect("IMAGE", self._record_keys(""), DayTime(query),
-                                   f"window {query}"):
-                ref = self.screen.keep(m, query)
+        groups = _runs_of_days(windows, self.today)
+        for done, (part, covered) in enumerate(groups, 1):
+            for m in self.collect("IMAGE", self._record_keys(""), part, f"window {part}"):
+                ref = self.screen.keep(m, covered)
                 if ref is not None:
                     self._add(ref)
             if on_answered is not None:
-                on_answered(done, len(windows))
+                on_answered(done, len(groups))
         return self._done()
 
     def of_patients(self, patient_ids: Iterable[str],
@@ -585,12 +612,13 @@ class RecordFinder:
                        + (f" (patient {patient_id})" if patient_id else ""))
 
     def _unusable(self, level: str, match: Dataset, what: str, patient_id: str) -> None:
+        """Named once per patient and series (the parts of a checked answer hold it again)."""
         patient = str(match.get("PatientID", "") or "") or patient_id or "unknown"
         series = str(match.get("SeriesInstanceUID", "") or "")
-        self.finding.unusable.append(
-            f"{self.client.peer.label}: {what}: a {level}-level answer without "
-            f"{UID_KEY[level]} (patient {patient}" + (f", series {series}" if series else "")
-            + ")")
+        text = (f"{self.client.peer.label}: {level}-level answer(s) without {UID_KEY[level]} "
+                f"(patient {patient}" + (f", series {series}" if series else "") + f"; {what})")
+        if text not in self.finding.unusable:
+            self.finding.unusable.append(text)
 
     def _unproven(self, text: str) -> None:
         if text not in self.finding.unproven:

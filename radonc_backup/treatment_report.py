@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .continuity import gap_warning
 from .report_facts import PlanFacts, RecordFacts
 
 # In the order the people who act on it read: who, which plan on which machine, where in the
@@ -201,6 +202,10 @@ def _course_rows(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date
     current = pd.to_numeric(course["fraction"].max(), errors="coerce")
     planned_in_records = pd.to_numeric(course["fractions_planned"].last(), errors="coerce")
     course_warnings = course["warnings"].agg(lambda ws: sorted({w for t in ws for w in t}))
+    # Fraction continuity over every record of the course the backup holds, dated or not.
+    fractions = records.merge(latest.index.to_frame(index=False), on=keys).groupby(
+        keys, sort=False)["fraction"].agg(
+        lambda fs: [int(f) for f in pd.to_numeric(fs, errors="coerce").dropna()])
     rows = []
     for key, row in latest.iterrows():
         patient_id, plan_uid = key
@@ -209,6 +214,9 @@ def _course_rows(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date
         warnings = list(course_warnings[key])
         if plan_uid and plan is None:
             warnings.append("plan not in the backup")
+        gap = gap_warning(fractions[key])
+        if gap:
+            warnings.append(gap)
         if termination and termination != "NORMAL":
             warnings.append(f"last session not completed normally ({termination})")
         now = int(current[key]) if pd.notna(current[key]) else None

@@ -8,7 +8,8 @@ sub-operations itself, C-STOREing to the destination AE (C-GET ones back on the 
 0xC000 for the UIDs it holds but will not send; ``ignore_keys`` answers every C-FIND with
 everything it holds; ``returns`` limits the keys its answers carry (DCMTK's dcmqrscp, for one,
 returns only the keys of its index); ``cap`` stops an answer after that many matches without
-saying so (``cut_status``: ending such an answer with 0xFE00); ``hierarchical_only`` refuses
+saying so (``cut_status``: ending such an answer with 0xFE00); ``blank_uids``: answers for
+these objects carry an empty SOP Instance UID; ``hierarchical_only`` refuses
 relational queries; ``get_only`` offers C-GET and no C-MOVE. Runs on a free loopback port; the
 UIDs of each retrieve request it received are kept in ``moves``, the level of each C-FIND in
 ``finds``; the most associations it had open at once in ``peak_associations``, the most
@@ -62,7 +63,7 @@ class StrictQRSCP:
                  single_uid: bool = False, refuse: set[str] | None = None,
                  ignore_keys: bool = False, returns: set[str] | None = None,
                  cap: int = 0, hierarchical_only: bool = False, get_only: bool = False,
-                 cut_status: bool = False) -> None:
+                 cut_status: bool = False, blank_uids: set[str] | None = None) -> None:
         for ds in objects:
             to_bytes(ds)  # gives each a file meta (the transfer syntax its C-STORE uses)
         self.aet, self.objects, self.destinations = aet, objects, destinations
@@ -76,6 +77,7 @@ class StrictQRSCP:
         # refuses a query below STUDY level that does not name its one parent study (and, at
         # IMAGE level, series), as a hierarchical-only SCP does
         self.hierarchical_only = hierarchical_only
+        self.blank_uids = blank_uids or set()  # answered with an empty SOPInstanceUID
         self.port = free_port()
         self.moves: list[list[str]] = []
         self.finds: list[str] = []  # the level of each C-FIND received
@@ -128,6 +130,8 @@ class StrictQRSCP:
                                                         key in self.returns):
                         setattr(answer, key, ds.get(key, ""))
                 answer.QueryRetrieveLevel = level
+                if str(ds.SOPInstanceUID) in self.blank_uids and "SOPInstanceUID" in answer:
+                    answer.SOPInstanceUID = ""
                 yield 0xFF00, answer
         yield 0x0000, None
 

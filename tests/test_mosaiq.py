@@ -75,8 +75,8 @@ def fill(db: Any, when: Callable[[datetime], object]) -> dict[str, set[tuple[str
         # patient 2: yesterday the last fraction of the old prescription, today the new one
         (2, 201, 20, at(-1, 9, 0), 15, 210.0), (2, 202, 20, at(-1, 9, 4), 15, 205.0),
         (2, 201, 21, at(0, 9, 0), 1, 210.0), (2, 202, 21, at(0, 9, 4), 1, 205.0),
-        # patient 3: today only; and a session last month, outside the window
-        (3, 301, 30, at(0, 10, 0), 12, 400.0), (3, 301, 30, at(-30, 10, 0), 1, 400.0)]
+        # patient 3: today only; and a session 70 days ago, before a new ledger's catch-up
+        (3, 301, 30, at(0, 10, 0), 12, 400.0), (3, 301, 30, at(-70, 10, 0), 1, 400.0)]
     cursor.executemany("INSERT INTO Dose_Hst (DH_ID, Pat_ID1, FLD_ID, SIT_ID, Tx_DtTm, "
                    "Fractions_Tx, Meterset) VALUES (?, ?, ?, ?, ?, ?, ?)",
                    [(n, p, f, s, when(t), k, m) for n, (p, f, s, t, k, m) in enumerate(rows)])
@@ -254,7 +254,7 @@ def test_the_mosaiq_summary_counts_each_course_and_refuses_an_injected_mrn(
     assert set(rows) == {("MQ0001", "Prostate"), ("MQ0002", "Breast L"),
                          ("MQ0002", "Breast L boost"), ("MQ0003", "Lung R")}
     lung = rows[("MQ0003", "Lung R")]  # the whole course: last month's session, the undated
-    assert (lung.FractionsDelivered, lung.FirstTreatment) == ("3", f"{at(-30, 0):%Y-%m-%d}")
+    assert (lung.FractionsDelivered, lung.FirstTreatment) == ("3", f"{at(-70, 0):%Y-%m-%d}")
     assert (lung.PrescribedDoseGy, lung.FractionsPlanned) == ("60.0", "30")
     assert rows[("MQ0001", "Prostate")].PatientName == "Müller^Zoë"
     assert rows[("MQ0001", "Prostate")].FractionsDelivered == "2"

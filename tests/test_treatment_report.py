@@ -350,3 +350,19 @@ def test_a_long_report_shows_progress_and_links_its_copies_on_the_share(
     text = "".join(str(a.data) for a in summary)
     assert "[report.csv](file://fileserver/radonc reports/report.csv)" in text
     assert "[report.html](file://fileserver/radonc reports/report.html)" in text
+
+
+def test_a_fraction_missing_from_the_backup_is_named_in_the_warnings(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    """Fraction continuity, the second proof: fractions 1-3 and 5 in the backup, 4 missing
+    (a record no date query found); the course's row names fraction 4 in its Warnings."""
+    site = make_site()
+    clinic = Clinic()
+    study, plan = clinic.plan("R011", "Gap^Fraction", "p", "PELVIS", 25)
+    held = [r for r in clinic.deliver(study, plan, 1, 5, datetime(2026, 11, 14, 9))
+            if "4" not in {str(b.CurrentFractionNumber) for b in r.TreatmentSessionBeamSequence}]
+    site.backup.upload([to_bytes(ds) for ds in [*held, plan]])
+    run(site, tmp_path, treatment_start_date=START, end_date=END)
+    (row,) = read_csv(tmp_path / "report.csv")
+    assert row["CurrentFraction"] == "5"
+    assert "fraction(s) 4 not in the backup" in row["Warnings"]

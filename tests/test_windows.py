@@ -63,7 +63,7 @@ from datetime import timedelta  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from radonc_backup.rt_backup import _in_query  # noqa: E402
+from radonc_backup.record_finder import _in_window as _in_query  # noqa: E402
 from radonc_backup.instance import InstanceRef  # noqa: E402
 
 

@@ -1,0 +1,214 @@
+"""Find every record whatever the peer does: caps it does not announce, Cancel at any level,
+a record series larger than the cap, answers without a UID, another patient's dose.
+
+Each site is set up the way a user would: ``dicom_tools probe``'s advice (its settings lines)
+written into the source's TOML, then the real flows against an in-process Q/R SCP that behaves
+like the vendor, and an Orthanc backup. What is checked is what a user would check: every
+record in the backup, the ledger verified, the run's state and what its summary says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from pydicom.dataset import Dataset
+
+from demo.site import DemoSite
+from demo.synthetic import to_bytes
+from flows.incremental_backup import incremental_backup
+from flows.nightly_backup import nightly_backup
+from radonc_backup.config import load_site
+from radonc_backup.probe import probe
+from radonc_backup.record_finder import CapMemory, RecordFinder
+from tests.conftest import three_numbers
+from tests.qr_scp import StrictQRSCP, add_source
+from tests.test_backup_flows import DAY, at, course, run, uids
+
+pytestmark = pytest.mark.usefixtures("prefect")
+
+# peer behaviour -> StrictQRSCP options
+PEERS = {
+    "silent-cap-relational": {"cap": 3},
+    "silent-cap-hierarchical": {"cap": 3, "hierarchical_only": True},
+    "cancel-cap-relational": {"cap": 3, "cut_status": True},
+    "cancel-cap-hierarchical": {"cap": 3, "cut_status": True, "hierarchical_only": True},
+}
+
+
+def clinic() -> tuple[list, list[Dataset]]:
+    """Four patients on treatment, their studies on four dates, 10 records over the last four
+    days: more than the cap in a day (4 today), in a study and in one record series (4)."""
+    courses = [course(f"FE{n}", at(-n, 8 + n), delivered=n + 1) for n in range(4)]
+    return courses, [r for c in courses for r in c.records]
+
+
+def probed_settings(site: DemoSite, alias: str) -> dict[str, object]:
+    """What ``dicom_tools probe`` prints to copy into the source's TOML, as values."""
+    cfg = load_site("DEMO", site.config_path)
+    source = cfg.sources[alias]
+    report = probe(cfg.client(source), source, DAY.date())
+    settings: dict[str, object] = {}
+    for line in report.settings:
+        key, _, value = line.split("#")[0].partition("=")
+        settings[key.strip()] = int(value) if value.strip().isdigit() else value.strip(' "')
+    return settings
+
+
+def site_as_probe_advises(make_site: Callable[..., DemoSite], server: StrictQRSCP,
+                          advised: bool = True) -> tuple[DemoSite, dict[str, object]]:
+    """Source "probed": the settings probe printed for the peer, probed as source "new"."""
+    site = make_site(extra_backup_modalities={server.aet: (server.aet, "127.0.0.1", 1)})
+    add_source(site, server, "new")
+    settings = probed_settings(site, "new") if advised else {}
+    add_source(site, server, "probed", **settings)
+    return site, settings
+
+
+@pytest.mark.parametrize("peer", sorted(PEERS))
+def test_a_capped_peer_set_up_as_probe_advises_loses_no_record(
+        make_site: Callable[..., DemoSite], peer: str) -> None:
+    """Caps of 3, silent or with Cancel, relational or hierarchical-only: probe names the cap
+    (and the profile a hierarchical-only peer needs), and with its settings the first run
+    backs up all 10 records, the nightly the 8 delivered the next day; nothing ends Completed
+    with a record missing."""
+    options = PEERS[peer]
+    courses, records = clinic()
+    server = StrictQRSCP("CAPPED_RV", records, {}, **options)
+    with server:
+        site, settings = site_as_probe_advises(make_site, server)
+        server.destinations = {site.backup.aet: ("127.0.0.1", site.backup.dicom_port)}
+        assert settings.get("max_find_results") == 3, settings
+        if options.get("hierarchical_only"):
+            assert settings.get("profile") == "aria", settings
+        state = run(incremental_backup, site, at(0, 16), source="probed", backfill=False)
+        assert state.is_completed(), state.message
+        assert site.backup.sop_instance_uids() == uids(*records)
+        later = [c.add_record(at(1, 7 + n, 10 * k)) for n, c in enumerate(courses)
+                 for k in range(2)]
+        for ds in later:
+            to_bytes(ds)  # a file meta: the syntax its C-STORE sub-operation uses
+        server.objects += later
+        nightly = run(nightly_backup, site, at(2, 5), days=1, source="probed", backfill=False)
+        assert nightly.is_completed(), nightly.message
+    assert site.backup.sop_instance_uids() == uids(*records, *later)
+    assert three_numbers(site, [*records, *later], DAY.date()) == (0, 0, 0)
+
+
+def test_a_silent_cap_nobody_configured_is_found_from_the_answers(
+        make_site: Callable[..., DemoSite]) -> None:
+    """The hierarchical-only peer caps at 3 and says Success; the site says nothing of a cap
+    (the profile only). Answers reaching the largest count the peer has returned are asked
+    again in parts, which show more: the cap is found, remembered, every record backed up."""
+    courses, records = clinic()
+    server = StrictQRSCP("CAPPED_RV", records, {}, cap=3, hierarchical_only=True)
+    with server:
+        site = make_site(extra_backup_modalities={server.aet: (server.aet, "127.0.0.1", 1)})
+        server.destinations = {site.backup.aet: ("127.0.0.1", site.backup.dicom_port)}
+        add_source(site, server, "unset", profile="aria")
+        state = run(incremental_backup, site, at(0, 16), source="unset", backfill=False)
+    assert state.is_completed(), state.message
+    assert site.backup.sop_instance_uids() == uids(*records)
+    notes = " ".join(state.result()["peer_notes"])
+    assert "cut a C-FIND answer at 3 matches without being asked to" in notes, notes
+    cfg = load_site("DEMO", site.config_path)
+    from radonc_backup.ledger import Ledger
+
+    assert Ledger.for_state_dir(cfg.state_dir).peer_cap(cfg.sources["unset"].label) == 3
+
+
+def test_a_series_with_more_records_than_the_cap_is_walked_by_date() -> None:
+    """One record series of 12 records over 12 days, a peer capping every answer at 5: the
+    series' answer is split by TreatmentDate until no part reaches the cap (the site is not
+    stopped), and every record is found; the undated record in it is named as unproven when
+    the cut answer did not show it."""
+    from radonc_backup.dicom_net import DicomClient, Peer, Timeouts
+
+    c = course("FE9", at(-11, 8), delivered=12)
+    undated = c.add_record(at(0, 9))
+    undated.TreatmentDate = ""
+    server = StrictQRSCP("SERIES_RV", c.records, {}, cap=5, hierarchical_only=True)
+    with server:
+        client = DicomClient("DEMO", "RADONC_BACKUP", Peer(server.aet, "127.0.0.1", server.port),
+                             Timeouts(5, 20, 10, 3))
+        finder = RecordFinder(client, True, CapMemory(configured=5), DAY.date())
+        found = finder.of_patients(["FE9"])
+    assert {r.sop_instance_uid for r in found.refs} >= uids(*c.records[:-1])
+    if str(undated.SOPInstanceUID) not in {r.sop_instance_uid for r in found.refs}:
+        assert any("without a date" in u for u in found.unproven), found.unproven
+    assert server.refused_finds == 0
+
+
+def test_an_answer_without_a_sop_instance_uid_fails_the_run_naming_it(
+        make_site: Callable[..., DemoSite]) -> None:
+    """The peer answers one of three records with an empty SOP Instance UID: the two others are
+    backed up, the run fails naming the patient and series, and the watermark stays, so the
+    next run asks again."""
+    c = course("FE5", at(-1, 8), delivered=2)
+    blank = c.add_record(at(0, 9))
+    server = StrictQRSCP("BLANK_RV", c.records, {}, blank_uids={str(blank.SOPInstanceUID)})
+    with server:
+        site = make_site(extra_backup_modalities={server.aet: (server.aet, "127.0.0.1", 1)})
+        server.destinations = {site.backup.aet: ("127.0.0.1", site.backup.dicom_port)}
+        add_source(site, server, "blank")
+        state = run(incremental_backup, site, at(0, 16), source="blank", backfill=False)
+    assert state.is_failed()
+    assert "without a SOP Instance UID" in str(state.message)
+    assert "patient FE5" in str(state.message) and str(blank.SeriesInstanceUID) in str(
+        state.message)
+    assert site.backup.sop_instance_uids() == uids(*c.records[:2])
+    cfg = load_site("DEMO", site.config_path)
+    from radonc_backup.ledger import Lane, Ledger
+
+    assert Ledger.for_state_dir(cfg.state_dir).at(Lane("DEMO", "blank", "orthanc")) \
+        .watermark() is None
+
+
+def test_another_patients_dose_is_never_moved(make_site: Callable[..., DemoSite]) -> None:
+    """A peer that ignores keys and returns no ReferencedRTPlanSequence: the plan walk of one
+    patient moves that patient's dose, never the other patient's."""
+    from flows.plan_context_backfill import plan_context_backfill
+
+    mine, theirs = course("FE7", at(-1, 8), delivered=1), course("FE8", at(-1, 9), delivered=0)
+    keys = {"PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+            "SOPClassUID", "Modality", "TreatmentDate", "TreatmentTime",
+            "NumberOfSeriesRelatedInstances"}
+    server = StrictQRSCP("IGNORE_RV", [*mine.all(), *theirs.all()], {}, ignore_keys=True,
+                         returns=keys)
+    with server:
+        site = make_site(extra_backup_modalities={server.aet: (server.aet, "127.0.0.1", 1)})
+        server.destinations = {site.backup.aet: ("127.0.0.1", site.backup.dicom_port)}
+        add_source(site, server, "ignoring")
+        state = run(incremental_backup, site, at(0, 16), source="ignoring", backfill=False)
+        assert state.is_completed(), state.message
+        context = plan_context_backfill(site="DEMO", source="ignoring",
+                                        config=str(site.config_path), return_state=True)
+    held = site.backup.sop_instance_uids()
+    assert str(mine.dose.SOPInstanceUID) in held, context.message
+    assert not held & uids(*theirs.all()), "nothing of the other patient"
+
+
+def test_uid_less_answers_are_named_not_dropped_by_the_finder() -> None:
+    c = course("FE6", at(0, 8), delivered=1)
+    blank = c.records[0]
+    server = StrictQRSCP("BLANK_RV", c.records, {}, blank_uids={str(blank.SOPInstanceUID)})
+    from radonc_backup.dicom_net import DicomClient, Peer, Timeouts
+    from radonc_backup.windows import DayQuery
+
+    with server:
+        client = DicomClient("DEMO", "RADONC_BACKUP", Peer(server.aet, "127.0.0.1", server.port),
+                             Timeouts(5, 20, 10, 3))
+        found = RecordFinder(client, today=DAY.date()).in_windows([DayQuery(DAY.date())])
+    assert not found.refs
+    assert len(found.unusable) == 1 and "patient FE6" in found.unusable[0]
+
+
+def test_fraction_continuity_names_what_the_backup_lacks() -> None:
+    """The second proof, which does not ask by date: a plan's fractions 1 to the highest."""
+    from radonc_backup.continuity import gap_warning, missing_fractions, spans
+
+    assert missing_fractions([5, 7, 1, 2, 3, 4]) == [6]
+    assert missing_fractions([3, 4]) == [1, 2], "fewer sessions than the highest fraction"
+    assert missing_fractions([1, 2, 2, None, 3]) == [] and gap_warning([1, 2]) == ""
+    assert spans([1, 2, 3, 6, 8, 9]) == "1-3, 6, 8-9"
+    assert gap_warning([1, 2, 5]).startswith("fraction(s) 3-4 not in the backup")
