@@ -65,9 +65,12 @@ def artifact_key(*parts: str) -> str:
 
 def run_backup(flow_name: str, lane: OpenLane, queries: list[DayQuery], window: str,
                advance_to: datetime | None = None,
-               patients_since: date | None = None, catch_up: str = "") -> BackupSummary:
+               patients_since: date | None = None, catch_up: str = "",
+               inventory: bool = False) -> BackupSummary:
     """``patients_since``: also ask, patient by patient and without a date, for the records of
-    every patient with a record since that day (the nightly net under the date queries)."""
+    every patient with a record since that day (the nightly net under the date queries).
+    ``inventory``: instead of the windows, every RT Record the R&V holds (the inventory sweep).
+    """
     logger = get_run_logger()
     settings = lane.site.settings
     summary = BackupSummary(lane.lane.site, lane.lane.source, lane.lane.backup, window,
@@ -77,7 +80,7 @@ def run_backup(flow_name: str, lane: OpenLane, queries: list[DayQuery], window: 
         by_date = with_site_retries(read_mosaiq_records, settings)(
             lane.ref, queries, undated=patients_since is not None)
     else:
-        by_date = with_site_retries(find_rt_records, settings)(lane.ref, queries)
+        by_date = with_site_retries(find_rt_records, settings)(lane.ref, queries, inventory)
     found = by_date.refs
     take_finding(summary, by_date)
     if patients_since is not None and not isinstance(lane.source, MosaiqSource):

@@ -344,6 +344,8 @@ class Schedules(_Strict):
     validation: str = "0 4 * * 0"
     validation_content: str = "0 5 1 * *"
     """The monthly sweep at content depth over the last 31 days."""
+    inventory: str = "0 1 15 * *"
+    """The monthly inventory sweep: every RT Record the R&V holds, asked without a date."""
     downtime_pack: str = "30 4 * * *"
     """The nightly downtime pack, after the nightly backup and backfill."""
     dr_drill: str = "0 6 2 * *"
@@ -351,7 +353,7 @@ class Schedules(_Strict):
     target)."""
 
     @field_validator("nightly", "backfill", "report", "validation", "validation_content",
-                     "downtime_pack", "dr_drill")
+                     "inventory", "downtime_pack", "dr_drill")
     @classmethod
     def _cron(cls, value: str) -> str:
         if not _CRON.match(value.strip()):

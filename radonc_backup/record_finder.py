@@ -423,13 +423,15 @@ class RecordFinder:
                     self._add(ref)
             return self._done()
         groups = _runs_of_days(windows, self.today)
-        for done, (part, covered) in enumerate(groups, 1):
+        done = 0  # windows answered, for progress (a run of days is one query)
+        for part, covered in groups:
             for m in self.collect("IMAGE", self._record_keys(""), part, f"window {part}"):
                 ref = self.screen.keep(m, covered)
                 if ref is not None:
                     self._add(ref)
+            done += len(covered)
             if on_answered is not None:
-                on_answered(done, len(groups))
+                on_answered(done, len(windows))
         return self._done()
 
     def of_patients(self, patient_ids: Iterable[str],
@@ -454,6 +456,30 @@ class RecordFinder:
                     self.screen.ignored["PatientID"] += 1
             if on_answered is not None:
                 on_answered(done, len(patients))
+        return self._done()
+
+    def inventory(self, on_answered: Callable[[int, int], None] | None = None) -> Finding:
+        """Every RT Record the peer holds, of every patient, without a date: the check that
+        shares no blind spot with the date queries (a new patient whose only record has no
+        TreatmentDate, a record older than any look-back). Relational: one query for every
+        record, split by date when it is or may be cut; hierarchical: every study (split by
+        StudyDate), walked to its record series and their records. Undated ones are in the
+        unsplit answer; when that answer is cut, what it may hide is named as unproven."""
+        if self.hierarchical:
+            walk = {str(m.StudyInstanceUID): str(m.get("PatientID", "") or "")
+                    for m in self.collect("STUDY", {"StudyInstanceUID": "", "PatientID": ""},
+                                          Everything(self.today, "StudyDate", "StudyTime"),
+                                          "inventory of studies")}
+            for ref in self._walk_studies(walk, on_answered):
+                self._add(ref)
+            return self._done()
+        for m in self.collect("IMAGE", self._record_keys(""), Everything(self.today),
+                              "inventory of records"):
+            ref = self.screen.keep(m)
+            if ref is not None:
+                self._add(ref)
+        if on_answered is not None:
+            on_answered(1, 1)
         return self._done()
 
     def in_dates(self, start: date | None, end: date | None,

@@ -81,14 +81,25 @@ def finished(lane: OpenLane, finder: RecordFinder, finding: Finding) -> Found:
 
 
 @task(name="find-rt-records", cache_policy=NO_CACHE)
-def find_rt_records(ref: LaneRef, queries: list[DayQuery]) -> Found:
-    """C-FIND the RT Records of each window on the R&V, splitting answers that were or may have
-    been cut, and keeping only the matches that are what was asked for."""
+def find_rt_records(ref: LaneRef, queries: list[DayQuery], inventory: bool = False) -> Found:
+    """C-FIND the RT Records of each window on the R&V (``inventory``: every record it holds,
+    without a date), splitting answers that were or may have been cut, and keeping only the
+    matches that are what was asked for."""
     lane = ref.open()
     finder = record_finder(lane)
     progress = Progress(f"date windows asked of {lane.source.aet}, site {ref.site}",
                         len(queries), WINDOWS_FROM)
-    if lane.source.query == "hierarchical" and queries:
+    if inventory:
+        walked: list[Progress] = []
+
+        def shown(done: int, total: int) -> None:
+            if not walked:
+                walked.append(Progress(f"studies walked on {lane.source.aet}, site {ref.site}",
+                                       total, PATIENTS_FROM))
+            walked[0].update(done, total=total)
+
+        finding = finder.inventory(on_answered=shown)
+    elif lane.source.query == "hierarchical" and queries:
         first, last = min(q.day for q in queries), max(q.day for q in queries)
         since = first - timedelta(days=lane.site.settings.patient_pass_days)
         finding = finder.in_windows(

@@ -212,3 +212,53 @@ def test_fraction_continuity_names_what_the_backup_lacks() -> None:
     assert missing_fractions([1, 2, 2, None, 3]) == [] and gap_warning([1, 2]) == ""
     assert spans([1, 2, 3, 6, 8, 9]) == "1-3, 6, 8-9"
     assert gap_warning([1, 2, 5]).startswith("fraction(s) 3-4 not in the backup")
+
+
+@pytest.mark.parametrize("peer", ["orthanc", "hierarchical-only"])
+def test_a_new_patients_undated_record_is_found_by_the_inventory_sweep(
+        make_site: Callable[..., DemoSite], peer: str) -> None:
+    """A new patient whose only record has an empty TreatmentDate matches no date query, and
+    the per-patient pass asks only patients it knows: the incremental and the nightly end
+    Completed without it (they say nothing false: they did not list it). The inventory sweep,
+    which asks for every record without a date, fails naming it; with --repair it moves it
+    and ends Completed, the record verified in the backup."""
+    from flows.inventory_sweep import inventory_sweep
+
+    known = course("FE30", at(-1, 8), delivered=2)
+    new = course("FE31", at(0, 9), delivered=1)
+    undated = new.records[0]
+    undated.TreatmentDate = ""
+    site = make_site(extra_backup_modalities={"INV_RV": ("INV_RV", "127.0.0.1", 1)})
+    records = [*known.records, undated]
+    if peer == "orthanc":
+        site.rv.upload([to_bytes(ds) for ds in records])
+        source, server = "aria", None
+    else:
+        server = StrictQRSCP("INV_RV", records, {site.backup.aet: (
+            "127.0.0.1", site.backup.dicom_port)}, hierarchical_only=True)
+        server.__enter__()
+        add_source(site, server, "inv", profile="aria")
+        source = "inv"
+    try:
+        state = run(incremental_backup, site, at(0, 16), source=source, backfill=False)
+        assert state.is_completed(), state.message
+        nightly = run(nightly_backup, site, at(1, 5), days=1, source=source, backfill=False)
+        assert nightly.is_completed(), nightly.message
+        if peer == "orthanc":  # the hierarchical walk keeps undated records of new studies
+            assert str(undated.SOPInstanceUID) not in site.backup.sop_instance_uids()
+        check = inventory_sweep(site="DEMO", source=source, config=str(site.config_path),
+                                return_state=True)
+        if str(undated.SOPInstanceUID) not in site.backup.sop_instance_uids():
+            assert check.is_failed()
+            assert "patient FE31" in str(check.message) and "--repair" in str(check.message)
+        repaired = inventory_sweep(site="DEMO", source=source, config=str(site.config_path),
+                                   repair=True, return_state=True)
+        assert repaired.is_completed(), repaired.message
+        again = inventory_sweep(site="DEMO", source=source, config=str(site.config_path),
+                                return_state=True)
+        assert again.is_completed() and "presence checked" in str(again.message)
+    finally:
+        if server is not None:
+            server.__exit__(None, None, None)
+    assert site.backup.sop_instance_uids() == uids(*records)
+    assert three_numbers(site, records, DAY.date()) == (0, 0, 0)
