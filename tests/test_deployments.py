@@ -16,7 +16,7 @@ from radonc_backup.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ["incremental", "nightly", "backfill", "report", "validation", "validation-content",
-         "inventory", "downtime-pack", "restore", "export", "department-backfill"]
+         "downtime-pack", "inventory", "restore", "export", "department-backfill"]
 
 
 def test_prefect_yaml_entrypoints_and_schedules() -> None:
