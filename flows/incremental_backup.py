@@ -11,14 +11,14 @@ from __future__ import annotations
 import sys
 from datetime import datetime, timedelta, timezone
 
-from prefect import State, flow
+from prefect import State, flow, get_run_logger
 
 from flows import naming
 from flows.backup_run import backfill_context, catch_up_days, catch_up_note, final_state, \
     raise_if_incomplete, run_backup
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
-from radonc_backup.lane import open_lane
+from radonc_backup.lane import OpenLane, lane_lock, open_lane
 from radonc_backup.rt_backup import window_label
 from radonc_backup.windows import day_queries, local_span, utc_now, wall
 from tasks.limits import rv_slots
@@ -49,6 +49,13 @@ def incremental_backup(site: str, source: str | None = None, backup: str | None 
         backfill: Then bring the plan context of the records just verified into the backup.
     """
     lane = open_lane(site, source, backup, config)
+    # One run of the lane at a time: the watermark is read, and the window chosen, inside.
+    with lane_lock(lane, lane.site.settings.lane_wait_minutes * 60,
+                   on_wait=get_run_logger().warning):
+        return _incremental(lane, now, backfill)
+
+
+def _incremental(lane: OpenLane, now: datetime | None, backfill: bool) -> State:
     end = (now or utc_now()).astimezone(timezone.utc)
     watermark = lane.ledger.watermark()
     catch_up = catch_up_days(lane) if watermark is None else None

@@ -10,14 +10,14 @@ from __future__ import annotations
 import sys
 from datetime import datetime, timedelta, timezone
 
-from prefect import State, flow
+from prefect import State, flow, get_run_logger
 
 from flows import naming
 from flows.backup_run import backfill_context, catch_up_days, catch_up_note, final_state, \
     raise_if_incomplete, run_backup
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
-from radonc_backup.lane import open_lane
+from radonc_backup.lane import OpenLane, lane_lock, open_lane
 from radonc_backup.windows import utc_now, wall, whole_days
 from tasks.backup import copy_ledger
 from tasks.limits import rv_slots
@@ -39,6 +39,12 @@ def nightly_backup(site: str, days: int = 1, source: str | None = None,
         backfill: Then sweep every plan context that is not complete yet.
     """
     lane = open_lane(site, source, backup, config)
+    with lane_lock(lane, lane.site.settings.lane_wait_minutes * 60,
+                   on_wait=get_run_logger().warning):
+        return _nightly(lane, days, now, backfill)
+
+
+def _nightly(lane: OpenLane, days: int, now: datetime | None, backfill: bool) -> State:
     today = wall((now or utc_now()).astimezone(timezone.utc), lane.site.tz).date()
     catch_up = catch_up_days(lane) if lane.ledger.watermark() is None else None
     queries = whole_days(today, max(days, catch_up or 0))

@@ -263,6 +263,10 @@ class Settings(_Strict):
     whatever the backup holds): its first run looks back this many whole days instead of
     ``lookback_days`` (records that failed before the loss are asked for again; what the
     backup holds is not moved twice). 62 covers two monthly sweeps of 31 days."""
+    lane_wait_minutes: int = Field(default=30, ge=0)
+    """A backup run waits this long for another run of the same lane (source to backup) to
+    end before it stops with one line, having sent nothing: two runs never send the same
+    objects twice."""
     ledger_copies: int = Field(default=7, ge=1)
     """The nightly run keeps a copy of the ledger in <state_dir>/ledger-copies, one per day,
     this many days."""

@@ -262,3 +262,40 @@ def test_a_new_patients_undated_record_is_found_by_the_inventory_sweep(
             server.__exit__(None, None, None)
     assert site.backup.sop_instance_uids() == uids(*records)
     assert three_numbers(site, records, DAY.date()) == (0, 0, 0)
+
+
+def test_one_run_of_a_lane_at_a_time(make_site: Callable[..., DemoSite]) -> None:
+    """A second run of the same lane (two shell runs a second apart, or a nightly meeting an
+    incremental) waits for the first, then finds its work in the ledger and sends nothing
+    twice; past lane_wait_minutes it stops with one line, having sent nothing."""
+    import threading
+
+    from radonc_backup.lane import lane_lock, open_lane
+
+    c = course("FE40", at(-1, 8), delivered=2)
+    site = make_site(settings={"lane_wait_minutes": 0})
+    site.rv.upload([to_bytes(ds) for ds in c.records])
+    with lane_lock(open_lane("DEMO", config=str(site.config_path)), 0):
+        busy = run(incremental_backup, site, at(0, 16), backfill=False)
+    assert busy.is_failed() and "another run of aria to orthanc is under way" in str(
+        busy.message)
+    assert site.backup.sop_instance_uids() == set(), "sent nothing"
+
+    waiting = make_site(settings={"lane_wait_minutes": 1})
+    waiting.rv.upload([to_bytes(ds) for ds in c.records])
+    lane = open_lane("DEMO", config=str(waiting.config_path))
+    held, release = threading.Event(), threading.Event()
+
+    def first_run() -> None:
+        with lane_lock(lane, 0):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=first_run)
+    holder.start()
+    held.wait(10)
+    threading.Timer(2.0, release.set).start()
+    state = run(incremental_backup, waiting, at(0, 16), backfill=False)
+    holder.join()
+    assert state.is_completed(), state.message
+    assert waiting.backup.sop_instance_uids() == uids(*c.records)
