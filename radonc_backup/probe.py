@@ -129,8 +129,11 @@ def _records(client: DicomClient, source: AriaSource | MimSource, today: date,
     dates = [str(a.get("TreatmentDate", "") or "") for a in answers]
     outside = [d for d in dates if d and not f"{start:%Y%m%d}" <= d <= f"{today:%Y%m%d}"]
     undated = sum(1 for a in answers if "TreatmentDate" not in a)
+    records = len(answers) - len(other) - len(outside)
     report.add("relational record query", OK,
-               f"{len(answers)} RT Record(s) treated {start} to {today}")
+               f"{len(answers)} answer(s) for RT Records treated {start} to {today}"
+               + (f", of which {records} are RT Records in that range (what the peer said of "
+                  "the others is below)" if records != len(answers) else ""))
     if blind:
         uid = str(blind[0].get("SOPInstanceUID", ""))
         again = [a for a in client.find(identifier(
@@ -156,9 +159,22 @@ def _records(client: DicomClient, source: AriaSource | MimSource, today: date,
     except DicomError as exc:
         report.add("TreatmentDate honoured", WARN, f"a query for 1900-01-01 failed: {exc}")
     else:
-        report.add("TreatmentDate honoured", OK if not old else WARN,
-                   "nothing treated on 1900-01-01" if not old else
-                   f"{len(old)} match(es) for 1900-01-01: the peer ignores TreatmentDate")
+        if not old:
+            report.add("TreatmentDate honoured", OK, "nothing treated on 1900-01-01")
+        elif source.query == "relational":
+            # Every window would list everything the peer holds, each match asked again by
+            # UID when it does not say what it is: the run stops (nothing moved blind).
+            report.add("TreatmentDate honoured", FAIL,
+                       f"{len(old)} match(es) for 1900-01-01: the peer ignores TreatmentDate, "
+                       "so a date query lists everything it holds; set profile = \"strict\" "
+                       "(walk studies, then their RT Record series)")
+            if not any(line.startswith("profile") for line in report.settings):
+                report.settings.append('profile = "strict"  # ' + ", ".join(
+                    f"{k} = {json.dumps(v)}" for k, v in PROFILES["strict"].items()))
+        else:
+            report.add("TreatmentDate honoured", WARN,
+                       f"{len(old)} match(es) for 1900-01-01: the peer ignores TreatmentDate; "
+                       "the hierarchical walk applies the windows itself")
     _report_cap(report, source, *_cap_check(client, "IMAGE", RECORD_KEYS, start, today,
                                             "TreatmentDate", "TreatmentTime"))
 

@@ -24,6 +24,7 @@ from radonc_backup.record_finder import CapMemory, RecordFinder
 from tests.conftest import three_numbers
 from tests.qr_scp import StrictQRSCP, add_source
 from tests.test_backup_flows import DAY, at, course, run, uids
+from tests.test_rv_matrix import printed_settings
 
 pytestmark = pytest.mark.usefixtures("prefect")
 
@@ -47,12 +48,7 @@ def probed_settings(site: DemoSite, alias: str) -> dict[str, object]:
     """What ``dicom_tools probe`` prints to copy into the source's TOML, as values."""
     cfg = load_site("DEMO", site.config_path)
     source = cfg.sources[alias]
-    report = probe(cfg.client(source), source, DAY.date())
-    settings: dict[str, object] = {}
-    for line in report.settings:
-        key, _, value = line.split("#")[0].partition("=")
-        settings[key.strip()] = int(value) if value.strip().isdigit() else value.strip(' "')
-    return settings
+    return printed_settings(probe(cfg.client(source), source, DAY.date()).settings)
 
 
 def site_as_probe_advises(make_site: Callable[..., DemoSite], server: StrictQRSCP,

@@ -22,6 +22,8 @@ from pydicom.dataset import Dataset
 from demo.site import DemoSite
 from demo.synthetic import Patient, make_image_series, to_bytes
 from flows.incremental_backup import incremental_backup
+from radonc_backup.config import load_site
+from radonc_backup.probe import probe
 from tests.conftest import three_numbers
 from tests.qr_scp import StrictQRSCP, add_source
 from tests.test_backup_flows import DAY, at, course, run
@@ -127,6 +129,15 @@ def test_each_in_process_stand_in_within_the_stated_requests(
     assert len(server.moves) <= retrieves, (len(server.moves), retrieves)
 
 
+def printed_settings(lines: list[str]) -> dict[str, object]:
+    """The settings lines probe prints (``key = value  # why``), as values."""
+    out: dict[str, object] = {}
+    for line in lines:
+        key, _, value = line.split("#")[0].partition("=")
+        out[key.strip()] = int(value) if value.strip().isdigit() else value.strip(' "')
+    return out
+
+
 def test_dcmqrscp_stand_in(make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
     from tests.dcmqrscp import Dcmqrscp
 
@@ -135,7 +146,16 @@ def test_dcmqrscp_stand_in(make_site: Callable[..., DemoSite], tmp_path: Path) -
     with Dcmqrscp(tmp_path / "dcmqrscp", "DCMQR_RV",
                   {site.backup.aet: ("127.0.0.1", site.backup.dicom_port)}) as rv:
         rv.store(world.everything())
-        add_source(site, rv, "dcmqr", profile="strict")  # type: ignore[arg-type]
+        # As a user would: probe with no profile (it fails, and prints what fits), then the
+        # source with the settings it printed.
+        add_source(site, rv, "plain")  # type: ignore[arg-type]
+        cfg = load_site("DEMO", site.config_path)
+        report = probe(cfg.client(cfg.sources["plain"]), cfg.sources["plain"], DAY.date())
+        assert not report.works
+        assert any("ignores TreatmentDate" in c.found for c in report.checks), report.checks
+        settings = printed_settings(report.settings)
+        assert settings.get("profile") == "strict", report.settings
+        add_source(site, rv, "dcmqr", **settings)  # type: ignore[arg-type]
         finish(site, world, "dcmqr")
 
 
