@@ -29,10 +29,19 @@ def free_port() -> int:
 
     Ports the kernel hands out (``bind(0)``) are the ones it also gives outgoing connections,
     and to the next process asking: between our choice and the server binding it, another test
-    process or a client socket could take it. Drawn at random from 20000-32767 they rarely meet.
+    process or a client socket could take it. Drawn at random from 20000-32767 they rarely meet;
+    the suite's test processes (pytest-xdist) each draw from a slice of their own.
     """
+    lo, hi = 20000, 32768
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw3": a test process of the suite
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if worker.startswith("gw") and worker[2:].isdigit() and count > 1:
+        # Each test process draws from a range of its own: two never pick the same port.
+        size = (hi - lo) // count
+        lo = lo + int(worker[2:]) % count * size
+        hi = lo + size
     for _ in range(200):
-        port = random.randrange(20000, 32768)
+        port = random.randrange(lo, hi)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
