@@ -381,12 +381,27 @@ def test_a_mosaiq_database_that_is_down_is_retried_and_then_named(
     lane = Ledger.for_state_dir(site.workdir / "state").at(Lane("DEMO", "mosaiq", "orthanc"))
     assert site.backup.sop_instance_uids() == set() and lane.watermark() is None
 
-    comes_back = threading.Timer(1.5, postgres.start)
-    comes_back.start()
+    # The database comes back just after the first attempt failed (not on a timer: on a busy
+    # machine the run's first attempt may start later than any fixed delay).
+    import radonc_backup.mosaiq as mosaiq_module
+
+    real_connect, comes_back = mosaiq_module.connect, []
+
+    def connect_then_come_back(*args: object, **kwargs: object) -> object:
+        try:
+            return real_connect(*args, **kwargs)  # type: ignore[arg-type]
+        except Exception:
+            if not comes_back:
+                comes_back.append(threading.Thread(target=postgres.start))
+                comes_back[0].start()
+            raise
+
+    monkeypatch.setattr(mosaiq_module, "connect", connect_then_come_back)
     try:
         up = run(incremental_backup, site, at(0, 16), source="mosaiq")
     finally:
-        comes_back.join()
+        for thread in comes_back:
+            thread.join()
     assert up.is_completed(), up.message
     assert task_run_counts(up.state_details.flow_run_id)["read-mosaiq-sessions"] >= 2
     assert len(site.backup.sop_instance_uids()) == sum(len(s) for s in expected.values())
