@@ -9,7 +9,6 @@ function of a ``DicomClient`` so tests can run it against in-process SCPs.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 

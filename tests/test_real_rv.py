@@ -253,8 +253,6 @@ def test_a_hierarchical_only_peer_is_walked_study_series_image_within_the_stated
     answers that may be cut, never a relational query; the window's records move and nothing
     else (the CT, plans, doses and the record of 70 days ago are not asked for or are
     dropped)."""
-    from collections import Counter
-
     site, server, records = strict_site(make_site, everything=True, hierarchical_only=True,
                                         settings={"query": "hierarchical"})
     with server:
