@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nWindow (America/New_York): {summary['window']}")
         print(f"Found {summary['found']} RT Records; moved {summary['moved']}; verified in the "
               f"backup {summary['verified']}; not verified {summary['failed']}.")
+        gaps = list(summary.get("continuity") or [])
+        print("Fraction continuity (read back from the backup's records): "
+              + (f"{len(gaps)} gap(s): " + "; ".join(gaps) if gaps else
+                 "every fraction from 1 to the latest of each plan is held"))
         _print_backup(site.backup)
         _print_context(site.backup, str(summary.get("plan_context", "")))
         print(f"\nRun history is in {prefect_home}. To see it in the Prefect UI:\n"

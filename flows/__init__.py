@@ -2,8 +2,8 @@
 
 Importing this package sets the Prefect defaults every run of ours needs before Prefect reads its
 settings (it reads them once, on import): no analytics (hospitals want it off, and there is no
-internet), and a start-up wait for the temporary local server long enough for a loaded two-core
-machine. Prefect's own 20 s ran out there and the demo died with a raw traceback; a variable the
+internet), a start-up wait for the temporary local server long enough for a loaded two-core
+machine, and a bound on every API call (a frozen server ends a run instead of holding it). Prefect's own 20 s ran out there and the demo died with a raw traceback; a variable the
 operator set is kept.
 """
 
@@ -20,6 +20,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
                       str(EPHEMERAL_STARTUP_SECONDS))
+# Every call to the Prefect API gives up: 20 s a request and 3 retries (Prefect's own 60 s and
+# 5 held a run on a frozen server for over 6 minutes without a word).
+os.environ.setdefault("PREFECT_API_REQUEST_TIMEOUT", "20")
+os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "3")
 
 
 ONE_LINE_ERROR = "radonc_backup_error"

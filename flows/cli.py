@@ -4,7 +4,8 @@ Options are built from the flow's own signature, so the CLI and the Prefect UI t
 parameters. Exit code 0 when the run completed, 1 when it failed, 2 for bad arguments
 (argparse's, an unknown site, a sites file that cannot be loaded: nothing ran), 3 when a
 backup run verified every record but its plan-context backfill did not complete (the run's state
-is ``Completed (context incomplete)``).
+is ``Completed (context incomplete)``) or the backup's records skip a fraction (``Completed
+(fraction gaps)``).
 
 The Prefect server named by ``PREFECT_API_URL`` may be down with everything else on the day of a
 network-wide outage. A flow that reads only the backup (the treatment report) then runs with a
@@ -21,16 +22,19 @@ import json
 import logging
 import sys
 import typing
+from collections.abc import Iterator
 from datetime import date, datetime
 from typing import Any
 
 import httpx
-from prefect.settings import (PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_API_URL,
+from prefect.settings import (PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_API_REQUEST_TIMEOUT,
+                              PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES,
+                              PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
                               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
                               temporary_settings)
 
 from flows import ONE_LINE_ERROR
-from flows.backup_run import CONTEXT_INCOMPLETE
+from flows.backup_run import CONTEXT_INCOMPLETE, FRACTION_GAPS
 from radonc_backup.config import load_site
 from radonc_backup.errors import BackupError, ConfigError
 from tasks.limits import ensure_rv_limits
@@ -102,6 +106,28 @@ def ephemeral_advice() -> str:
             "or start a Prefect server (docs/operations.md) and set PREFECT_API_URL")
 
 
+SHELL_HEARTBEAT_SECONDS = 30
+"""How often a run started from the shell on a server sends a heartbeat: Prefect's least, so
+never less often than the deployments' runs crash-notice's sweep is told of."""
+
+
+@contextlib.contextmanager
+def watched(on_server: bool) -> Iterator[None]:
+    """A shell run on the server carries the deployments' heartbeat tag and beats every
+    ``SHELL_HEARTBEAT_SECONDS``: if its process dies (kill -9, the machine), crash-notice's
+    sweep marks it Crashed as it does a deployment's run, instead of it staying Running."""
+    if not on_server:
+        yield
+        return
+    from prefect import tags
+
+    from flows.crash_notice import HEARTBEAT_TAG
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY:
+                                     SHELL_HEARTBEAT_SECONDS}), tags(HEARTBEAT_TAG):
+        yield
+
+
 def run_cli(flow_obj: Any, description: str, argv: list[str] | None = None, *,
             uses_rv: bool = True, runs_without_server: bool = False) -> int:
     args = build_parser(flow_obj, description).parse_args(argv)
@@ -131,13 +157,21 @@ def run_cli(flow_obj: Any, description: str, argv: list[str] | None = None, *,
             local = temporary_settings(updates={
                 PREFECT_API_URL: None,
                 PREFECT_API_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{offline}"})
-        with local:
+        with local, watched(bool(api) and not down):
             if uses_rv:  # an ad-hoc run may be the first on this server: create missing limits
                 ensure_rv_limits(site)
             state = flow_obj(**vars(args), return_state=True)
             result = state.result(raise_on_failure=False)
     except BackupError as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    except httpx.TransportError as exc:  # the server stopped answering: one line, no traceback
+        waited = PREFECT_API_REQUEST_TIMEOUT.value()
+        print(f"FAILED: site {site.name}: Prefect server {api} did not answer "
+              f"({type(exc).__name__}, {waited:g} s a request, "
+              f"{PREFECT_CLIENT_MAX_RETRIES.value()} retries): {flow_obj.name} stopped. Nothing "
+              "it had not verified in the backup is marked done; the next run takes it up. "
+              "Check the server (docs/operations.md)", file=sys.stderr)
         return 1
     except RuntimeError as exc:
         if not str(exc).startswith(EPHEMERAL_TIMED_OUT):
@@ -149,7 +183,7 @@ def run_cli(flow_obj: Any, description: str, argv: list[str] | None = None, *,
               file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2, default=str))
-    if state.name == CONTEXT_INCOMPLETE:
-        print(f"{CONTEXT_INCOMPLETE}: {state.message}", file=sys.stderr)
+    if state.name in (CONTEXT_INCOMPLETE, FRACTION_GAPS):
+        print(f"{state.name}: {state.message}", file=sys.stderr)
         return 3
     return 0

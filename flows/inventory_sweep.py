@@ -3,9 +3,10 @@ backup. The proof that shares no blind spot with the date queries of the increme
 nightly: it finds a new patient's record with an empty TreatmentDate, a record older than any
 look-back, a record of a patient the ledger never heard of.
 
-Without ``repair`` it moves nothing: it checks each record's presence in the backup and ends
-Failed, naming what is missing, or Completed saying "every RT Record the R&V lists is in the
-backup (presence checked)". With ``repair`` the missing records are recorded in the ledger and
+Without ``repair`` it moves nothing: it checks each record's presence in the backup and the
+fraction continuity of every patient listed (the backup's own records), and ends Failed, naming
+what is missing, what skips a fraction, or what the peer's answers left unproven; or Completed
+saying "every RT Record the R&V lists is in the backup (presence checked)". With ``repair`` the missing records are recorded in the ledger and
 moved by the one delivery path, then verified; the run is resumable (the ledger skips what is
 verified). The watermark is never moved.
 """
@@ -24,7 +25,7 @@ from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from radonc_backup.errors import BackupIncomplete
 from radonc_backup.lane import lane_lock, open_lane
-from tasks.backup import check_backup, find_rt_records, validate_backup, with_site_retries
+from tasks.backup import check_backup, check_continuity, find_rt_records, validate_backup, with_site_retries
 from tasks.limits import rv_slots
 
 SHOWN = 50
@@ -53,19 +54,31 @@ def inventory_sweep(site: str, source: str | None = None, backup: str | None = N
             summary = run_backup("inventory-sweep", lane, [], "every RT Record the R&V holds",
                                  inventory=True)
             raise_if_incomplete(summary)
+            raise_if_gaps(site, summary.continuity)
+            raise_if_unproven(site, summary.unproven)
             return Completed(data=summary.as_dict(), message=(
                 f"site {site}: {summary.found} RT Record(s) on {lane.source.aet}, every one "
                 f"verified in backup {lane.lane.backup} (presence checked); "
-                f"{summary.moved} moved by this sweep"))
+                f"{summary.moved} moved by this sweep; "
+                + (f"fraction continuity unproven: {summary.continuity_unproven}"
+                   if summary.continuity_unproven else
+                   "every fraction of their plans held (fraction continuity)")))
         found = with_site_retries(find_rt_records, settings)(lane.ref, [], True)
     held = set(with_site_retries(check_backup, settings)(lane.ref, found.refs))
     missing = [r for r in found.refs if r.sop_instance_uid not in held]
+    continuity = with_site_retries(check_continuity, settings)(
+        lane.ref, sorted({r.patient_id for r in found.refs if r.patient_id}))
+    gaps = continuity.gaps + continuity.unreadable
     lines = [f"# inventory sweep: site {site}, {lane.lane.source} against {lane.lane.backup}",
              "", f"RT Records the R&V lists: {len(found.refs)}; in the backup (presence "
              f"checked): {len(held)}; missing: {len(missing)}"]
     if found.unproven or found.notes:
         lines += ["", "## What the R&V made this sweep do", "",
                   *[f"- {n}" for n in found.notes + found.unproven]]
+    if gaps or continuity.unproven:
+        lines += ["", "## Fraction continuity (the backup's own records)", "",
+                  *([f"- unproven: {continuity.unproven}"] if continuity.unproven else []),
+                  *[f"- {g}" for g in gaps[:500]]]
     if missing:
         lines += ["", "## Missing from the backup", "", "| patient | SOP Instance UID | "
                   "TreatmentDate |", "|---|---|---|"]
@@ -83,13 +96,35 @@ def inventory_sweep(site: str, source: str | None = None, backup: str | None = N
         raise BackupIncomplete(
             f"site {site}: {len(missing)} RT Record(s) on {lane.source.aet} not in backup "
             f"{lane.lane.backup}: {named}; run the inventory sweep with --repair")
+    raise_if_gaps(site, gaps)
+    raise_if_unproven(site, found.unproven)
     text = (f"site {site}: every RT Record {lane.source.aet} lists ({len(found.refs)}) is in "
-            f"backup {lane.lane.backup} (presence checked)"
-            + (f"; unproven: {len(found.unproven)} cut answer(s), see the artifact"
-               if found.unproven else ""))
+            f"backup {lane.lane.backup} (presence checked); "
+            + (f"fraction continuity unproven: {continuity.unproven}" if continuity.unproven
+               else "every fraction of their plans held (fraction continuity)"))
     get_run_logger().info(text)
     return Completed(message=text, data={"listed": len(found.refs), "missing": 0,
                                          "unproven": found.unproven})
+
+
+def raise_if_unproven(site: str, unproven: list[str]) -> None:
+    """The sweep is the proof: an answer it could not prove complete (a cut no smaller query
+    can show) leaves it unproven, and an unproven sweep is not a clean one."""
+    if unproven:
+        raise BackupIncomplete(
+            f"site {site}: the inventory could not prove {len(unproven)} answer(s) complete: "
+            + "; ".join(unproven[:SHOWN]) + ". Raise the peer's C-FIND result limit (or ask "
+            "its vendor how records without a date or time can be listed)")
+
+
+def raise_if_gaps(site: str, gaps: list[str]) -> None:
+    """A fraction no record in the backup holds is a record the sweep could not find (or one an
+    operator has yet to acknowledge): the sweep is not clean."""
+    if gaps:
+        raise BackupIncomplete(
+            f"site {site}: fraction continuity: {len(gaps)} gap(s) in the backup's records: "
+            + "; ".join(gaps[:SHOWN]) + ". Find each record on the R&V, or acknowledge the "
+            "fraction (python -m radonc_backup.dicom_tools acknowledge-fractions)")
 
 
 if __name__ == "__main__":

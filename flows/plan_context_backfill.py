@@ -132,8 +132,9 @@ def plan_context_backfill(site: str, source: str | None = None, backup: str | No
                                        [f"RT Record {uid} references no RT Plan"]))
     publish(summary, outcomes)
     logger.info("site %s: %d plan(s): %d complete, %d incomplete, %d deferred, %d skipped; "
-                "moved %s", site, len(outcomes), summary["complete"], summary["incomplete"],
-                summary["deferred"], summary["skipped"], summary["moved"])
+                "asked to move %s; verified in the backup %s", site, len(outcomes),
+                summary["complete"], summary["incomplete"], summary["deferred"],
+                summary["skipped"], summary["moved"], summary["verified"])
     if summary["incomplete"] or unreadable:
         first = [f"{o.plan_uid} (patient {o.patient_id or '?'}): {'; '.join(o.unresolved)}"
                  for o in outcomes if o.state == "incomplete"][:5]
@@ -230,7 +231,7 @@ def publish(summary: dict[str, object], outcomes: list[ContextOutcome]) -> None:
     cumulative = summary["cumulative"]
     create_table_artifact(
         key=f"{key}-totals",
-        table=[{"type": t, "moved this run": moved.get(t, 0),  # type: ignore[union-attr]
+        table=[{"type": t, "asked to move this run": moved.get(t, 0),  # type: ignore[union-attr]
                 "verified this run": verified.get(t, 0),  # type: ignore[union-attr]
                 "verified in total": cumulative.get(t, 0)}  # type: ignore[union-attr]
                for t in TYPES],

@@ -27,6 +27,7 @@ from flows.hooks import RUN_HOOKS
 from tasks.progress import RECORDS_FROM, Progress
 from radonc_backup.config import PROJECT_ROOT, load_site
 from radonc_backup.errors import BackupIncomplete
+from radonc_backup.ledger import Ledger
 from radonc_backup.report_print import render_html, write_html
 from radonc_backup.report_share import share_copies, where_to_open
 from radonc_backup.treatment_report import COLUMNS, UnreadableRecord, build_report
@@ -86,7 +87,8 @@ def treatment_report(site: str, treatment_start_date: date | None = None,
 
     lost = [UnreadableRecord(rid, reason=why, **known_to_index(target, rid))
             for rid, why in unreadable.items()]
-    report = build_report(facts, plans, start, end, lost)
+    report = build_report(facts, plans, start, end, lost,
+                          Ledger.for_state_dir(cfg.state_dir).acknowledged_fractions(site))
     path = Path(out) if out else PROJECT_ROOT / "reports" / f"treatment-report-{site}-{end}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     # utf-8-sig: Excel reads a CSV without a byte-order mark as cp1252 and garbles 'Müller'.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import re
 import sys
 import time
@@ -36,6 +37,7 @@ from .config import AriaSource, DicomPeer, MimSource, MosaiqSource, OrthancTarge
     load_site, resolve_secret
 from .dicom_net import DicomClient, Peer, Timeouts, dimse_log, identifier
 from .errors import BackupError, ConfigError, DicomError, RetriableDicomError
+from .ledger import Ledger
 from .probe import probe
 
 OK, REFUSED, USAGE, UNREACHABLE, PARTIAL = 0, 1, 2, 3, 4
@@ -324,6 +326,40 @@ def cmd_probe(args: argparse.Namespace, site: Site | None) -> int:
     return OK if report.works else REFUSED
 
 
+def fraction_numbers(text: str) -> list[int]:
+    """``6`` or ``6,8-9`` as [6, 8, 9]."""
+    numbers: list[int] = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            numbers += range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise UsageError(f"--fractions {text!r}: give fraction numbers like 6 or 6,8-9") from None
+    if not numbers or min(numbers) < 1:
+        raise UsageError(f"--fractions {text!r}: fraction numbers start at 1")
+    return sorted(set(numbers))
+
+
+def cmd_acknowledge(args: argparse.Namespace, site: Site | None) -> int:
+    """Keep an operator's word that fractions of a plan will never be in the backup."""
+    if site is None:
+        raise UsageError("acknowledge-fractions needs --site")
+    if not args.note.strip():
+        raise UsageError("--note: say why these fractions will never be in the backup")
+    fractions = fraction_numbers(args.fractions)
+    by = args.by or os.environ.get("SUDO_USER") or os.environ.get("USER") or "unknown"
+    ledger = Ledger.for_state_dir(site.state_dir)
+    added = ledger.acknowledge_fractions(site.name, args.patient, args.plan, fractions,
+                                         args.note.strip(), by)
+    held = sorted(ledger.acknowledged_fractions(site.name).get((args.patient, args.plan), ()))
+    emit(args, f"site {site.name}: patient {args.patient}, plan {args.plan}: {added} fraction(s) "
+               f"newly acknowledged by {by}; acknowledged now: {', '.join(map(str, held))} "
+               f"(fraction continuity no longer names them; kept in {ledger.path})",
+         {"site": site.name, "patient": args.patient, "plan": args.plan, "added": added,
+          "acknowledged": held, "by": by})
+    return OK
+
+
 def _common(parser: argparse.ArgumentParser, peer: bool = True) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -385,6 +421,18 @@ def build_parser() -> argparse.ArgumentParser:
     probe_cmd.add_argument("source", nargs="?", help="source alias (default: the site's "
                                                       "default source)")
     probe_cmd.set_defaults(run=cmd_probe)
+    ack = commands.add_parser(
+        "acknowledge-fractions",
+        help="say that fractions of a plan will never be in the backup (delivered elsewhere, a "
+             "plan that goes on counting), so fraction continuity stops naming them")
+    _common(ack, peer=False)
+    ack.add_argument("--patient", required=True, help="PatientID, as the warning names it")
+    ack.add_argument("--plan", required=True,
+                     help="plan SOP Instance UID, as the warning names it ('' for none)")
+    ack.add_argument("--fractions", required=True, help="e.g. 6 or 6,8-9")
+    ack.add_argument("--note", required=True, help="why (kept with the acknowledgement)")
+    ack.add_argument("--by", help="who acknowledges (default: the login name)")
+    ack.set_defaults(run=cmd_acknowledge)
     return parser
 
 

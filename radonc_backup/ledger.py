@@ -90,6 +90,16 @@ CREATE TABLE IF NOT EXISTS peer_answers (
     seen TEXT NOT NULL,
     PRIMARY KEY (peer, level)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fraction_acks (
+    site TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    plan_uid TEXT NOT NULL,
+    fraction INTEGER NOT NULL,
+    note TEXT NOT NULL,
+    acknowledged_by TEXT NOT NULL,
+    at TEXT NOT NULL,
+    PRIMARY KEY (site, patient_id, plan_uid, fraction)
+) WITHOUT ROWID;
 """
 
 
@@ -251,6 +261,28 @@ class Ledger:
                 "ON CONFLICT (peer, level) DO UPDATE SET largest=MAX(largest, "
                 "excluded.largest), seen=excluded.seen",
                 [(peer, level, n, _now()) for level, n in largest.items()])
+
+    def acknowledge_fractions(self, site: str, patient_id: str, plan_uid: str,
+                              fractions: Iterable[int], note: str, by: str) -> int:
+        """Keep an operator's word that these fractions of a plan will never be in the backup
+        (delivered elsewhere, a plan that goes on counting): fraction continuity stops naming
+        them. Returns how many were newly acknowledged; an acknowledgement is never rewritten."""
+        rows = [(site, patient_id, plan_uid, int(n), note, by, _now()) for n in fractions]
+        with self._write() as conn:
+            before = conn.total_changes
+            conn.executemany("INSERT OR IGNORE INTO fraction_acks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             rows)
+            return conn.total_changes - before
+
+    def acknowledged_fractions(self, site: str) -> dict[tuple[str, str], set[int]]:
+        """(patient, plan) -> the fractions acknowledged as never to be in the backup."""
+        out: dict[tuple[str, str], set[int]] = {}
+        with self._connect() as conn:
+            for patient, plan, n in conn.execute(
+                    "SELECT patient_id, plan_uid, fraction FROM fraction_acks WHERE site=?",
+                    (site,)):
+                out.setdefault((patient, plan), set()).add(int(n))
+        return out
 
     def at(self, lane: Lane) -> "LaneLedger":
         """This ledger as one lane sees it."""

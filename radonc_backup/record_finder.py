@@ -602,6 +602,14 @@ class RecordFinder:
                 if parts is not None:
                     self.checks += len(parts)
                     pending[:0] = [(p, _Check(n, frozenset(uids))) for p in parts]
+                elif check is not None and n >= 2:
+                    # Every match of a doubted answer sits in one instant no key can split: a
+                    # silent cap there can be neither shown nor ruled out.
+                    self._unproven(
+                        f"{self.client.peer.label}: {what} ({part}): {n} matches at one "
+                        f"{'date and time' if level == 'IMAGE' else 'date'}, as many as the "
+                        "answer they were checked for; no smaller part can show whether the "
+                        "peer cut it" + (f" (patient {patient_id})" if patient_id else ""))
         return list(out.values())
 
     def _ask(self, query: Dataset) -> tuple[list[Dataset], bool]:

@@ -8,6 +8,7 @@ so it can be rebuilt at any time without the R&V. One row per patient per plan.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -53,6 +54,12 @@ class FactCache:
                          "facts TEXT NOT NULL)")
             conn.execute("CREATE TABLE IF NOT EXISTS cursor (id INTEGER PRIMARY KEY CHECK (id=1), "
                          "seq INTEGER NOT NULL, fingerprint TEXT, instances INTEGER NOT NULL)")
+
+    @classmethod
+    def for_backup(cls, state_dir: Path, alias: str) -> "FactCache":
+        """The cache of one backup target (v3: resource IDs and the change-log cursor are the
+        backup's own), shared by the report and fraction continuity."""
+        return cls(state_dir / f"report-cache-v3-{re.sub(r'[^A-Za-z0-9_.-]', '_', alias)}.sqlite")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -121,6 +128,22 @@ class FactCache:
                              for text in frame["warnings"]]
         return frame
 
+    def fractions(self, resource_ids: Iterable[str]) -> dict[tuple[str, str], list[int]]:
+        """(patient, plan) -> the fraction numbers of these records (the backup's resource
+        IDs, as listed now: a record the backup lost no longer counts), dated or not."""
+        out: dict[tuple[str, str], list[int]] = {}
+        with self._connect() as conn:
+            conn.execute("CREATE TEMP TABLE listed (resource_id TEXT PRIMARY KEY)")
+            conn.executemany("INSERT OR IGNORE INTO listed VALUES (?)",
+                             [(r,) for r in resource_ids])
+            for patient, plan, fraction in conn.execute(
+                    "SELECT patient_id, plan_uid, fraction FROM records WHERE resource_id IN "
+                    "(SELECT resource_id FROM listed)"):
+                numbers = out.setdefault((patient, plan), [])
+                if fraction is not None:
+                    numbers.append(int(fraction))
+        return out
+
     def plans(self) -> dict[str, PlanFacts]:
         with self._connect() as conn:
             return {uid: PlanFacts(**json.loads(text))
@@ -147,7 +170,8 @@ class UnreadableRecord:
 
 
 def build_report(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date,
-                 end: date, unreadable: Iterable[UnreadableRecord] = ()) -> pd.DataFrame:
+                 end: date, unreadable: Iterable[UnreadableRecord] = (),
+                 acknowledged: dict[tuple[str, str], set[int]] | None = None) -> pd.DataFrame:
     """One row per patient per plan with at least one session from ``start`` to ``end``.
 
     ``records``: one row per RT Record (the fields of ``RecordFacts`` and ``day``), at least
@@ -156,12 +180,14 @@ def build_report(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date
     the plan up to ``end`` (not only the window's, and not the first beam's). Each unreadable
     record gets a row of its own (status ``record unreadable``): its patient's fraction count
     may be short, and a report that silently left it out could show a wrong fraction.
+    ``acknowledged``: (patient, plan) -> fractions an operator said will never be in the backup
+    (the ledger's); fraction continuity does not warn of them.
     """
     lost = [{"PatientID": u.patient_id, "PatientName": u.patient_name, "Status": UNREADABLE,
              "Warnings": f"RT Record {u.sop_instance_uid or u.resource_id} could not be read "
                          f"from the backup ({u.reason}): this patient's fractions may be "
                          "incomplete"} for u in unreadable]
-    report = _course_rows(records, plans, start, end)
+    report = _course_rows(records, plans, start, end, acknowledged or {})
     if lost:
         extra = pd.DataFrame(lost, columns=COLUMNS)
         report = pd.concat([report, extra], ignore_index=True) if len(report) else extra
@@ -185,7 +211,7 @@ def _minutes(treated: str) -> str:
 
 
 def _course_rows(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date,
-                 end: date) -> pd.DataFrame:
+                 end: date, acknowledged: dict[tuple[str, str], set[int]]) -> pd.DataFrame:
     if records.empty:
         return pd.DataFrame(columns=COLUMNS)
     keys = ["patient_id", "plan_uid"]
@@ -214,7 +240,7 @@ def _course_rows(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date
         warnings = list(course_warnings[key])
         if plan_uid and plan is None:
             warnings.append("plan not in the backup")
-        gap = gap_warning(fractions[key])
+        gap = gap_warning(fractions[key], acknowledged.get(key, ()))
         if gap:
             warnings.append(gap)
         if termination and termination != "NORMAL":

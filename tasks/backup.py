@@ -17,6 +17,7 @@ from prefect.tasks import exponential_backoff
 
 from radonc_backup.backup_target import OrthancBackup
 from radonc_backup.config import MosaiqSource, Settings
+from radonc_backup.continuity import backup_gaps
 from radonc_backup.errors import ConfigError
 from radonc_backup.errors import is_retriable
 from radonc_backup.instance import InstanceRef
@@ -246,6 +247,41 @@ def _orthanc(lane: OpenLane) -> OrthancBackup:
         raise ConfigError(f"site {lane.site.name}: backup {lane.lane.backup} is a plain DICOM "
                           "SCP: the two-way sweep reads an Orthanc backup's REST API")
     return lane.target
+
+
+@dataclass
+class Continuity:
+    """Fraction continuity of some patients in the backup (see radonc_backup.continuity)."""
+
+    patients: int
+    gaps: list[str] = field(default_factory=list)  # one line per patient's plan with a gap
+    unreadable: list[str] = field(default_factory=list)  # records whose fractions can't count
+    unproven: str = ""  # why continuity could not be checked at all
+
+
+@task(name="check-fraction-continuity", cache_policy=NO_CACHE)
+def check_continuity(ref: LaneRef, patient_ids: list[str]) -> Continuity:
+    """Every fraction from 1 to the highest held, for each plan of these patients, in the
+    backup's own records (acknowledged fractions aside): the check that does not ask by date."""
+    lane = ref.open()
+    out = Continuity(len(set(patient_ids)))
+    if not patient_ids:
+        return out
+    if not isinstance(lane.target, OrthancBackup):
+        out.unproven = (f"backup {lane.lane.backup} is a plain DICOM SCP: its records cannot be "
+                        "read back for fraction numbers, so continuity is unproven")
+        return out
+    from radonc_backup.treatment_report import FactCache  # pandas: only when asked
+
+    acknowledged = lane.ledger.ledger.acknowledged_fractions(ref.site)
+    found, unreadable = backup_gaps(lane.target, FactCache.for_backup(
+        lane.site.state_dir, lane.target.alias), patient_ids, acknowledged)
+    out.gaps = [str(g) for g in found]
+    out.unreadable = [f"record {rid}: {why}" for rid, why in unreadable.items()]
+    for line in out.gaps:
+        get_run_logger().warning("site %s: fraction continuity: %s (find the record on the "
+                                 "R&V, or acknowledge the fraction)", ref.site, line)
+    return out
 
 
 @task(name="list-backup-records", cache_policy=NO_CACHE)

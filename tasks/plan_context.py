@@ -68,6 +68,7 @@ def walk_plan(ref: LaneRef, link: PlanLink, images_now: bool = True,
     outcome = ContextWalker(lane, images_now, gates).walk(link)
     lane.ledger.set_context(link.plan_uid, link.patient_id, outcome.state,
                             "; ".join(outcome.unresolved))
-    get_run_logger().info("site %s: plan %s (patient %s): %s; moved %s", site, link.plan_uid,
-                          link.patient_id, outcome.state, dict(outcome.moved) or "nothing")
+    get_run_logger().info("site %s: plan %s (patient %s): %s; asked to move %s; verified in "
+                          "the backup %s", site, link.plan_uid, link.patient_id, outcome.state,
+                          dict(outcome.moved) or "nothing", dict(outcome.verified) or "nothing")
     return outcome

@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
-import re
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -31,9 +30,7 @@ def report_backup(site: str, backup: str | None, config: str | None,
     if not isinstance(target, OrthancBackup):
         raise ConfigError(f"site {site}: the treatment report reads the backup over Orthanc's "
                           f"REST API; backup {target.alias} is a plain DICOM SCP")
-    # v3: one cache per backup (resource IDs and the change-log cursor are the backup's own)
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", target.alias)
-    return target, FactCache(cfg.state_dir / f"report-cache-v3-{name}.sqlite")
+    return target, FactCache.for_backup(cfg.state_dir, target.alias)
 
 
 @task(name="list-records-in-backup", cache_policy=NO_CACHE)

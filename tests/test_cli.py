@@ -131,8 +131,8 @@ def test_cli_run_backs_up_and_a_failed_run_exits_non_zero(
                   str(site.config_path), env=env)
     assert partial.returncode == 3, partial.stderr[-2000:]
     assert '"verified": 2' in partial.stdout
-    assert "Completed (context incomplete): site DEMO: every RT Record verified; plan-context " \
-        "backfill Failed" in partial.stderr
+    assert "Completed (context incomplete): site DEMO: every RT Record found (2) verified in " \
+        "backup orthanc (presence checked); plan-context backfill Failed" in partial.stderr
     assert site.backup.sop_instance_uids() == {r.SOPInstanceUID for r in c.records}
 
     site.rv.upload([to_bytes(ds) for ds in c.all()])  # the plan context arrives on the R&V
@@ -236,3 +236,52 @@ def test_recovery_from_the_shell_a_dry_run_and_an_export(
                    "--kinds", "record", env=env)
     assert exported.returncode == 0, exported.stderr[-2000:]
     assert len(list(out.rglob("*.dcm"))) == len(c.records)
+
+
+def test_a_frozen_prefect_server_ends_the_run_with_one_line(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    """A server that answers its health check and then nothing (SIGSTOPped, its database
+    hung): every API call gives up after PREFECT_API_REQUEST_TIMEOUT and the retries, the run
+    stops with one line naming the server, exits 1, and nothing is marked done."""
+    import http.server
+    import threading
+
+    release = threading.Event()
+
+    class Frozen(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            if self.path.endswith("/health"):
+                body = b"true"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            release.wait(60)
+
+        do_POST = do_PATCH = do_PUT = do_GET  # noqa: N815
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    site = make_site()
+    c = make_course(Patient("CLI009", "Frozen^Server"), datetime.now() - timedelta(hours=3),
+                    delivered=1, slices=2)
+    site.rv.upload([to_bytes(ds) for ds in c.records])
+    api = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Frozen)
+    api.daemon_threads = True
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    try:
+        result = cli("flows.incremental_backup", "--site", "DEMO", "--config",
+                     str(site.config_path),
+                     env={"PREFECT_API_URL": f"http://127.0.0.1:{api.server_port}/api",
+                          "PREFECT_API_REQUEST_TIMEOUT": "1", "PREFECT_CLIENT_MAX_RETRIES": "1",
+                          "PREFECT_HOME": str(tmp_path / "prefect")})
+    finally:
+        release.set()
+        api.shutdown()
+    assert result.returncode == 1, result.stderr[-3000:]
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("FAILED")]
+    assert f"Prefect server http://127.0.0.1:{api.server_port}/api did not answer" in line
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert site.backup.sop_instance_uids() == set()

@@ -10,6 +10,7 @@ record in the backup, the ledger verified, the run's state and what its summary 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
@@ -295,3 +296,58 @@ def test_one_run_of_a_lane_at_a_time(make_site: Callable[..., DemoSite]) -> None
     holder.join()
     assert state.is_completed(), state.message
     assert waiting.backup.sop_instance_uids() == uids(*c.records)
+
+
+def test_a_fraction_gap_is_named_until_found_or_acknowledged(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    """Fraction continuity in the runs, from the backup's own records. FE50's fraction 3 is
+    not on the R&V at all (delivered, never recorded there); FE51's fraction 2 is there but
+    undated, so no date query finds it. The incremental verifies what it found and ends
+    ``Completed (fraction gaps)`` naming both; the sweep without --repair fails naming them;
+    --repair moves FE51's record and still fails on FE50's gap; the report warns of it. Once
+    an operator acknowledges FE50's fraction 3 (the command, kept in the ledger) the sweep,
+    the nightly and the report are clean."""
+    import subprocess
+    import sys
+
+    from flows.inventory_sweep import inventory_sweep
+    from flows.treatment_report import treatment_report
+    from tests.test_treatment_report import read_csv
+
+    a, b = course("FE50", at(-3, 8), delivered=4), course("FE51", at(-3, 9), delivered=3)
+    b.records[1].TreatmentDate = ""
+    site = make_site()
+    site.rv.upload([to_bytes(ds) for ds in [*a.records[:2], *a.records[3:], *b.records]])
+    state = run(incremental_backup, site, at(0, 16), backfill=False)
+    assert state.is_completed() and state.name == "Completed (fraction gaps)", state.message
+    assert "patient FE50" in str(state.message) and "fraction(s) 3 not in" in str(state.message)
+    assert "patient FE51" in str(state.message) and "fraction(s) 2 not in" in str(state.message)
+    sweep = dict(site="DEMO", config=str(site.config_path), return_state=True)
+    check = inventory_sweep(**sweep)
+    assert check.is_failed() and "patient FE51" in str(check.message), check.message
+    repaired = inventory_sweep(**sweep, repair=True)
+    assert str(b.records[1].SOPInstanceUID) in site.backup.sop_instance_uids()
+    assert repaired.is_failed() and "fraction continuity: 1 gap(s)" in str(repaired.message)
+    assert "patient FE50" in str(repaired.message) and "FE51" not in str(repaired.message)
+
+    report = dict(site="DEMO", config=str(site.config_path), end_date=DAY.date(),
+                  out=str(tmp_path / "report.csv"))
+    treatment_report(**report)
+    rows = {r["PatientID"]: r for r in read_csv(tmp_path / "report.csv")}
+    assert "fraction(s) 3 not in the backup" in rows["FE50"]["Warnings"]
+
+    ack = subprocess.run(
+        [sys.executable, "-m", "radonc_backup.dicom_tools", "acknowledge-fractions", "--site",
+         "DEMO", "--config", str(site.config_path), "--patient", "FE50", "--plan",
+         str(a.plan.SOPInstanceUID), "--fractions", "3", "--note", "given at the other site",
+         "--by", "physicist"], capture_output=True, text=True, timeout=120)
+    assert ack.returncode == 0, ack.stderr
+    assert "1 fraction(s) newly acknowledged by physicist" in ack.stdout
+    again = inventory_sweep(**sweep)
+    assert again.is_completed() and "every fraction of their plans held" in str(again.message)
+    nightly = run(nightly_backup, site, at(1, 5), days=1, backfill=False)
+    assert nightly.name == "Completed", nightly.message
+    treatment_report(**report)
+    rows = {r["PatientID"]: r for r in read_csv(tmp_path / "report.csv")}
+    assert "fraction(s)" not in rows["FE50"]["Warnings"], rows["FE50"]["Warnings"]
+    assert site.backup.sop_instance_uids() == uids(*a.records[:2], *a.records[3:], *b.records)

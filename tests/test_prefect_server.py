@@ -385,3 +385,48 @@ def test_a_run_whose_machine_died_is_marked_crashed_mailed_and_the_next_run_back
     rows = Ledger.for_state_dir(site.workdir / "state").at(LANE).rows()
     assert {r.ref.sop_instance_uid for r in rows} == uids(course)
     assert {r.state for r in rows} == {"verified"}
+
+
+@GROUP_B
+def test_a_shell_run_that_dies_is_marked_crashed_by_the_sweep(
+        server: Server, make_site: Callable[..., DemoSite]) -> None:
+    """``python -m flows.incremental_backup`` on the server, killed with -9 while it waits for
+    the R&V: it carried the heartbeat tag and beat, so crash-notice's sweep marks it Crashed
+    (here with a one-second interval, so the test need not wait three of the real 30 s)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.crash_notice import HEARTBEAT_TAG, mark_dead_runs
+
+    site = make_site()
+    on_rv(site, todays_course("SRV008").all())
+    holder = hold_rv_slots(server, site)  # the run waits for the R&V: Running, beating
+    proc = subprocess.Popen([sys.executable, "-m", "flows.incremental_backup", "--site", "DEMO",
+                             "--config", str(site.config_path)], cwd=ROOT,
+                            env={**server.env, "RADONC_DEMO_BACKUP_PASSWORD": site.backup.password},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline, runs = time.monotonic() + 90, []
+        while not runs:
+            assert time.monotonic() < deadline and proc.poll() is None, "no Running shell run"
+            runs = server.post("/flow_runs/filter", {"flow_runs": {
+                "state": {"type": {"any_": ["RUNNING"]}}, "tags": {"all_": [HEARTBEAT_TAG]}}})
+            time.sleep(0.5)
+        [run] = runs
+        assert run["deployment_id"] is None, "a shell run, not a deployment's"
+        while not _heartbeats(server, run["id"]):
+            assert time.monotonic() < deadline + 40, "the shell run sent no heartbeat"
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        release(holder)
+    time.sleep(4)  # three missed one-second intervals, and a little
+    with temporary_settings(updates={PREFECT_API_URL: server.api}), \
+            get_client(sync_client=True) as client:
+        said = mark_dead_runs(client, 1)
+    assert any(run["id"] in line and "marked Crashed" in line for line in said), said
+    [state] = [r["state"] for r in server.post("/flow_runs/filter", {"flow_runs": {
+        "id": {"any_": [run["id"]]}}})]
+    assert state["type"] == "CRASHED" and "no heartbeat" in state["message"], state
