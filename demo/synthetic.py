@@ -51,6 +51,13 @@ class Study:
     def uid(self) -> str:
         return uid(self.patient.patient_id, self.key)
 
+    @property
+    def study_time(self) -> str:
+        """Between 07:00 and 16:59, by patient and study: a clinic's studies of one day do not
+        all begin at the same second."""
+        n = int(self.uid.rsplit(".", 1)[-1]) % 600
+        return f"{7 + n // 60:02d}{n % 60:02d}00"
+
 
 @dataclass
 class Series:
@@ -75,7 +82,7 @@ def _base(study: Study, sop_class: str, sop_uid: str, modality: str, series_uid:
     ds.PatientSex = p.sex
     ds.StudyInstanceUID = study.uid
     ds.StudyDate = study.study_date
-    ds.StudyTime = "080000"
+    ds.StudyTime = study.study_time
     ds.ReferringPhysicianName = p.physician
     ds.StudyID = "1"
     ds.AccessionNumber = ""

@@ -464,23 +464,37 @@ class RecordFinder:
         TreatmentDate, a record older than any look-back). Relational: one query for every
         record, split by date when it is or may be cut; hierarchical: every study (split by
         StudyDate), walked to its record series and their records. Undated ones are in the
-        unsplit answer; when that answer is cut, what it may hide is named as unproven."""
+        unsplit answer; when that answer is cut where no date can split it, the relational
+        inventory walks the studies too, and what no answer could prove is named unproven."""
         if self.hierarchical:
-            walk = {str(m.StudyInstanceUID): str(m.get("PatientID", "") or "")
-                    for m in self.collect("STUDY", {"StudyInstanceUID": "", "PatientID": ""},
-                                          Everything(self.today, "StudyDate", "StudyTime"),
-                                          "inventory of studies")}
-            for ref in self._walk_studies(walk, on_answered):
-                self._add(ref)
+            self._inventory_by_study(on_answered)
             return self._done()
+        unproven = len(self.finding.unproven)
         for m in self.collect("IMAGE", self._record_keys(""), Everything(self.today),
                               "inventory of records"):
             ref = self.screen.keep(m)
             if ref is not None:
                 self._add(ref)
-        if on_answered is not None:
+        doubts = self.finding.unproven[unproven:]
+        if doubts:
+            # The one answer was cut where no date can split it (undated records, or many at
+            # one instant): asked study by study instead, each answer small enough to be whole.
+            # What the walk proves complete is no longer unproven.
+            del self.finding.unproven[unproven:]
+            self._inventory_by_study(on_answered)
+            if len(self.finding.unproven) > unproven:
+                self.finding.unproven[unproven:unproven] = doubts
+        elif on_answered is not None:
             on_answered(1, 1)
         return self._done()
+
+    def _inventory_by_study(self, on_answered: Callable[[int, int], None] | None) -> None:
+        walk = {str(m.StudyInstanceUID): str(m.get("PatientID", "") or "")
+                for m in self.collect("STUDY", {"StudyInstanceUID": "", "PatientID": ""},
+                                      Everything(self.today, "StudyDate", "StudyTime"),
+                                      "inventory of studies")}
+        for ref in self._walk_studies(walk, on_answered):
+            self._add(ref)
 
     def in_dates(self, start: date | None, end: date | None,
                  patient_ids: Iterable[str] = ("",)) -> Finding:
@@ -592,6 +606,12 @@ class RecordFinder:
                 (n > 0 and (n >= largest_before or is_round(n)))
             if doubt and not all(part.holds(m) for m in matches):
                 doubt = False  # the peer ignores the key parts are cut by: no part can tell
+                if check is not None and n >= 2 and is_round(n) and not cap:
+                    # Only for a vendor's round count: a peer that ignores dates returns every
+                    # answer whole, the largest it ever gave included. (Below a known cap an
+                    # answer is not cut by it; at the cap it is split above.)
+                    self._cannot_check(what, part, n, patient_id, "the peer ignores the key "
+                                       "the parts are cut by")
             if doubt and self.checks >= self.CHECKS:
                 self._unproven(f"{self.client.peer.label}: {what} ({part}): {n} matches may be "
                                f"a cap; not checked, this run already sent {self.CHECKS} "
@@ -602,15 +622,19 @@ class RecordFinder:
                 if parts is not None:
                     self.checks += len(parts)
                     pending[:0] = [(p, _Check(n, frozenset(uids))) for p in parts]
-                elif check is not None and n >= 2:
+                elif check is not None and n >= 2 and not cap:
                     # Every match of a doubted answer sits in one instant no key can split: a
                     # silent cap there can be neither shown nor ruled out.
-                    self._unproven(
-                        f"{self.client.peer.label}: {what} ({part}): {n} matches at one "
-                        f"{'date and time' if level == 'IMAGE' else 'date'}, as many as the "
-                        "answer they were checked for; no smaller part can show whether the "
-                        "peer cut it" + (f" (patient {patient_id})" if patient_id else ""))
+                    self._cannot_check(what, part, n, patient_id, "its matches share one date "
+                                       "and time")
         return list(out.values())
+
+    def _cannot_check(self, what: str, part: Slice, n: int, patient_id: str, why: str) -> None:
+        """A part that held every match of the answer it was to check, and that cannot be
+        asked in smaller parts: whether the peer cut it stays unproven, never taken as whole."""
+        self._unproven(f"{self.client.peer.label}: {what} ({part}): {n} matches, as many as the "
+                       f"answer they were to check, and {why}: no smaller part can show whether "
+                       "the peer cut them" + (f" (patient {patient_id})" if patient_id else ""))
 
     def _ask(self, query: Dataset) -> tuple[list[Dataset], bool]:
         self.finding.finds += 1

@@ -31,7 +31,7 @@ from demo.orthanc import free_port
 from demo.synthetic import to_bytes
 
 _KEYS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
-         "TreatmentDate", "TreatmentTime", "Modality", "StudyDate")
+         "TreatmentDate", "TreatmentTime", "Modality", "StudyDate", "StudyTime")
 
 
 def _values(value: object) -> list[str]:
@@ -48,7 +48,8 @@ def _matches(ds: Dataset, query: Dataset) -> bool:
         if key not in query or wanted in (None, ""):
             continue
         have = str(ds.get(key, "") or "")
-        if key in ("TreatmentDate", "TreatmentTime", "StudyDate") and "-" in str(wanted):
+        if key in ("TreatmentDate", "TreatmentTime", "StudyDate", "StudyTime") and \
+                "-" in str(wanted):
             lo, _, hi = str(wanted).partition("-")
             value = have.split(".")[0]
             if not value or (lo and value < lo.split(".")[0]) or (hi and value > hi.split(".")[0]):

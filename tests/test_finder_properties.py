@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import date, datetime, timedelta
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from pydicom.dataset import Dataset
 
 from radonc_backup.dicom_net import DicomClient, Peer, Timeouts
@@ -60,9 +60,20 @@ def finder(server: StrictQRSCP) -> RecordFinder:
 
 
 @pytest.mark.slow
-@settings(max_examples=10, deadline=None, derandomize=True,
+@settings(max_examples=6, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
-@given(records=st.lists(RECORD, min_size=1, max_size=12), peer=PEER)
+@given(records=st.lists(RECORD, min_size=1, max_size=8), peer=PEER)
+# The cases found before, kept: four patients' records at one instant behind a silent cap of 2
+# (the parts show the same two: unproven, not complete) ...
+@example(records=[(0, None, "")], peer={"cap": 2, "cut_status": False,
+                                        "hierarchical_only": False})
+# ... and behind a Cancel cap on a hierarchical-only peer (the run stops naming the cap).
+@example(records=[(0, None, "")] * 3, peer={"cap": 2, "cut_status": True,
+                                            "hierarchical_only": True})
+# Odd TM forms on a split day of a capped relational peer, a new patient's undated record.
+@example(records=[(1, 0, "12"), (1, 0, "1200"), (2, 0, "120000.5"), (3, 0, ""), (3, None, ""),
+                  (2, 0, "120000")], peer={"cap": 3, "cut_status": False,
+                                           "hierarchical_only": False})
 def test_every_record_is_found_by_incremental_nightly_and_inventory(
         records: list[tuple[int, int | None, str]], peer: dict[str, object]) -> None:
     objects = clinic(records)

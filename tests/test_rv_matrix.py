@@ -7,7 +7,8 @@ with the settings ``dicom_tools probe`` prints for that peer (its profile). For 
 incremental run (with its backfill) ends Completed, the backup holds exactly the records and
 their context, the ledger verifies them, the report lists both patients at their current
 fraction, and for the in-process SCPs the C-FIND and retrieve requests stay within the bound
-docs/r-and-v-compatibility.md states.
+docs/r-and-v-compatibility.md states. Then the nightly ends plain Completed, moving nothing more,
+and the inventory sweep proves every record present without asking by date.
 """
 
 from __future__ import annotations
@@ -87,6 +88,25 @@ def finish(site: DemoSite, world: Clinic, source: str) -> None:
         assert_arrived_intact(site, world.compressed)
 
 
+def then_nightly_and_inventory(site: DemoSite, world: Clinic, source: str) -> None:
+    """The rest of the matrix, on the same peer and settings: the nightly after the incremental
+    moves nothing more and ends plain Completed (its per-patient pass and fraction continuity
+    find nothing missing), and the inventory sweep, asking without a date, proves every record
+    present in the backup."""
+    from flows.inventory_sweep import inventory_sweep
+    from flows.nightly_backup import nightly_backup
+
+    before = site.backup.sop_instance_uids()
+    nightly = run(nightly_backup, site, at(1, 5), days=1, source=source)
+    assert nightly.is_completed() and nightly.name == "Completed", nightly.message
+    sweep = inventory_sweep(site="DEMO", source=source, config=str(site.config_path),
+                            return_state=True)
+    assert sweep.is_completed(), sweep.message
+    assert f"lists ({len(world.records)}) is in backup orthanc (presence checked)" in str(
+        sweep.message), sweep.message
+    assert site.backup.sop_instance_uids() == before
+
+
 def bounds(world: Clinic, hierarchical: bool, catch_up_days: int = 62) -> tuple[int, int]:
     """The C-FIND and retrieve requests one incremental run with its backfill may send, as
     docs/r-and-v-compatibility.md states them. The run is the first of a new ledger: it looks
@@ -120,13 +140,15 @@ def test_each_in_process_stand_in_within_the_stated_requests(
     add_source(site, server, "matrix", kind, **settings)
     with server:
         finish(site, world, "matrix")
+        incremental = len(server.finds), len(server.moves), server.refused_finds
+        then_nightly_and_inventory(site, world, "matrix")
     if kind == "mim":  # relayed through the spool on disk, which is left empty
         spool = Path(site.workdir) / "state" / "spool"
         assert spool.is_dir() and not any(p.is_file() for p in spool.rglob("*"))
     finds, retrieves = bounds(world, settings.get("profile") == "strict")
-    assert server.refused_finds == 0
-    assert len(server.finds) <= finds, (len(server.finds), finds, server.finds)
-    assert len(server.moves) <= retrieves, (len(server.moves), retrieves)
+    assert incremental[2] == 0 and server.refused_finds == 0
+    assert incremental[0] <= finds, (incremental[0], finds, server.finds)
+    assert incremental[1] <= retrieves, (incremental[1], retrieves)
 
 
 def printed_settings(lines: list[str]) -> dict[str, object]:
@@ -157,6 +179,7 @@ def test_dcmqrscp_stand_in(make_site: Callable[..., DemoSite], tmp_path: Path) -
         assert settings.get("profile") == "strict", report.settings
         add_source(site, rv, "dcmqr", **settings)  # type: ignore[arg-type]
         finish(site, world, "dcmqr")
+        then_nightly_and_inventory(site, world, "dcmqr")
 
 
 def test_orthanc_stand_in(make_site: Callable[..., DemoSite]) -> None:
@@ -164,3 +187,4 @@ def test_orthanc_stand_in(make_site: Callable[..., DemoSite]) -> None:
     site = make_site()
     site.rv.upload([to_bytes(ds) for ds in world.everything()])
     finish(site, world, "aria")
+    then_nightly_and_inventory(site, world, "aria")
