@@ -18,10 +18,10 @@ from flows.backup_run import backfill_context, catch_up_days, catch_up_note, fin
     raise_if_incomplete, run_backup
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
-from radonc_backup.lane import OpenLane, lane_lock, open_lane
+from radonc_backup.lane import OpenLane, open_lane
 from radonc_backup.rt_backup import window_label
 from radonc_backup.windows import day_queries, local_span, utc_now, wall
-from tasks.limits import rv_slots
+from tasks.limits import one_run_of, rv_slots
 
 
 def incremental_start(watermark: datetime | None, now: datetime, overlap_minutes: int,
@@ -50,8 +50,7 @@ def incremental_backup(site: str, source: str | None = None, backup: str | None 
     """
     lane = open_lane(site, source, backup, config)
     # One run of the lane at a time: the watermark is read, and the window chosen, inside.
-    with lane_lock(lane, lane.site.settings.lane_wait_minutes * 60,
-                   on_wait=get_run_logger().warning):
+    with one_run_of(lane, on_wait=get_run_logger().warning):
         return _incremental(lane, now, backfill)
 
 

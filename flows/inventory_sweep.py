@@ -24,9 +24,9 @@ from flows.backup_run import artifact_key, raise_if_incomplete, run_backup
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from radonc_backup.errors import BackupIncomplete
-from radonc_backup.lane import lane_lock, open_lane
+from radonc_backup.lane import open_lane
 from tasks.backup import check_backup, check_continuity, find_rt_records, validate_backup, with_site_retries
-from tasks.limits import rv_slots
+from tasks.limits import one_run_of, rv_slots
 
 SHOWN = 50
 
@@ -45,7 +45,7 @@ def inventory_sweep(site: str, source: str | None = None, backup: str | None = N
     """
     lane = open_lane(site, source, backup, config)
     settings = lane.site.settings
-    with lane_lock(lane, settings.lane_wait_minutes * 60, on_wait=get_run_logger().warning), \
+    with one_run_of(lane, on_wait=get_run_logger().warning), \
             rv_slots(lane.source, occupy=settings.move_associations):
         if repair:
             # What the ledger calls verified is asked of the backup first (gone: reopened), so

@@ -17,10 +17,10 @@ from flows.backup_run import backfill_context, catch_up_days, catch_up_note, fin
     raise_if_incomplete, run_backup
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
-from radonc_backup.lane import OpenLane, lane_lock, open_lane
+from radonc_backup.lane import OpenLane, open_lane
 from radonc_backup.windows import utc_now, wall, whole_days
 from tasks.backup import copy_ledger
-from tasks.limits import rv_slots
+from tasks.limits import one_run_of, rv_slots
 
 
 @flow(name="nightly-backup", flow_run_name=naming.NIGHTLY, log_prints=False, **RUN_HOOKS)
@@ -39,8 +39,7 @@ def nightly_backup(site: str, days: int = 1, source: str | None = None,
         backfill: Then sweep every plan context that is not complete yet.
     """
     lane = open_lane(site, source, backup, config)
-    with lane_lock(lane, lane.site.settings.lane_wait_minutes * 60,
-                   on_wait=get_run_logger().warning):
+    with one_run_of(lane, on_wait=get_run_logger().warning):
         return _nightly(lane, days, now, backfill)
 
 

@@ -218,7 +218,8 @@ def summarize(site: str, source: str, outcomes: list[ContextOutcome],
         "deferred": sum(o.state == "deferred" for o in outcomes),
         "skipped": sum(o.state == "skipped" for o in outcomes),
         "moved": {t: moved[t] for t in TYPES if moved[t]},
-        "verified": {t: verified[t] for t in TYPES if verified[t]},
+        "verified": {t: verified[t] for t in [*TYPES, *sorted(set(verified) - set(TYPES))]
+                     if verified[t]},
         "cumulative": {t: cumulative[t] for t in TYPES if cumulative[t]},
         "unresolved": {o.plan_uid: o.unresolved for o in outcomes if o.state != "complete"},
         "peer_notes": sorted({n for o in outcomes for n in o.notes}),
@@ -234,8 +235,9 @@ def publish(summary: dict[str, object], outcomes: list[ContextOutcome]) -> None:
         table=[{"type": t, "asked to move this run": moved.get(t, 0),  # type: ignore[union-attr]
                 "verified this run": verified.get(t, 0),  # type: ignore[union-attr]
                 "verified in total": cumulative.get(t, 0)}  # type: ignore[union-attr]
-               for t in TYPES],
-        description=f"Plan-context objects, site {summary['site']}")
+               for t in [*TYPES, *[v for v in verified if v not in TYPES]]],  # type: ignore[union-attr]
+        description=f"Plan-context objects, site {summary['site']} (verified: by the "
+                    "modality the backup holds them under)")
     unresolved = [{"plan or record": o.plan_uid, "patient id": o.patient_id, "state": o.state,
                    "unresolved": "; ".join(o.unresolved)}
                   for o in outcomes if o.state != "complete"]

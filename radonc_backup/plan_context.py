@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom import sop_class as sop
 
+from .backup_target import OrthancBackup
 from .config import AriaSource
 from .dicom_net import identifier
 from .errors import BackupTargetError, DicomError, RetriableBackupTargetError
@@ -87,8 +88,10 @@ class ContextOutcome:
     state: str = "complete"
     unresolved: list[str] = field(default_factory=list)
     moved: Counter[str] = field(default_factory=Counter)
-    verified: Counter[str] = field(default_factory=Counter)
+    verified: Counter[str] = field(default_factory=Counter)  # by modality, read from the
+    # backup where it is Orthanc (else by the class the R&V's answer gave)
     notes: list[str] = field(default_factory=list)
+    verified_uids: set[str] = field(default_factory=set)
 
     def note(self, text: str) -> None:
         """Something the peer made the walk do (not a failure), said once in the summary."""
@@ -103,6 +106,7 @@ class ContextOutcome:
         """Add the counts and problems of a part of the walk that ran on its own thread."""
         self.moved.update(other.moved)
         self.verified.update(other.verified)
+        self.verified_uids |= other.verified_uids
         for text in other.notes:
             self.note(text)
         for text in other.unresolved:
@@ -174,7 +178,17 @@ class ContextWalker:
             self._walk_structure_sets(plan, link, out)
         doses.result()  # anything but a DICOM failure (backup down, ...) is raised here
         out.absorb(dose_out)
+        self._count_held(out)
         return out
+
+    def _count_held(self, out: ContextOutcome) -> None:
+        """What this walk verified, counted by the modality the backup itself holds it under
+        (the R&V's answers may not say, or say wrongly): the summary counts arrivals."""
+        if not out.verified_uids or not isinstance(self.target, OrthancBackup):
+            return
+        held = {h.ref.sop_instance_uid: h.modality or "?"
+                for h in self.target.patient_instances(out.patient_id)}
+        out.verified = Counter(held.get(uid, "not found in backup") for uid in out.verified_uids)
 
     def _walk_structure_sets(self, plan: Dataset, link: PlanLink, out: ContextOutcome) -> None:
         for struct_uid in _referenced(plan, "ReferencedStructureSetSequence"):
@@ -386,6 +400,7 @@ class ContextWalker:
         present = {uid for uid, state in states.items() if state == "verified"}
         out.verified.update(object_type(r.sop_class_uid) for r in refs
                             if r.sop_instance_uid in present)
+        out.verified_uids |= present & {r.sop_instance_uid for r in refs}
         return present
 
     def _move_series(self, patient_id: str, study_uid: str, series_uid: str) -> str:

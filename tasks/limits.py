@@ -11,7 +11,9 @@ source's ``slot_lease_seconds`` (default 60) plus the server's sweep of expired 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 
@@ -22,6 +24,7 @@ from prefect.exceptions import ObjectNotFound
 
 from radonc_backup.config import AriaSource, MimSource, MosaiqSource, Site
 from radonc_backup.errors import ConfigError
+from radonc_backup.lane import LaneBusy, OpenLane, lane_lock
 
 REGISTER_HINT = "python -m deployments.register"
 _held: ContextVar[frozenset[str]] = ContextVar("radonc_backup_rv_slots", default=frozenset())
@@ -101,3 +104,40 @@ def held_for(site: Site, aet: str, host: str, associations: int = 1) -> Iterator
                 yield
             return
     yield
+
+
+def lane_limit_name(lane: OpenLane) -> str:
+    """The Prefect global limit of one lane (size 1): ``lane-<site>-<source>-<backup>``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_",
+                  f"lane-{lane.lane.site}-{lane.lane.source}-{lane.lane.backup}")
+
+
+@contextmanager
+def one_run_of(lane: OpenLane, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """One run of a lane at a time, on this machine and across machines.
+
+    On this machine, ``lane_lock`` (a ``flock`` the kernel frees when the process dies, with
+    the holder named); across machines (a shell run beside a worker's run, two workers), the
+    lane's slot of a Prefect global limit of size 1, leased like the R&V slots so that a run
+    whose machine died frees it within its lease. Together they wait ``lane_wait_minutes``,
+    then stop with one line, having sent nothing."""
+    wait = lane.site.settings.lane_wait_minutes * 60
+    started = time.monotonic()
+    name = lane_limit_name(lane)
+    with lane_lock(lane, wait, on_wait), ExitStack() as stack:
+        with get_client(sync_client=True) as client:
+            try:
+                client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                client.upsert_global_concurrency_limit_by_name(name, 1)
+        try:
+            stack.enter_context(concurrency(
+                name, occupy=1, timeout_seconds=max(1.0, wait - (time.monotonic() - started)),
+                lease_duration=lane.source.slot_lease_seconds, strict=True,
+                raise_on_lease_renewal_failure=False))
+        except TimeoutError:
+            raise LaneBusy(f"site {lane.site.name}: another run of {lane.lane.source} to "
+                           f"{lane.lane.backup} is under way on another machine (Prefect limit "
+                           f"{name}) and did not end within {wait:.0f} s: this run sent "
+                           "nothing; run it again later") from None
+        yield

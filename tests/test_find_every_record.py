@@ -297,6 +297,22 @@ def test_one_run_of_a_lane_at_a_time(make_site: Callable[..., DemoSite]) -> None
     assert state.is_completed(), state.message
     assert waiting.backup.sop_instance_uids() == uids(*c.records)
 
+    # A run of the lane on another machine: no flock here to see, the lane's Prefect slot is
+    # taken. The run waits for it (lane_wait_minutes 0: a second), then stops sending nothing.
+    from prefect.concurrency.sync import concurrency
+
+    from tasks.limits import lane_limit_name
+
+    elsewhere = make_site(settings={"lane_wait_minutes": 0})
+    elsewhere.rv.upload([to_bytes(ds) for ds in c.records])
+    other = open_lane("DEMO", config=str(elsewhere.config_path))
+    first = run(incremental_backup, elsewhere, at(0, 15), backfill=False)  # makes the limit
+    assert first.is_completed(), first.message
+    with concurrency(lane_limit_name(other), occupy=1, strict=True):
+        busy = run(incremental_backup, elsewhere, at(0, 16), backfill=False)
+    assert busy.is_failed() and "under way on another machine" in str(busy.message), \
+        busy.message
+
 
 def test_a_fraction_gap_is_named_until_found_or_acknowledged(
         make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
