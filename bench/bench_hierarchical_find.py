@@ -1,7 +1,7 @@
 """Benchmark: what finding the RT Records costs on a strict hierarchical-only peer, against the
 relational query measured in the same run.
 
-    .venv/bin/python -m bench.bench_hierarchical_find [--patients 200] [--fractions 20]
+    .venv/bin/python -m bench.bench_hierarchical_find [--patients 200] [--fractions 5]
 
 Writes its section of docs/performance.md. The peer is the in-process Q/R SCP the tests use
 (``tests/qr_scp.StrictQRSCP``), once relational, once hierarchical-only (a query below STUDY
@@ -52,7 +52,7 @@ def clinic(patients: int, fractions: int) -> tuple[list, list[tuple[str, str]]]:
         c = make_course(Patient(f"HB{n:04d}", f"Bench^{n}"), first, delivered=fractions,
                         slices=1)
         objects += c.records
-        studies.append((f"HB{n:04d}", str(c.study.StudyInstanceUID)))
+        studies.append((f"HB{n:04d}", c.study.uid))
     return objects, studies
 
 
@@ -67,7 +67,8 @@ def runs(server: StrictQRSCP, studies: list[tuple[str, str]], hierarchical: bool
         before = len(server.finds)
         started = time.perf_counter()
         found = search(RecordFinder(client, hierarchical, memory, TODAY))
-        return len(server.finds) - before, time.perf_counter() - started, len(found.refs)
+        return (len(server.finds) - before, time.perf_counter() - started,
+                len({r.sop_instance_uid for r in found.refs}))
 
     since = TODAY - timedelta(days=NEW_STUDY_DAYS)
     now = datetime.combine(TODAY, datetime.min.time()) + timedelta(hours=16)
@@ -82,13 +83,16 @@ def runs(server: StrictQRSCP, studies: list[tuple[str, str]], hierarchical: bool
         dated.refs += f.of_patients(patients).refs
         return dated
 
-    return {"10-minute run": incremental, "nightly": timed(nightly)}
+    nightly_run = timed(nightly)
+    return {"10-minute run": incremental, "nightly": nightly_run,
+            "10-minute run, after the nightly": timed(
+                lambda f: f.in_windows(window, studies, since))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--patients", type=int, default=200)
-    parser.add_argument("--fractions", type=int, default=20)
+    parser.add_argument("--fractions", type=int, default=5)
     args = parser.parse_args()
     objects, studies = clinic(args.patients, args.fractions)
     results: dict[str, dict[str, tuple[int, float, int]]] = {}
@@ -105,23 +109,30 @@ def main() -> None:
              f"{date.today()} by `python -m bench.bench_hierarchical_find`.", "",
              "| peer | run | C-FINDs | per patient | wall time | ratio to relational | "
              "records found |", "|---|---|---|---|---|---|---|"]
+    # Each run asks with what the earlier ones showed (the ledger keeps it): the first
+    # 10-minute run follows a warm-up run, as every run but a site's first does.
     for name, by_run in results.items():
         for run, (finds, seconds, found) in by_run.items():
             base = results["relational (baseline)"][run][1]
             lines.append(f"| {name} | {run} | {finds} | {finds / n:.2f} | {seconds:.2f} s | "
                          f"{seconds / base:.1f}x | {found} |")
-    h_inc = results["strict hierarchical"]["10-minute run"][0] / n
+    h_inc = results["strict hierarchical"]["10-minute run, after the nightly"][0] / n
     h_night = results["strict hierarchical"]["nightly"][0] / n
     lines += ["", f"Goal: at most 2 C-FINDs per patient on treatment per run. The 10-minute run "
               f"sends {h_inc:.2f} a patient, the nightly {h_night:.2f}: "
               + ("met." if max(h_inc, h_night) <= 2 else
-                 "not met. A hierarchical-only peer answers one study's series per query and "
-                 "one series' records per query, so a walk costs a SERIES and an IMAGE query for "
-                 "each study it visits, plus the STUDY queries; the nightly's per-patient pass "
-                 "adds a STUDY query and the same walk for each patient. Fewer would mean "
-                 "skipping studies the ledger says hold records, which is how records were "
-                 "missed before; the goal and completeness conflict here, and completeness "
-                 "wins."),
+                 "not met. The walk itself costs 2 a patient (a SERIES query for the study's "
+                 "record series, an IMAGE query for its records) plus the STUDY queries; the "
+                 "rest are checks: every record series here holds as many records as the "
+                 "largest answer the peer ever gave, so each answer is doubted as possibly cut "
+                 "by a silent cap and asked again in parts until the run's budget of "
+                 f"{RecordFinder.CHECKS} checking C-FINDs is spent (the answers left unchecked "
+                 "are then named unproven in the summary). The nightly's per-patient pass adds "
+                 "a STUDY query and the same walk per patient. Fewer C-FINDs would mean "
+                 "skipping studies the ledger knows, or trusting answers as large as the "
+                 "largest ever without a check: the goal and completeness conflict, and "
+                 "completeness wins. A decision is wanted on how often an answer that only "
+                 "equals the largest count needs a check (e.g. once a day per peer and level)."),
               "", "The relational rows are the baseline: one query a window (split only when "
               "cut), and one a patient in the nightly's per-patient pass."]
     replace_section(PROJECT_ROOT / "docs" / "performance.md", HEADING, lines)
