@@ -165,6 +165,13 @@ complete: the records are safe (not Failed), the context is not (not plain Compl
 it in the UI; the CLI exits 3."""
 
 
+UNPROVEN = "Completed (unproven)"
+"""A backup run's final state when every record it found is verified but an answer of the
+R&V may have been cut and could not be checked (the run's budget of checking C-FINDs spent,
+or no part could show it): the records found are safe, what a cut may hide is not proven
+absent. The monthly inventory sweep checks every such answer. The CLI exits 3."""
+
+
 FRACTION_GAPS = "Completed (fraction gaps)"
 """A backup run's final state when every record it found is verified but the backup's records
 of those patients skip a fraction (5 and 7 without 6): a record no query found, or one an
@@ -172,8 +179,8 @@ operator must acknowledge. Filter on it in the UI; the CLI exits 3."""
 
 
 def final_state(summary: BackupSummary) -> State:
-    """Completed, ``Completed (fraction gaps)`` or ``Completed (context incomplete)``, with a
-    message that says what the run proved and what it could not."""
+    """Completed, ``Completed (fraction gaps)``, ``Completed (unproven)`` or ``Completed
+    (context incomplete)``, with a message that says what the run proved and what it could not."""
     proved = (f"site {summary.site}: every RT Record found ({summary.found}) verified in backup "
               f"{summary.backup} (presence checked)")
     caveats = []
@@ -191,6 +198,8 @@ def final_state(summary: BackupSummary) -> State:
             f"{proved}; fraction continuity: {len(summary.continuity)} gap(s): {shown}"
             + "".join(f"; {c}" for c in caveats)))
     message = proved + "".join(f"; {c}" for c in caveats)
+    if summary.unproven:
+        return Completed(name=UNPROVEN, data=summary.as_dict(), message=message)
     if context_incomplete:
         return Completed(name=CONTEXT_INCOMPLETE, data=summary.as_dict(), message=message)
     return Completed(data=summary.as_dict(), message=message)

@@ -34,7 +34,7 @@ from prefect.settings import (PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_API_R
                               temporary_settings)
 
 from flows import ONE_LINE_ERROR
-from flows.backup_run import CONTEXT_INCOMPLETE, FRACTION_GAPS
+from flows.backup_run import CONTEXT_INCOMPLETE, FRACTION_GAPS, UNPROVEN
 from radonc_backup.config import load_site
 from radonc_backup.errors import BackupError, ConfigError
 from tasks.limits import ensure_rv_limits
@@ -183,7 +183,7 @@ def run_cli(flow_obj: Any, description: str, argv: list[str] | None = None, *,
               file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2, default=str))
-    if state.name in (CONTEXT_INCOMPLETE, FRACTION_GAPS):
+    if state.name in (CONTEXT_INCOMPLETE, FRACTION_GAPS, UNPROVEN):
         print(f"{state.name}: {state.message}", file=sys.stderr)
         return 3
     return 0

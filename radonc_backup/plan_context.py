@@ -30,7 +30,7 @@ from .errors import BackupTargetError, DicomError, RetriableBackupTargetError
 from .instance import InstanceRef
 from .lane import OpenLane
 from .ledger import LaneLedger, PlanLink
-from .record_finder import RecordFinder, load_memory
+from .record_finder import RecordFinder, load_memory, save_memory
 from .transfer import deliver
 
 OBJECT_TYPES = {
@@ -370,9 +370,14 @@ class ContextWalker:
         q = identifier("IMAGE", SOPInstanceUID="", SOPClassUID="", **hierarchy)
         # A peer that ignores keys answers with other series, other patients: only what says
         # it is of this series (and, when it says, of this patient) is taken.
-        refs = [InstanceRef.from_match(m) for m in self.client.find(q) if m.get("SOPInstanceUID")
+        answers = list(self.client.find(q))
+        refs = [InstanceRef.from_match(m) for m in answers if m.get("SOPInstanceUID")
                 and str(m.get("SeriesInstanceUID", "") or series_uid) == series_uid
                 and str(m.get("PatientID", "") or patient_id) == patient_id]
+        # However it matched, no answer of this peer at IMAGE level is longer than its cap:
+        # a planning CT's listing lifts the count below which record answers need no check.
+        self.finder.memory.saw("IMAGE", len(answers))
+        save_memory(self.ledger.ledger, self.source.label, self.finder.memory)
         return announced, refs
 
     def _note_present(self, refs: list[InstanceRef]) -> None:

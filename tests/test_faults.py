@@ -288,6 +288,7 @@ def test_a_silently_capping_peer_loses_no_record_when_a_day_is_split(
     # The cut whole-day answer may hide untimed records its time ranges cannot show: said so,
     # and the per-patient pass (or the cut answer itself) holds the untimed one.
     assert any("without a time" in u for u in state.result()["unproven"]), state.result()
+    assert state.name == "Completed (unproven)", state.name  # not a plain Completed (exit 3)
     assert three_numbers(site, records, TODAY) == (0, 0, 0)
 
 

@@ -367,3 +367,44 @@ def test_a_fraction_gap_is_named_until_found_or_acknowledged(
     rows = {r["PatientID"]: r for r in read_csv(tmp_path / "report.csv")}
     assert "fraction(s)" not in rows["FE50"]["Warnings"], rows["FE50"]["Warnings"]
     assert site.backup.sop_instance_uids() == uids(*a.records[:2], *a.records[3:], *b.records)
+
+
+def test_record_answers_shorter_than_a_listed_ct_need_no_check_and_unchecked_ones_are_unproven(
+        make_site: Callable[..., DemoSite], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every record series as long as the longest answer the hierarchical-only peer gave (two
+    records each): each answer might be a silent cap and is checked in parts. The backfill's
+    listing of a planning CT (6 instances) shows the peer answers longer at IMAGE level; the
+    ledger keeps it, and the next run walks each series with one query, no check. A run whose
+    budget of checks is spent ends `Completed (unproven)`, naming what it left unchecked."""
+    from demo.synthetic import Patient, make_course
+    from radonc_backup.ledger import Ledger
+
+    courses = [make_course(Patient(f"UN{n}", f"Test^UN{n}"), at(-2, 8 + n), delivered=2,
+                           slices=6) for n in range(3)]
+    server = StrictQRSCP("UNIFORM_RV", [o for c in courses for o in c.all()], {},
+                         hierarchical_only=True)
+    with server:
+        site = make_site(extra_backup_modalities={server.aet: (server.aet, "127.0.0.1", 1)})
+        server.destinations = {site.backup.aet: ("127.0.0.1", site.backup.dicom_port)}
+        add_source(site, server, "uniform", profile="aria")
+        label = load_site("DEMO", site.config_path).sources["uniform"].label
+        ledger = Ledger.for_state_dir(load_site("DEMO", site.config_path).state_dir)
+
+        with monkeypatch.context() as budget:
+            budget.setattr(RecordFinder, "CHECKS", 1)
+            starved = run(incremental_backup, site, at(0, 7), source="uniform", backfill=False)
+        assert starved.name == "Completed (unproven)", (starved.name, starved.message)
+        assert any("not checked" in u for u in starved.result()["unproven"]), starved.result()
+        assert site.backup.sop_instance_uids() >= uids(*[r for c in courses for r in c.records])
+
+        first = run(incremental_backup, site, at(0, 8), source="uniform")
+        assert first.name == "Completed", (first.name, first.message)
+        assert ledger.largest_answers(label).get("IMAGE") == 6  # the CT's listing, kept
+
+        server.finds.clear()
+        second = run(incremental_backup, site, at(0, 9), source="uniform", backfill=False)
+    assert second.name == "Completed", (second.name, second.message)
+    assert second.result()["unproven"] == []
+    # One SERIES and one IMAGE query a study, no part asked again.
+    assert server.finds.count("SERIES") == 3 and server.finds.count("IMAGE") == 3, server.finds
+    assert site.backup.sop_instance_uids() >= uids(*[o for c in courses for o in c.all()])
