@@ -219,7 +219,8 @@ def _referenced_frame(study: Study, series: Series) -> Dataset:
 
 def make_rtplan(study: Study, rtstruct: Dataset, frame_of_reference_uid: str, key: str = "plan1",
                 label: str = "PROSTATE", machine: str = "TrueBeam1", fractions: int = 28,
-                beams: int = 3, meterset: float = 100.0) -> Dataset:
+                beams: int = 3, meterset: float = 100.0,
+                dose_per_fraction: float = 2.0) -> Dataset:
     ds = _base(study, RT_PLAN, uid(study.uid, key), "RTPLAN", uid(study.uid, key, "series"), 5)
     ds.OperatorsName = ""
     ds.InstanceNumber = 1
@@ -238,7 +239,20 @@ def make_rtplan(study: Study, rtstruct: Dataset, frame_of_reference_uid: str, ke
     setup = Dataset()
     setup.PatientSetupNumber = 1
     setup.PatientPosition = "HFS"
+    setup.SetupTechnique = "ISOCENTRIC"
+    device = Dataset()
+    device.FixationDeviceType = "VACUUM_MOLD"
+    device.FixationDeviceLabel = "Vac-Lok 1"
+    setup.FixationDeviceSequence = Sequence([device])
     ds.PatientSetupSequence = Sequence([setup])
+
+    target = Dataset()  # the prescription: fractions x dose a fraction to the target
+    target.DoseReferenceNumber = 1
+    target.DoseReferenceStructureType = "SITE"
+    target.DoseReferenceDescription = label[:64]
+    target.DoseReferenceType = "TARGET"
+    target.TargetPrescriptionDose = round(fractions * dose_per_fraction, 3)
+    ds.DoseReferenceSequence = Sequence([target])
 
     fg = Dataset()
     fg.FractionGroupNumber = 1

@@ -46,7 +46,8 @@ def treatment_report(site: str, treatment_start_date: date | None = None,
                      end_date: date | None = None, study_start_date: date | None = None,
                      out: str | None = None, backup: str | None = None,
                      config: str | None = None) -> dict[str, object]:
-    """Report every patient treated between the two dates, one row per patient per plan.
+    """Report every patient treated between the two dates, one row per patient per course (plan,
+    or Mosaiq prescription).
 
     Args:
         site: Site name, a table of the sites file (e.g. UCLA).

@@ -3,8 +3,9 @@ network are gone, built ahead of time from the backup alone.
 
 For every patient of the treatment report (treated in the last N days): a folder with the
 plan context the backup holds of them (plans, structure sets, planning images, doses), the last
-RT Record of each plan, and a one-page sheet (identity, plan, machine, fractions delivered and
-planned, last treatment, warnings such as a fraction beyond the plan); beside them the report
+RT Record of each course, and a sheet a therapist can treat the next fraction from (identity;
+per course the prescription, what was delivered, the next fraction and its limit check, beams
+with the last session's MU, setup and approval: ``treatment_sheet``); beside them the report
 itself (CSV and its print view). Built in ``<name>.partial`` and switched in by renaming and
 repointing ``current`` only when whole: a failed build never replaces the last good pack.
 """
@@ -18,11 +19,14 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+from pydicom.dataset import Dataset
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from .backup_target import HeldInstance, OrthancBackup
 from .export import safe, write_items
+from .report_facts import MADE_BY_US
 from .restore import kind_of
+from .treatment_sheet import PlanSheet, plan_sheet
 
 _ENV = Environment(loader=PackageLoader("radonc_backup", "templates"),
                    autoescape=select_autoescape(["html", "j2"]))
@@ -37,26 +41,63 @@ class Pack:
     bytes: int = 0
 
 
-def last_records(backup: OrthancBackup, records: list[HeldInstance]) -> list[HeldInstance]:
-    """The latest RT Record of each plan (by TreatmentDate and Time; a record without a plan
-    reference counts as its own plan)."""
-    latest: dict[str, tuple[str, HeldInstance]] = {}
-    for item in records:
-        ds = backup.read_resource(item.resource_id, item.ref.sop_instance_uid)
-        plans = ds.get("ReferencedRTPlanSequence") or []
-        plan = str(plans[0].get("ReferencedSOPInstanceUID", "")) if plans else ""
-        when = f"{ds.get('TreatmentDate', '') or ''}{ds.get('TreatmentTime', '') or ''}"
-        key = plan or item.ref.sop_instance_uid
+def course_of(ds: Dataset) -> str:
+    """The course a record belongs to, as the report groups them: its plan, or for a record we
+    made from Mosaiq (no plan) its prescription's series; else the record alone."""
+    plans = ds.get("ReferencedRTPlanSequence") or []
+    plan = str(plans[0].get("ReferencedSOPInstanceUID", "")) if plans else ""
+    if plan:
+        return plan
+    if str(ds.get("Manufacturer", "") or "") == MADE_BY_US:
+        return f"series {ds.get('SeriesInstanceUID', '')}"
+    return f"record {ds.get('SOPInstanceUID', '')}"
+
+
+def _session_order(ds: Dataset) -> tuple[str, int]:
+    beams = ds.get("TreatmentSessionBeamSequence") or ds.get("TreatmentSessionIonBeamSequence")
+    return (f"{ds.get('TreatmentDate', '') or ''}{ds.get('TreatmentTime', '') or ''}",
+            len(beams or []))
+
+
+def last_records(records: list[tuple[HeldInstance, Dataset]]) -> list[HeldInstance]:
+    """The latest RT Record of each course (by TreatmentDate and Time, then the most beams: a
+    Mosaiq session made again with more fields supersedes its earlier record)."""
+    latest: dict[str, tuple[tuple[str, int], HeldInstance]] = {}
+    for item, ds in records:
+        key, when = course_of(ds), _session_order(ds)
         if key not in latest or when > latest[key][0]:
             latest[key] = (when, item)
     return [item for _, item in latest.values()]
 
 
-def sheet(rows: list[dict[str, object]], site: str, backup: str, generated: datetime) -> str:
+def course_sheets(backup: OrthancBackup, rows: list[dict[str, object]],
+                  records: list[Dataset]) -> list[tuple[dict[str, object], PlanSheet]]:
+    """Each report row of one patient with the sheet of its course, from the backup alone."""
+    by_course: dict[str, list[Dataset]] = {}
+    for ds in records:
+        by_course.setdefault(course_of(ds), []).append(ds)
+    out = []
+    for row in rows:
+        plan_uid = str(row.get("PlanUID", "") or "")
+        if plan_uid:
+            course, plan = plan_uid, backup.read(plan_uid)
+        else:  # Mosaiq: the prescription's series, named by the row's label
+            course = next((key for key, group in by_course.items() if key.startswith("series ")
+                           and str(group[0].get("SeriesDescription", "")) == row["RTPlanLabel"]),
+                          "")
+            plan = None
+        out.append((row, plan_sheet(plan, by_course.get(course, []), plan_expected=bool(
+            plan_uid))))
+    return out
+
+
+def sheet(rows: list[dict[str, object]], courses: list[tuple[dict[str, object], PlanSheet]],
+          site: str, backup: str, generated: datetime) -> str:
     first = rows[0]
+    newest = max((s.last_treatment for _, s in courses if s.last_treatment), default="")
     return _ENV.get_template("downtime_sheet.html.j2").render(
         patient_id=first["PatientID"], name=first["PatientName"], birth_date=first["BirthDate"],
-        sex=first["Sex"], site=site, backup=backup, plans=rows,
+        sex=first["Sex"], site=site, backup=backup, courses=courses, as_of=newest,
         generated=f"{generated:%Y-%m-%d %H:%M}")
 
 
@@ -79,12 +120,15 @@ def build(backup: OrthancBackup, report: pd.DataFrame, root: Path, name: str, si
         for patient_id, plans in by_patient.items():
             held = backup.patient_instances(patient_id)
             context = [i for i in held if kind_of(i.modality) == "context"]
-            records = last_records(backup, [i for i in held if kind_of(i.modality) == "record"])
+            read = [(i, backup.read_resource(i.resource_id, i.ref.sop_instance_uid))
+                    for i in held if kind_of(i.modality) == "record"]
+            records = last_records(read)
             files, size = write_items(backup, context + records, partial)
             folder = partial / safe(patient_id)
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "sheet.html").write_text(sheet(plans, site, backup.alias, generated),
-                                               encoding="utf-8")
+            courses = course_sheets(backup, plans, [ds for _, ds in read])
+            (folder / "sheet.html").write_text(
+                sheet(plans, courses, site, backup.alias, generated), encoding="utf-8")
             pack.patients += 1
             pack.files, pack.bytes = pack.files + files, pack.bytes + size
     except BaseException:

@@ -100,6 +100,17 @@ CREATE TABLE IF NOT EXISTS fraction_acks (
     at TEXT NOT NULL,
     PRIMARY KEY (site, patient_id, plan_uid, fraction)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS session_records (
+    site TEXT NOT NULL,
+    source TEXT NOT NULL,
+    backup TEXT NOT NULL,
+    session TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    fields INTEGER NOT NULL,
+    made TEXT NOT NULL,
+    superseded_by TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (site, source, backup, sop_instance_uid)
+) WITHOUT ROWID;
 """
 
 
@@ -297,6 +308,40 @@ class LaneLedger:
         self.key = (lane.site, lane.source, lane.backup)
         self.path = ledger.path
         self._connect, self._write = ledger._connect, ledger._write
+
+    def record_sessions(self, made: Iterable[tuple[str, str, int]]) -> list[tuple[str, str]]:
+        """Remember the records made of each session (session, SOP Instance UID, fields) and
+        mark the earlier ones superseded by the record with the most fields (then the newest).
+        Returns the (superseded, by) pairs newly marked; nothing is ever deleted."""
+        rows = [(*self.key, session, uid, fields, _now()) for session, uid, fields in made]
+        marked = []
+        with self._write() as conn:
+            conn.executemany("INSERT OR IGNORE INTO session_records (site, source, backup, "
+                             "session, sop_instance_uid, fields, made) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             rows)
+            for session in sorted({r[3] for r in rows}):
+                kept = conn.execute(
+                    "SELECT sop_instance_uid FROM session_records WHERE site=? AND source=? "
+                    "AND backup=? AND session=? ORDER BY fields DESC, made DESC, "
+                    "sop_instance_uid LIMIT 1", (*self.key, session)).fetchone()[0]
+                for (uid,) in conn.execute(
+                        "SELECT sop_instance_uid FROM session_records WHERE site=? AND source=? "
+                        "AND backup=? AND session=? AND sop_instance_uid<>? AND superseded_by<>?",
+                        (*self.key, session, kept, kept)).fetchall():
+                    marked.append((uid, kept))
+                conn.execute("UPDATE session_records SET superseded_by=? WHERE site=? AND "
+                             "source=? AND backup=? AND session=? AND sop_instance_uid<>?",
+                             (kept, *self.key, session, kept))
+                conn.execute("UPDATE session_records SET superseded_by='' WHERE site=? AND "
+                             "source=? AND backup=? AND sop_instance_uid=?", (*self.key, kept))
+        return marked
+
+    def superseded(self) -> dict[str, str]:
+        """Record UID -> the UID of the record of the same session that supersedes it."""
+        with self._connect() as conn:
+            return dict(conn.execute(
+                "SELECT sop_instance_uid, superseded_by FROM session_records WHERE site=? AND "
+                "source=? AND backup=? AND superseded_by<>''", self.key).fetchall())
 
     def record_found(self, refs: Iterable[InstanceRef], kind: str = "record") -> int:
         """Add instances seen on the source; returns how many were new to the ledger.

@@ -22,6 +22,7 @@ from pynetdicom import sop_class as sop
 from .config import MosaiqSource, Site, resolve_secret
 from .errors import ConfigError, RetriableDicomError
 from .instance import InstanceRef
+from .report_facts import MADE_BY_US, MU_LIMIT
 
 _SELECT = """
 SELECT d.Pat_ID1 AS pat_id1, i.IDA AS mrn, p.Last_Name AS last_name,
@@ -30,8 +31,8 @@ SELECT d.Pat_ID1 AS pat_id1, i.IDA AS mrn, p.Last_Name AS last_name,
        f.Field_Name AS field_name, f.Modality AS radiation_type, d.Tx_DtTm AS tx_dttm,
        d.Fractions_Tx AS fraction, d.Meterset AS meterset
 FROM Dose_Hst d
-JOIN Ident i ON i.Pat_Id1 = d.Pat_ID1
-JOIN Patient p ON p.Pat_ID1 = d.Pat_ID1
+LEFT JOIN Ident i ON i.Pat_Id1 = d.Pat_ID1
+LEFT JOIN Patient p ON p.Pat_ID1 = d.Pat_ID1
 LEFT JOIN TxField f ON f.FLD_ID = d.FLD_ID
 LEFT JOIN Site s ON s.SIT_ID = d.SIT_ID
 """
@@ -39,7 +40,9 @@ SESSIONS_QUERY = _SELECT + """WHERE d.Tx_DtTm >= ? AND d.Tx_DtTm < ?
 ORDER BY d.Pat_ID1, d.Tx_DtTm, d.FLD_ID
 """
 """Dose_Hst joined by its own keys (FLD_ID, SIT_ID name the field and prescription rows as
-delivered, so a later version of a field or prescription does not rewrite history)."""
+delivered, so a later version of a field or prescription does not rewrite history). Every join
+is a LEFT JOIN: a delivery whose patient has no Ident or Patient row is still a delivery (its
+record carries Mosaiq's Pat_ID1 and the run summary names what is missing)."""
 UNDATED_QUERY = _SELECT + """WHERE d.Tx_DtTm IS NULL
 ORDER BY d.Pat_ID1, d.FLD_ID
 """
@@ -77,14 +80,31 @@ class Session:
 
     first: DeliveredField
     fields: list[DeliveredField] = field(default_factory=list)
+    course_start: datetime | None = None  # the prescription's first delivery (StudyDate)
 
     @property
-    def key(self) -> tuple[str, str, str, str]:
+    def key(self) -> tuple[str, ...]:
         return session_key(self.first)
 
+    def content(self) -> str:
+        """What was delivered, field by field: a record made from more (a field delivered
+        after the last run) or corrected fields is another record (see ``session_record``)."""
+        return "|".join(sorted(f"{f.fld_id}@{f.tx_dttm:%Y%m%d%H%M%S}" if f.tx_dttm else
+                               f"{f.fld_id}@" for f in self.fields)) + "|" + "|".join(
+            f"{f.fld_id}={f.meterset!r}" for f in sorted(self.fields, key=lambda x: x.fld_id))
 
-def session_key(f: DeliveredField) -> tuple[str, str, str, str]:
-    """What makes one session: patient, prescription, day and fraction number."""
+
+SESSION_SPAN = timedelta(hours=24)
+"""How far a session's fields may lie apart (a fraction begun before midnight and finished
+after): a window's read reaches back this far so that each session it touches is read whole."""
+
+
+def session_key(f: DeliveredField) -> tuple[str, ...]:
+    """What makes one session: patient, prescription and fraction number (across midnight
+    too); without a fraction number, the day; a field without a date is a session of its own
+    kind (it never joins a dated one, which the incremental reads without it)."""
+    if f.fraction is not None and f.tx_dttm is not None:
+        return (f.pat_id1, f.sit_id, f"fraction {f.fraction}")
     return (f.pat_id1, f.sit_id, _date(f.tx_dttm),
             str(f.fraction) if f.fraction is not None else "")
 
@@ -154,6 +174,30 @@ def read_fields(conn: object, site: Site, alias: str, source: MosaiqSource, star
     rows = _select(conn, site, alias, source, source.sessions_query or SESSIONS_QUERY,
                    start - timedelta(seconds=1), end + timedelta(seconds=1))
     return [f for f in rows if f.tx_dttm is not None and start <= f.tx_dttm <= end]
+
+
+def read_sessions(conn: object, site: Site, alias: str, source: MosaiqSource, start: datetime,
+                  end: datetime) -> list["Session"]:
+    """Every session with a field delivered from ``start`` to ``end``, read whole: its fields
+    from up to ``SESSION_SPAN`` before the window too (a session the last run saw half of is
+    made again with every field it has now)."""
+    fields = read_fields(conn, site, alias, source, start - SESSION_SPAN, end)
+    touched = {session_key(f) for f in fields if f.tx_dttm is not None and f.tx_dttm >= start}
+    return [s for s in sessions(fields) if s.key in touched]
+
+
+def course_starts(conn: object, site: Site, alias: str, source: MosaiqSource,
+                  found: list["Session"]) -> None:
+    """Give each session its prescription's first delivery (one query per patient): the
+    StudyDate of the prescription's study, and the sheet's first treatment of the course."""
+    starts: dict[tuple[str, str], datetime] = {}
+    for patient in sorted({s.first.pat_id1 for s in found}):
+        for f in fields_of_patient(conn, site, alias, source, pat_id1=patient):
+            key = (f.pat_id1, f.sit_id)
+            if f.tx_dttm is not None and (key not in starts or f.tx_dttm < starts[key]):
+                starts[key] = f.tx_dttm
+    for s in found:
+        s.course_start = starts.get((s.first.pat_id1, s.first.sit_id))
 
 
 def read_undated(conn: object, site: Site, alias: str, source: MosaiqSource,
@@ -269,26 +313,82 @@ def _ds_decimal(value: float) -> str:
     return text if len(text) <= 16 else f"{value:.4f}"[:16]
 
 
+
+
+def person_name(last: str, first: str) -> str:
+    """A PN value from Mosaiq's two name columns: a delimiter inside a name (``^``, ``=``,
+    ``\\``) becomes a space; the whole at most 64 characters (the VR's limit for a component
+    group), the family name kept first."""
+    def clean(part: str) -> str:
+        return " ".join(part.translate(str.maketrans("^=\\", "   ")).split())
+    family, given = clean(last), clean(first)
+    family = family[:63 - min(len(given), 1)]  # room for the delimiter and a given name
+    given = given[:63 - len(family)]
+    return f"{family}^{given}" if family or given else ""
+
+
+def odd_values(session: Session, today: datetime | None = None) -> list[str]:
+    """What in a session's rows a physicist must look at, naming the patient by ID (never by
+    name) and the prescription: a missing Ident or Patient row, a value cut to its VR's length,
+    no fraction number or fraction 0, a negative or absurd meterset, a date in the future."""
+    f = session.first
+    who = f"patient {f.mrn or f.pat_id1} (Pat_ID1 {f.pat_id1}), prescription {f.sit_id}"
+    out = []
+    if not f.mrn:
+        out.append(f"{who}: no Ident row (no MRN): the record's PatientID is Mosaiq's Pat_ID1")
+    if not (f.last_name or f.first_name):
+        out.append(f"{who}: no Patient row or no name: the record's PatientName is empty")
+    if len(f.mrn) > 64:
+        out.append(f"{who}: MRN of {len(f.mrn)} characters cut to 64 (PatientID)")
+    if len(f.last_name) + len(f.first_name) > 63 or any(
+            c in f.last_name + f.first_name for c in "^=\\"):
+        out.append(f"{who}: name cut to 64 characters or delimiters replaced "
+                   "(PatientName)")
+    for x in session.fields:
+        if x.fraction is None:
+            out.append(f"{who}: field {x.fld_id} delivered without a fraction number")
+        elif x.fraction <= 0:
+            out.append(f"{who}: field {x.fld_id} delivered as fraction {x.fraction}")
+        if x.meterset is not None and x.meterset < 0:
+            out.append(f"{who}: field {x.fld_id} delivered a negative meterset ({x.meterset} MU)")
+        elif x.meterset is not None and x.meterset > MU_LIMIT:
+            out.append(f"{who}: field {x.fld_id} delivered {x.meterset:g} MU (over "
+                       f"{MU_LIMIT:g})")
+        if x.tx_dttm is not None and x.tx_dttm > (today or datetime.now()) + timedelta(hours=1):
+            out.append(f"{who}: field {x.fld_id} dated in the future ({x.tx_dttm:%Y-%m-%d %H:%M})")
+    return list(dict.fromkeys(out))
+
+
 def session_record(session: Session, site: Site, source: MosaiqSource) -> Dataset:
     """One RT Beams Treatment Record for ``session``: every field delivered in it is a beam of
-    ``TreatmentSessionBeamSequence``. Mapping in docs/backup.md."""
-    f, root = session.first, source.uid_root
+    ``TreatmentSessionBeamSequence``. Mapping in docs/backup.md.
+
+    The SOP Instance UID is made from the session and what was delivered in it: the same rows
+    make the same record (a rerun stores nothing twice); a field delivered after the last run
+    (or a corrected row) makes a new record of that session, which supersedes the earlier one
+    (both are kept; the report reads the one with the most fields)."""
+    dated = [x for x in session.fields if x.tx_dttm is not None]
+    f, root = (min(dated, key=lambda x: x.tx_dttm) if dated else session.first), source.uid_root
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = sop.RTBeamsTreatmentRecordStorage
-    ds.SOPInstanceUID = _uid(root, site.name, "record", *session.key)
-    ds.PatientName = f"{f.last_name}^{f.first_name}".strip("^")
-    ds.PatientID = f.mrn or f.pat_id1
+    ds.SOPInstanceUID = _uid(root, site.name, "record", *session.key, session.content())
+    ds.PatientName = person_name(f.last_name, f.first_name)
+    ds.PatientID = (f.mrn or f.pat_id1)[:64]
     ds.PatientBirthDate, ds.PatientSex = "", ""
-    ds.StudyInstanceUID = _uid(root, site.name, "study", f.pat_id1)
-    ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName = "", "", ""
-    ds.StudyID, ds.AccessionNumber = "", ""
+    # One study per prescription, dated by its first delivery.
+    ds.StudyInstanceUID = _uid(root, site.name, "study", f.pat_id1, f.sit_id)
+    start = session.course_start or f.tx_dttm
+    ds.StudyDate, ds.StudyTime = _date(start), _time(start)
+    ds.ReferringPhysicianName = ""
+    ds.StudyID, ds.AccessionNumber = f.sit_id[:16], ""
     ds.Modality = "RTRECORD"
     ds.SeriesInstanceUID = _uid(root, site.name, "series", f.pat_id1, f.sit_id)
-    ds.SeriesNumber, ds.OperatorsName = "", ""
+    ds.SeriesNumber, ds.OperatorsName = 1, ""
     ds.SeriesDescription = f.site_name[:64]
-    ds.Manufacturer = ""
-    ds.InstanceNumber = f.fraction if f.fraction is not None else ""
+    ds.Manufacturer = MADE_BY_US  # the report knows our records by it
+    # Type 1: the fraction number, or 0 when Mosaiq holds none (named by odd_values).
+    ds.InstanceNumber = f.fraction if f.fraction is not None else 0
     ds.TreatmentDate, ds.TreatmentTime = _date(f.tx_dttm), _time(f.tx_dttm)  # Type 2
     ds.ReferencedRTPlanSequence = Sequence()  # Type 2: Mosaiq's SQL knows no plan UID
     machine = Dataset()

@@ -173,7 +173,18 @@ class RecordFacts:
     fractions_planned: int | None
     meterset: float | None = None  # MU delivered in this session, all beams
     termination: str = ""  # NORMAL when every beam ended normally, else the first other status
+    course: str = ""  # what the report's rows are of: the plan, or a record series we made
+    course_label: str = ""  # the course's name when no plan names it (Mosaiq's prescription)
+    session: str = ""  # of records we made: the session, for which a later record supersedes
+    beams: int = 0  # beams in the record (the most wins among records of one session)
     warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+MADE_BY_US = "RadOnc Backup"
+"""Manufacturer of the RT Records this project makes (from Mosaiq's SQL). Such a record names
+no plan: its course is its series (one per prescription), and a session made again with more
+fields supersedes the earlier record of that session."""
+MU_LIMIT = 2000.0  # MU per beam above which a delivered meterset is called absurd
 
 
 def record_facts(ds: Dataset) -> RecordFacts:
@@ -182,7 +193,9 @@ def record_facts(ds: Dataset) -> RecordFacts:
     warnings = []
     plans = item_values(ds, PLAN_SEQUENCE, REFERENCED_UID, "UI")
     plan_uid = str(plans[0] or "") if plans else ""
-    if not plan_uid:
+    # Ours (made from Mosaiq's SQL, which knows no plan UID): the prescription is the course.
+    ours = str(ds.get("Manufacturer", "") or "") == MADE_BY_US and not plan_uid
+    if not plan_uid and not ours:
         warnings.append("no referenced RT Plan")
     machines = ds.get("TreatmentMachineSequence") or []
     machine = str(machines[0].get("TreatmentMachineName", "")) if machines else ""
@@ -201,6 +214,13 @@ def record_facts(ds: Dataset) -> RecordFacts:
         statuses.append(str(beam[TERMINATION_STATUS] or "").strip())
     if not fractions:
         warnings.append("no CurrentFractionNumber")
+    elif min(fractions) <= 0:
+        warnings.append(f"fraction number {min(fractions)}")
+    if any(m < 0 for m in metersets):
+        warnings.append(f"negative delivered meterset ({min(metersets):g} MU)")
+    if any(m > MU_LIMIT for m in metersets):
+        warnings.append(f"delivered meterset of {max(metersets):g} MU on one beam (over "
+                        f"{MU_LIMIT:g})")
     abnormal = [st for st in statuses if st != "NORMAL"]
     termination = (abnormal[0] or "not recorded") if abnormal else ("NORMAL" if statuses else "")
     day = _iso_date(ds.get("TreatmentDate"))
@@ -212,6 +232,7 @@ def record_facts(ds: Dataset) -> RecordFacts:
         time_text = time_text.ljust(6, "0")
         treated = f"{day}T{time_text[:2]}:{time_text[2:4]}:{time_text[4:6]}"
     planned = _integer(ds.get("NumberOfFractionsPlanned"), "NumberOfFractionsPlanned", warnings)
+    fraction = max(fractions) if fractions else None
     physicians = ds.get("PhysiciansOfRecord") or ds.get("ReferringPhysicianName") or ""
     if isinstance(physicians, (MultiValue, list)):  # several physicians: the first is of record
         physicians = physicians[0] if physicians else ""
@@ -225,10 +246,15 @@ def record_facts(ds: Dataset) -> RecordFacts:
         plan_uid=plan_uid,
         machine=machine,
         treated=treated,
-        fraction=max(fractions) if fractions else None,
+        fraction=fraction,
         fractions_planned=planned,
         meterset=round(sum(metersets), 3) if metersets else None,
         termination=termination,
+        course=str(ds.get("SeriesInstanceUID", "") or "") if ours else plan_uid,
+        course_label=str(ds.get("SeriesDescription", "") or "") if ours else "",
+        session=(f"fraction {fraction}" if fraction is not None else f"day {day}") if ours
+        else "",
+        beams=len(statuses),
         warnings=tuple(warnings),
     )
 

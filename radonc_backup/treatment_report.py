@@ -2,7 +2,9 @@
 
 Each RT Record is parsed once into ``RecordFacts`` (records are immutable) and kept in a cache
 addressable by SOP Instance UID; a report is a pure function of those facts and the plans' labels,
-so it can be rebuilt at any time without the R&V. One row per patient per plan.
+so it can be rebuilt at any time without the R&V. One row per patient per course: a plan, or for
+the records made from Mosaiq (which name no plan) a prescription, so two concurrent courses are
+two rows.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class FactCache:
             conn.execute("CREATE TABLE IF NOT EXISTS records (sop_instance_uid TEXT PRIMARY KEY, "
                          "resource_id TEXT UNIQUE, " + ", ".join(FIELDS[1:]) + ", day TEXT)")
             conn.execute("CREATE INDEX IF NOT EXISTS records_course ON records "
-                         "(patient_id, plan_uid, day)")
+                         "(patient_id, course, day)")
             conn.execute("CREATE INDEX IF NOT EXISTS records_day ON records (day)")
             conn.execute("CREATE TABLE IF NOT EXISTS plans (sop_instance_uid TEXT PRIMARY KEY, "
                          "facts TEXT NOT NULL)")
@@ -57,9 +59,10 @@ class FactCache:
 
     @classmethod
     def for_backup(cls, state_dir: Path, alias: str) -> "FactCache":
-        """The cache of one backup target (v3: resource IDs and the change-log cursor are the
-        backup's own), shared by the report and fraction continuity."""
-        return cls(state_dir / f"report-cache-v3-{re.sub(r'[^A-Za-z0-9_.-]', '_', alias)}.sqlite")
+        """The cache of one backup target (resource IDs and the change-log cursor are the
+        backup's own; v4: a record's course, which is its plan or, for a record we made from
+        Mosaiq, its prescription's series), shared by the report and fraction continuity."""
+        return cls(state_dir / f"report-cache-v4-{re.sub(r'[^A-Za-z0-9_.-]', '_', alias)}.sqlite")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -116,12 +119,12 @@ class FactCache:
                 conn.execute("CREATE TEMP TABLE listed (resource_id TEXT PRIMARY KEY)")
                 conn.executemany("INSERT OR IGNORE INTO listed VALUES (?)", [(r,) for r in only])
                 listed = " AND resource_id IN (SELECT resource_id FROM listed)"
-            conn.execute("CREATE TEMP TABLE treated AS SELECT DISTINCT patient_id, plan_uid "
+            conn.execute("CREATE TEMP TABLE treated AS SELECT DISTINCT patient_id, course "
                          "FROM records WHERE day >= ? AND day <= ?" + listed,
                          (start.isoformat(), end.isoformat()))
             frame = pd.read_sql_query(
                 f"SELECT {', '.join('r.' + f for f in FIELDS)}, r.day FROM treated t "
-                "JOIN records r ON r.patient_id = t.patient_id AND r.plan_uid = t.plan_uid "
+                "JOIN records r ON r.patient_id = t.patient_id AND r.course = t.course "
                 "AND r.day <> '' AND r.day <= ?" + listed.replace("resource_id", "r.resource_id"),
                 conn, params=(end.isoformat(),))
         frame["warnings"] = [() if text == "[]" else tuple(json.loads(text))
@@ -129,15 +132,16 @@ class FactCache:
         return frame
 
     def fractions(self, resource_ids: Iterable[str]) -> dict[tuple[str, str], list[int]]:
-        """(patient, plan) -> the fraction numbers of these records (the backup's resource
-        IDs, as listed now: a record the backup lost no longer counts), dated or not."""
+        """(patient, course) -> the fraction numbers of these records (the backup's resource
+        IDs, as listed now: a record the backup lost no longer counts), dated or not. A
+        course is a plan, or the prescription of a record made from Mosaiq."""
         out: dict[tuple[str, str], list[int]] = {}
         with self._connect() as conn:
             conn.execute("CREATE TEMP TABLE listed (resource_id TEXT PRIMARY KEY)")
             conn.executemany("INSERT OR IGNORE INTO listed VALUES (?)",
                              [(r,) for r in resource_ids])
             for patient, plan, fraction in conn.execute(
-                    "SELECT patient_id, plan_uid, fraction FROM records WHERE resource_id IN "
+                    "SELECT patient_id, course, fraction FROM records WHERE resource_id IN "
                     "(SELECT resource_id FROM listed)"):
                 numbers = out.setdefault((patient, plan), [])
                 if fraction is not None:
@@ -172,7 +176,8 @@ class UnreadableRecord:
 def build_report(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date,
                  end: date, unreadable: Iterable[UnreadableRecord] = (),
                  acknowledged: dict[tuple[str, str], set[int]] | None = None) -> pd.DataFrame:
-    """One row per patient per plan with at least one session from ``start`` to ``end``.
+    """One row per patient per course (plan or prescription) with a session from ``start`` to
+    ``end``.
 
     ``records``: one row per RT Record (the fields of ``RecordFacts`` and ``day``), at least
     every record up to ``end`` of each course treated in the window (``FactCache.courses``).
@@ -210,11 +215,24 @@ def _minutes(treated: str) -> str:
     return treated.replace("T", " ")[:16]
 
 
+def latest_of_sessions(records: pd.DataFrame) -> pd.DataFrame:
+    """Records we made from Mosaiq, one per session: a session made again with more fields
+    (delivered after the last run) supersedes the earlier record, which the backup keeps; the
+    record with the most beams is read (then the latest treated)."""
+    if records.empty or "session" not in records or not (records["session"] != "").any():
+        return records
+    ours = records[records["session"] != ""]
+    latest = ours.sort_values(["beams", "treated", "sop_instance_uid"], kind="stable") \
+        .groupby(["patient_id", "course", "session"], sort=False).tail(1)
+    return pd.concat([records[records["session"] == ""], latest]).sort_index()
+
+
 def _course_rows(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date,
                  end: date, acknowledged: dict[tuple[str, str], set[int]]) -> pd.DataFrame:
     if records.empty:
         return pd.DataFrame(columns=COLUMNS)
-    keys = ["patient_id", "plan_uid"]
+    keys = ["patient_id", "course"]
+    records = latest_of_sessions(records)
     upto = records[(records["day"] != "") & (records["day"] <= end.isoformat())]
     upto = upto.sort_values("treated", kind="stable")  # "last" below: the latest session
     window = upto[upto["day"] >= start.isoformat()]
@@ -222,9 +240,9 @@ def _course_rows(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date
         return pd.DataFrame(columns=COLUMNS)
     in_window = window.groupby(keys, sort=False)
     latest = in_window.tail(1).set_index(keys)
-    first = in_window["treated"].min()
     sessions = in_window.size()
     course = upto.merge(latest.index.to_frame(index=False), on=keys).groupby(keys, sort=False)
+    first = course["treated"].min()  # of the course, not of the window
     current = pd.to_numeric(course["fraction"].max(), errors="coerce")
     planned_in_records = pd.to_numeric(course["fractions_planned"].last(), errors="coerce")
     course_warnings = course["warnings"].agg(lambda ws: sorted({w for t in ws for w in t}))
@@ -234,7 +252,7 @@ def _course_rows(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date
         lambda fs: [int(f) for f in pd.to_numeric(fs, errors="coerce").dropna()])
     rows = []
     for key, row in latest.iterrows():
-        patient_id, plan_uid = key
+        patient_id, plan_uid = key[0], row["plan_uid"]
         termination = row["termination"] or ""
         plan = plans.get(plan_uid)
         warnings = list(course_warnings[key])
@@ -257,7 +275,7 @@ def _course_rows(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date
             "BirthDate": row["birth_date"],
             "Sex": row["sex"],
             "Physician": row["physician"],
-            "RTPlanLabel": plan.label if plan else "",
+            "RTPlanLabel": plan.label if plan else row["course_label"],
             "PlanUID": plan_uid,
             "Machine": row["machine"],
             "FirstTreatment": _minutes(first[key]),

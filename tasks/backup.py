@@ -133,8 +133,8 @@ def read_mosaiq_records(ref: LaneRef, queries: list[DayQuery], undated: bool = F
 
     ``undated`` (the nightly): also the fields Mosaiq holds without a treatment date, which
     no window selects; their records have an empty TreatmentDate and are named in a note."""
-    from radonc_backup.mosaiq import connect, read_fields, read_undated, session_record, \
-        sessions, stage, staging_dir
+    from radonc_backup.mosaiq import connect, course_starts, odd_values, read_sessions, \
+        read_undated, session_record, sessions, stage, staging_dir
 
     lane = ref.open()
     source = lane.source
@@ -144,22 +144,33 @@ def read_mosaiq_records(ref: LaneRef, queries: list[DayQuery], undated: bool = F
     end = max(datetime.combine(q.day, q.end) for q in queries)
     conn = connect(lane.site, ref.source, source)
     try:
-        fields = read_fields(conn, lane.site, ref.source, source, start, end)
+        found = read_sessions(conn, lane.site, ref.source, source, start, end)
         no_date = read_undated(conn, lane.site, ref.source, source) if undated else []
+        found += sessions(no_date)
+        course_starts(conn, lane.site, ref.source, source, found)
     finally:
         conn.close()  # type: ignore[attr-defined]
-    found = sessions(fields + no_date)
-    refs = stage([session_record(s, lane.site, source) for s in found],
-                 staging_dir(lane.site, ref.source))
-    get_run_logger().info("site %s: %d delivered field(s) in %d session(s) read from %s",
-                          ref.site, len(fields) + len(no_date), len(found), source.label)
-    notes = []
+    records = [session_record(s, lane.site, source) for s in found]
+    refs = stage(records, staging_dir(lane.site, ref.source))
+    superseded = lane.ledger.record_sessions(
+        ("/".join(s.key), str(ds.SOPInstanceUID), len(s.fields))
+        for s, ds in zip(found, records))
+    logger = get_run_logger()
+    logger.info("site %s: %d delivered field(s) in %d session(s) read from %s", ref.site,
+                sum(len(s.fields) for s in found), len(found), source.label)
+    notes = [f"{source.label}: {text}" for s in found for text in odd_values(s)]
+    if superseded:
+        notes.append(f"{source.label}: {len(superseded)} session(s) had more fields delivered "
+                     "(or a row corrected) after their record was made: made again as new "
+                     "records; the earlier ones are kept and marked superseded in the ledger")
     if no_date:
         patients = sorted({f.mrn or f.pat_id1 for f in no_date})
         notes.append(f"{source.label}: {len(no_date)} delivered field(s) have no treatment date "
                      f"in Dose_Hst (patient(s) {', '.join(patients)}): backed up as RT Records "
                      "with an empty TreatmentDate; date them in Mosaiq")
-    return Found(refs, notes)
+    for note in notes:
+        logger.warning("site %s: %s", ref.site, note)
+    return Found(refs, list(dict.fromkeys(notes)))
 
 
 @task(name="find-rt-records-by-patient", cache_policy=NO_CACHE)

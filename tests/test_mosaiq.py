@@ -406,3 +406,171 @@ def test_a_mosaiq_database_that_is_down_is_retried_and_then_named(
     assert task_run_counts(up.state_details.flow_run_id)["read-mosaiq-sessions"] >= 2
     assert len(site.backup.sop_instance_uids()) == sum(len(s) for s in expected.values())
     assert {r.state for r in lane.rows()} == {"verified"} and lane.watermark() is not None
+
+
+def dciodvfy_problems(records: list, folder: Path) -> list[str]:
+    """Every Error line, and the warnings the IOD lets us fix, dciodvfy prints for ``records``."""
+    fixable = ("Study Date", "Study Time", "Study ID", "Series Number")
+    problems = []
+    for ds in records:
+        path = folder / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        problems += [f"{ds.PatientID}: {line}" for line in (out.stdout + out.stderr).splitlines()
+                     if line.startswith("Error") or (line.startswith("Warning") and any(
+                         line.endswith(f) for f in fixable))]
+    return problems
+
+
+def test_sessions_split_across_runs_and_midnight_are_whole_and_two_prescriptions_two_rows(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    """MQ0004 is treated for two prescriptions at once (Prostate at fraction 5 of 39, Nodes at
+    fraction 1 of 25). The Nodes fraction's first field is delivered at 23:58, its second at
+    00:03, with a run between; Prostate fraction 5's second arc after the run that backed up
+    its first. The latest record of each fraction in the backup holds both fields, the earlier
+    one is kept and marked superseded in the ledger; the report has one row per prescription,
+    each agreeing with mosaiq-summary."""
+    import pandas as pd
+
+    from flows.mosaiq_summary import mosaiq_summary
+    from flows.treatment_report import treatment_report
+
+    site = make_site()
+    database = tmp_path / "mosaiq.db"
+    db = sqlite3.connect(database)
+    db.executescript(SCHEMA)
+    db.execute("INSERT INTO Patient VALUES (4, 'Åberg', 'Li')")
+    db.execute("INSERT INTO Ident VALUES (4, 'MQ0004')")
+    db.executemany("INSERT INTO Site VALUES (?, ?, ?, ?, ?, ?, ?)", [
+        (40, 40, 4, "Prostate", 7800.0, 39, 0), (41, 41, 4, "Nodes", 5000.0, 25, 0)])
+    db.executemany("INSERT INTO TxField VALUES (?, ?, ?, ?, ?)", [
+        (401, 40, "Arc A", "X", 0), (402, 40, "Arc B", "X", 0),
+        (411, 41, "Nodes AP", "X", 0), (412, 41, "Nodes PA", "X", 0)])
+
+    def deliver(field: int, sit: int, when: datetime, fraction: int, mu: float) -> None:
+        db.execute("INSERT INTO Dose_Hst (Pat_ID1, FLD_ID, SIT_ID, Tx_DtTm, Fractions_Tx, "
+                   "Meterset) VALUES (4, ?, ?, ?, ?, ?)", (field, sit, ts(when), fraction, mu))
+        db.commit()
+
+    for n in range(1, 5):  # Prostate fractions 1-4, both arcs, the days before
+        deliver(401, 40, at(n - 5, 8, 0), n, 150.0)
+        deliver(402, 40, at(n - 5, 8, 3), n, 160.0)
+    deliver(411, 41, at(-1, 23, 58), 1, 100.0)
+    add_mosaiq(site, database)
+
+    assert run(incremental_backup, site, at(0, 0, 1), source="mosaiq").is_completed()
+    deliver(412, 41, at(0, 0, 3), 1, 110.0)  # the same fraction, after midnight
+    assert run(incremental_backup, site, at(0, 0, 11), source="mosaiq").is_completed()
+    deliver(401, 40, at(0, 8, 0), 5, 150.0)
+    assert run(incremental_backup, site, at(0, 8, 2), source="mosaiq").is_completed()
+    deliver(402, 40, at(0, 8, 4), 5, 160.0)  # the second arc, after the run
+    last = run(incremental_backup, site, at(0, 8, 12), source="mosaiq")
+    assert last.is_completed(), last.message
+    assert any("made again as new records" in n for n in last.result()["peer_notes"]), \
+        last.result()["peer_notes"]
+
+    records = backup_records(site)
+    beams: dict[tuple[str, int], list[set[str]]] = {}
+    for ds in records:
+        fraction = int(ds.TreatmentSessionBeamSequence[0].CurrentFractionNumber)
+        beams.setdefault((str(ds.SeriesDescription), fraction), []).append(
+            {str(b.BeamName) for b in ds.TreatmentSessionBeamSequence})
+    assert max(beams[("Prostate", 5)], key=len) == {"Arc A", "Arc B"}, beams
+    assert max(beams[("Nodes", 1)], key=len) == {"Nodes AP", "Nodes PA"}, beams
+    assert len(beams[("Prostate", 5)]) == 2 and len(beams[("Nodes", 1)]) == 2  # both kept
+    ledger = Ledger.for_state_dir(site.workdir / "state").at(Lane("DEMO", "mosaiq", "orthanc"))
+    assert len(ledger.superseded()) == 2
+    assert not dciodvfy_problems(records, tmp_path)
+
+    out = tmp_path / "report.csv"
+    state = treatment_report(site="DEMO", config=str(site.config_path), end_date=DAY.date(),
+                             out=str(out), return_state=True)
+    assert state.is_completed(), state.message
+    report = pd.read_csv(out, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    rows = {r.RTPlanLabel: r for r in report.itertuples() if r.PatientID == "MQ0004"}
+    assert set(rows) == {"Prostate", "Nodes"}, report
+    assert (rows["Prostate"].CurrentFraction, rows["Prostate"].FractionsPlanned,
+            rows["Prostate"].FractionsRemaining) == ("5", "39", "34")
+    assert float(rows["Prostate"].LastMeterset) == 310.0  # both arcs of fraction 5
+    assert (rows["Nodes"].CurrentFraction, rows["Nodes"].FractionsPlanned) == ("1", "25")
+    assert float(rows["Nodes"].LastMeterset) == 210.0
+    assert rows["Prostate"].FirstTreatment.startswith(f"{at(-4, 0):%Y-%m-%d}")
+    # Nothing but what Mosaiq's SQL does not say (the query contract has no machine column).
+    assert {r.Warnings for r in rows.values()} == {"no treatment machine"}, rows
+
+    from flows.downtime_pack import downtime_pack
+    from tests.test_recovery import text_of
+
+    packs = tmp_path / "packs"
+    assert run(downtime_pack, site, at(0, 9), days=7, folder=str(packs)).is_completed()
+    sheet = text_of((packs / "current" / "MQ0004" / "sheet.html").read_text(encoding="utf-8"))
+    for said in ("Prescription Prostate", "Next fraction 6 of 39", "Prescription Nodes",
+                 "Next fraction 2 of 25", "Arc A PHOTON 150 NORMAL", "Arc B PHOTON 160 NORMAL",
+                 "Nodes AP PHOTON 100 NORMAL", "Nodes PA PHOTON 110 NORMAL",
+                 f"First treatment of the course {at(-4, 8):%Y-%m-%d %H:%M}"):
+        assert said in sheet, (said, sheet)
+
+    summary_csv = tmp_path / "summary.csv"
+    assert mosaiq_summary(site="DEMO", source="mosaiq", config=str(site.config_path),
+                          out=str(summary_csv), mrn="MQ0004", return_state=True).is_completed()
+    summary = pd.read_csv(summary_csv, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    for course in summary.itertuples():  # the report and Mosaiq's own account agree
+        row = rows[course.Site]
+        assert (row.CurrentFraction, row.FractionsPlanned) == (
+            course.FractionsDelivered, course.FractionsPlanned), (course, row)
+
+
+def test_odd_mosaiq_rows_make_valid_records_and_are_named(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    """A patient without an Ident row, a 70-character MRN with a 90-character name and a ``^``
+    in the first name, a NULL fraction number, fraction 0, -5 MU and 1e9 MU: every record
+    passes dciodvfy without an error (and without the study and series warnings), each odd
+    value is named in the run summary by patient ID, and the report's Warnings say it."""
+    import pandas as pd
+
+    from flows.treatment_report import treatment_report
+
+    site = make_site()
+    database = tmp_path / "mosaiq.db"
+    db = sqlite3.connect(database)
+    db.executescript(SCHEMA)
+    long_mrn, long_name = "M" * 70, "L" * 90
+    db.executemany("INSERT INTO Patient VALUES (?, ?, ?)", [
+        (5, "Noident", "Pat"), (6, long_name, "Jo^hn"), (7, "Odd", "Values")])
+    db.executemany("INSERT INTO Ident VALUES (?, ?)", [(6, long_mrn), (7, "MQ0007")])
+    db.executemany("INSERT INTO Site VALUES (?, ?, ?, ?, ?, ?, ?)", [
+        (50, 50, 5, "Brain", 5400.0, 30, 0), (60, 60, 6, "Lung", 6000.0, None, 0),
+        (70, 70, 7, "Pelvis", 4500.0, 25, 0)])
+    db.executemany("INSERT INTO TxField VALUES (?, ?, ?, ?, ?)", [
+        (501, 50, "Brain 1", "X", 0), (601, 60, "Lung 1", "X", 0), (701, 70, "P1", "X", 0),
+        (702, 70, "P2", "X", 0)])
+    db.executemany("INSERT INTO Dose_Hst (Pat_ID1, FLD_ID, SIT_ID, Tx_DtTm, Fractions_Tx, "
+                   "Meterset) VALUES (?, ?, ?, ?, ?, ?)", [
+                       (5, 501, 50, ts(at(0, 9)), 3, 200.0),
+                       (6, 601, 60, ts(at(0, 10)), None, 250.0),
+                       (7, 701, 70, ts(at(0, 11)), 0, -5.0),
+                       (7, 702, 70, ts(at(0, 11, 5)), 0, 1e9)])
+    db.commit()
+    add_mosaiq(site, database)
+
+    state = run(incremental_backup, site, at(0, 16), source="mosaiq")
+    assert state.is_completed(), state.message
+    records = backup_records(site)
+    assert len(records) == 3
+    assert not dciodvfy_problems(records, tmp_path)
+    by_patient = {str(ds.PatientID): ds for ds in records}
+    assert set(by_patient) == {"5", long_mrn[:64], "MQ0007"}  # no Ident row: Pat_ID1
+    named = " ".join(state.result()["peer_notes"])
+    for said in ("Pat_ID1 5), prescription 50: no Ident row", "MRN of 70 characters cut to 64",
+                 "delimiters replaced", "without a fraction number", "as fraction 0",
+                 "negative meterset (-5.0 MU)", "1e+09 MU (over 2000)"):
+        assert said in named, (said, named)
+    assert long_name[:10] not in named and "Noident" not in named  # IDs, never names
+
+    out = tmp_path / "report.csv"
+    treatment_report(site="DEMO", config=str(site.config_path), end_date=DAY.date(),
+                     out=str(out), return_state=True)
+    report = pd.read_csv(out, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    odd = report[report.PatientID == "MQ0007"].iloc[0]
+    assert "fraction number 0" in odd.Warnings and "negative delivered meterset" in odd.Warnings \
+        and "over 2000" in odd.Warnings, odd.Warnings

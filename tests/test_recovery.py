@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from pydicom import dcmread
 
@@ -194,6 +195,14 @@ def test_export_plain_and_pseudonymized_leaves_the_backup_as_it_was(
     assert again.is_failed() and "exists" in str(again.message)
 
 
+def text_of(html: str) -> str:
+    """The words of a page as a reader sees them: tags out, spaces folded."""
+    import re
+    from html import unescape
+
+    return " ".join(unescape(re.sub(r"<[^>]+>", " ", html)).split())
+
+
 def test_the_downtime_pack_holds_each_treated_patient_and_a_failed_build_keeps_the_last(
         make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
     from demo.synthetic import Patient, make_course
@@ -218,10 +227,25 @@ def test_the_downtime_pack_holds_each_treated_patient_and_a_failed_build_keeps_t
     assert sorted(p.name for p in current.iterdir() if p.is_dir()) == ["PCK001", "PCK002"]
     held = {str(dcmread(f).SOPInstanceUID) for f in files_under(current / "PCK001")}
     assert held == uids(*a.context(), a.records[-1]), "plan context and the last record only"
-    sheet = (current / "PCK001" / "sheet.html").read_text(encoding="utf-8")
-    assert "2 / 28" in sheet and "TrueBeam1" in sheet
-    warned = (current / "PCK002" / "sheet.html").read_text(encoding="utf-8")
+    sheet = text_of((current / "PCK001" / "sheet.html").read_text(encoding="utf-8"))
+    report = pd.read_csv(current / f"treatment-report-DEMO-{at(1, 0):%Y-%m-%d}.csv", dtype=str,
+                         keep_default_na=False, encoding="utf-8-sig")
+    row = report[report.PatientID == "PCK001"].iloc[0]
+    last = a.records[-1]
+    for said in ("ID PCK001", "Prescription 56 Gy in 28 fractions of 2 Gy",
+                 "Delivered so far 2 fractions, 4 Gy", "Next fraction 3 of 28",
+                 f"First treatment of the course {at(-1, 9):%Y-%m-%d %H:%M}",
+                 f"as of the newest record it holds: {at(0, 9):%Y-%m-%d %H:%M}",
+                 "Patient setup HFS, ISOCENTRIC; devices: VACUUM_MOLD Vac-Lok 1",
+                 "Plan approval APPROVED by", "1 Field 1 PHOTON 6 TrueBeam1 100 100 NORMAL",
+                 # the same facts as the report where they overlap
+                 f"Next fraction {int(row.CurrentFraction) + 1} of {row.FractionsPlanned}",
+                 f"Last treatment {row.LastTreatment}", f"Machine {row.Machine}"):
+        assert said in sheet, (said, sheet)
+    assert str(last.TreatmentSessionBeamSequence[0].DeliveredPrimaryMeterset) == "100.0"
+    warned = text_of((current / "PCK002" / "sheet.html").read_text(encoding="utf-8"))
     assert "fraction 3 is beyond the 2 planned" in warned
+    assert "STOP: fraction 4 is beyond the 2 planned" in warned, warned
     assert (current / f"treatment-report-DEMO-{at(1, 0):%Y-%m-%d}.csv").exists()
 
     site.backup.stop()  # the backup is down at the next build

@@ -57,7 +57,8 @@ def build_clinic() -> tuple[Clinic, dict[tuple[str, str], dict[str, object]]]:
     c.deliver(s, p, 1, 10, at8(11))  # days 11..20: mid-course
     truth[("R001", "PROSTATE")] = dict(CurrentFraction=10, FractionsPlanned=28,
                                        FractionsRemaining=18, SessionsInWindow=7,
-                                       Status="on treatment", PatientName="Doe, Jane")
+                                       Status="on treatment", PatientName="Doe, Jane",
+                                       FirstTreatment="2026-11-11 08:00")  # the course's
     s, p = c.plan("R002", "Smith^John", "p", "LUNG", 25)
     c.deliver(s, p, 21, 25, at8(14))  # last fraction on the 18th: stays in the report
     truth[("R002", "LUNG")] = dict(CurrentFraction=25, FractionsRemaining=0, SessionsInWindow=5,
