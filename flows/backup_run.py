@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
+from pathlib import Path
 
 from prefect import State, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -53,6 +54,7 @@ class BackupSummary:
     unproven: list[str] = field(default_factory=list)  # what no query could prove absent
     continuity: list[str] = field(default_factory=list)  # fraction gaps in the backup
     continuity_unproven: str = ""  # why fraction continuity could not be checked
+    downtime_pack: str = ""  # what the refresh of the downtime pack after the run did
     verified_uids: list[str] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, object]:
@@ -192,6 +194,8 @@ def final_state(summary: BackupSummary) -> State:
         ("Completed", "nothing new"))
     if context_incomplete:
         caveats.append(f"plan-context backfill {summary.plan_context}")
+    if summary.downtime_pack.startswith("not refreshed"):
+        caveats.append(f"downtime pack {summary.downtime_pack}")
     if summary.continuity:
         shown = "; ".join(summary.continuity[:SHOW_FAILED])
         return Completed(name=FRACTION_GAPS, data=summary.as_dict(), message=(
@@ -305,6 +309,32 @@ def backfill_context(lane: OpenLane, summary: BackupSummary, record_uids: list[s
         get_run_logger().warning("site %s: plan-context backfill %s", site, summary.plan_context)
 
 
+def refresh_pack(lane: OpenLane, summary: BackupSummary, now: datetime | None = None) -> None:
+    """Refresh the downtime pack for the patients this run (or an earlier one since the pack
+    was built) verified something of, so that sheets show the morning's fractions when the
+    R&V is lost at 14:00. A subflow: its failure is noted and logged, never raised (the
+    records are safe; the last good pack stays, and its sheets say how old they are)."""
+    from flows.downtime_pack import downtime_pack
+    from radonc_backup.downtime_pack import CURRENT, built_at
+
+    settings = lane.site.settings
+    root = Path(settings.downtime_pack_dir or lane.site.state_dir / "downtime-packs")
+    if not settings.downtime_pack_refresh or not summary.verified_uids \
+            or built_at(root / CURRENT) is None:  # none yet: the nightly build makes the first
+        return
+    state = downtime_pack(site=lane.ref.site, backup=lane.ref.backup, config=lane.ref.config,
+                          now=now, refresh=True, return_state=True)
+    if state.is_completed():
+        done = state.result()
+        summary.downtime_pack = (f"refreshed {done['refreshed']} patient(s): {done['pack']}"
+                                 if done.get("refreshed") else
+                                 "no pack yet" if not done.get("pack") else "unchanged")
+    else:
+        summary.downtime_pack = f"not refreshed ({state.name}: {state.message})"
+        get_run_logger().warning("site %s: downtime pack %s", lane.ref.site,
+                                 summary.downtime_pack)
+
+
 def retry_incomplete_before(lane: OpenLane, now: datetime | None) -> datetime:
     """Incomplete plan contexts last walked before this are walked again by an incremental."""
     return (now or utc_now()) - timedelta(minutes=lane.site.settings.context_retry_minutes)
@@ -324,6 +354,7 @@ def _report(flow_name: str, s: BackupSummary) -> str:
         f"{s.already_in_backup} | {s.moved} | {s.verified} | {s.failed} |",
         "",
         f"Watermark (UTC): {s.watermark or 'unchanged'}",
+        *(["", f"Downtime pack: {s.downtime_pack}"] if s.downtime_pack else []),
     ]
     if s.peer_notes:
         lines += ["", "## What the R&V made this run do", "", *[f"- {n}" for n in s.peer_notes]]

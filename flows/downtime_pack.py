@@ -22,7 +22,8 @@ from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from flows.treatment_report import treatment_report
 from radonc_backup.config import load_site
-from radonc_backup.downtime_pack import CURRENT, build
+from radonc_backup.downtime_pack import CURRENT, build, built_at
+from radonc_backup.ledger import Ledger
 from radonc_backup.errors import BackupIncomplete
 from radonc_backup.windows import utc_now, wall
 from tasks.recovery import backup_of
@@ -31,8 +32,12 @@ from tasks.recovery import backup_of
 @flow(name="downtime-pack", log_prints=False, **RUN_HOOKS)
 def downtime_pack(site: str, days: int | None = None, folder: str | None = None,
                   keep: int = 2, backup: str | None = None, config: str | None = None,
-                  now: datetime | None = None) -> dict[str, object]:
+                  now: datetime | None = None, refresh: bool = False) -> dict[str, object]:
     """Build the downtime pack of every patient treated in the last ``days`` days.
+
+    ``refresh`` (after each incremental run): only the patients with an instance verified in
+    the backup since the last good pack began are made anew, the others linked from it; with
+    no pack yet, or nothing new, nothing is built.
 
     Args:
         site: Site name, a table of the sites file (e.g. UCLA).
@@ -42,13 +47,27 @@ def downtime_pack(site: str, days: int | None = None, folder: str | None = None,
         backup: Backup target alias of the site (empty: the site's default_backup).
         config: Sites TOML file (empty: $RADONC_BACKUP_CONFIG, else config/environments.toml).
         now: Replay as if it were this time; leave empty in production.
+        refresh: Make anew only the patients with something verified since the last pack.
     """
     started = time.monotonic()
+    began = utc_now().astimezone(timezone.utc).replace(microsecond=0)
     cfg = load_site(site, config)
     local = wall((now or utc_now()).astimezone(timezone.utc), cfg.tz)
     end = local.date()
     days = days or cfg.settings.downtime_pack_days
     root = Path(folder or cfg.settings.downtime_pack_dir or cfg.state_dir / "downtime-packs")
+    patients: set[str] | None = None
+    if refresh:
+        last = built_at(root / CURRENT)
+        if last is None:
+            get_run_logger().info("site %s: no downtime pack to refresh yet in %s (the nightly "
+                                  "build makes the first)", site, root)
+            return {"site": site, "refreshed": 0, "pack": "", "current": str(root / CURRENT)}
+        patients = Ledger.for_state_dir(cfg.state_dir).patients_verified_since(
+            site, last.isoformat())
+        if not patients:
+            return {"site": site, "refreshed": 0, "pack": str((root / CURRENT).resolve()),
+                    "current": str(root / CURRENT)}
     # The day's report (names, birth dates) is written beside the pack only: its working
     # copy is removed however the run ends.
     with tempfile.TemporaryDirectory(prefix="downtime-report-") as work:
@@ -63,11 +82,13 @@ def downtime_pack(site: str, days: int | None = None, folder: str | None = None,
         rows = pd.read_csv(report_csv, dtype=str, keep_default_na=False, encoding="utf-8-sig")
         pack = build(backup_of(site, backup, config), rows, root,
                      f"{site}-{local:%Y%m%d-%H%M%S}", site,
-                     [report_csv, report_csv.with_suffix(".html")], local, keep)
+                     [report_csv, report_csv.with_suffix(".html")], local, keep,
+                     refresh=patients, started=began)
     seconds = time.monotonic() - started
     summary: dict[str, object] = {
         "site": site, "pack": str(pack.folder), "current": str(root / CURRENT),
-        "patients": pack.patients, "files": pack.files, "MB": round(pack.bytes / 1e6, 2),
+        "patients": pack.patients, "refreshed": pack.refreshed, "linked": pack.linked,
+        "files": pack.files, "MB": round(pack.bytes / 1e6, 2),
         "seconds": round(seconds, 1)}
     create_markdown_artifact(key=artifact_key("downtime-pack", site), markdown=(
         f"# Downtime pack: site {site}\n\n{pack.patients} patient(s) treated in the last "

@@ -15,7 +15,7 @@ from prefect import State, flow, get_run_logger
 
 from flows import naming
 from flows.backup_run import backfill_context, catch_up_days, catch_up_note, final_state, \
-    raise_if_incomplete, run_backup
+    raise_if_incomplete, refresh_pack, run_backup
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from radonc_backup.lane import OpenLane, open_lane
@@ -69,6 +69,7 @@ def _incremental(lane: OpenLane, now: datetime | None, backfill: bool) -> State:
                              catch_up=catch_up_note(catch_up) if catch_up else "")
         if backfill:
             backfill_context(lane, summary, summary.verified_uids, now)
+    refresh_pack(lane, summary, now)
     raise_if_incomplete(summary)
     return final_state(summary)
 

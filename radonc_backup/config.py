@@ -315,6 +315,9 @@ class Settings(_Strict):
     network; default <state_dir>/downtime-packs); ``current`` points at the last good one."""
     downtime_pack_days: int = Field(default=7, ge=1, le=120)
     """The pack holds every patient treated in this many last days."""
+    downtime_pack_refresh: bool = True
+    """After each incremental run that verified something, refresh the pack for the patients
+    with an instance verified since it was built (the nightly build makes the first pack)."""
 
 
 class Notify(_Strict):

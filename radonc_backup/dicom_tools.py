@@ -360,6 +360,34 @@ def cmd_acknowledge(args: argparse.Namespace, site: Site | None) -> int:
     return OK
 
 
+def cmd_pack_status(args: argparse.Namespace, site: Site | None) -> int:
+    """Where the last good downtime pack is and how old: the runbook's first step when the R&V
+    is down (no network, no Prefect needed)."""
+    from datetime import timezone
+
+    from .downtime_pack import status
+
+    if site is None:
+        raise UsageError("downtime-pack needs --site")
+    root = Path(site.settings.downtime_pack_dir or site.state_dir / "downtime-packs")
+    found = status(root)
+    if found.folder is None:
+        emit(args, f"site {site.name}: no downtime pack in {root} (build one: python -m "
+                   f"flows.downtime_pack --site {site.name})", {"site": site.name, "pack": None})
+        return REFUSED
+    age = ""
+    if found.built is not None:
+        minutes = (datetime.now(timezone.utc) - found.built).total_seconds() / 60
+        age = f", built {found.built:%Y-%m-%d %H:%M} UTC ({minutes:.0f} min ago)"
+    emit(args, f"site {site.name}: downtime pack {found.folder}{age}; sheets of "
+               f"{found.patients} patient(s), newest record {found.as_of or 'none'} (site time): "
+               f"open <patient>/sheet.html", {
+                   "site": site.name, "pack": str(found.folder),
+                   "built_utc": found.built.isoformat() if found.built else None,
+                   "patients": found.patients, "as_of": found.as_of})
+    return OK
+
+
 def _common(parser: argparse.ArgumentParser, peer: bool = True) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -433,6 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     ack.add_argument("--note", required=True, help="why (kept with the acknowledgement)")
     ack.add_argument("--by", help="who acknowledges (default: the login name)")
     ack.set_defaults(run=cmd_acknowledge)
+    pack = commands.add_parser(
+        "downtime-pack", help="where the last good downtime pack is, how old, how fresh its "
+                              "sheets are (R&V down: the first step)")
+    _common(pack, peer=False)
+    pack.set_defaults(run=cmd_pack_status)
     return parser
 
 

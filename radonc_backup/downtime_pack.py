@@ -23,11 +23,12 @@ from pydicom.dataset import Dataset
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from .backup_target import HeldInstance, OrthancBackup
-from .export import safe, write_items
+from .export import held_path, safe, write_items
 from .report_facts import MADE_BY_US
 from .restore import kind_of
 from .treatment_sheet import PlanSheet, plan_sheet
 
+STAMP = "built-utc.txt"  # in each pack: when its build began (UTC), for refreshes and status
 _ENV = Environment(loader=PackageLoader("radonc_backup", "templates"),
                    autoescape=select_autoescape(["html", "j2"]))
 CURRENT = "current"
@@ -39,6 +40,8 @@ class Pack:
     patients: int = 0
     files: int = 0
     bytes: int = 0
+    refreshed: int = 0  # patients whose folder was made anew (the others linked from the last)
+    linked: int = 0  # files linked from the last good pack instead of read from the backup
 
 
 def course_of(ds: Dataset) -> str:
@@ -101,15 +104,89 @@ def sheet(rows: list[dict[str, object]], courses: list[tuple[dict[str, object], 
         generated=f"{generated:%Y-%m-%d %H:%M}")
 
 
+def _link_tree(old: Path, new: Path) -> tuple[int, int]:
+    """``old`` copied to ``new`` as hard links (the same files, no bytes read or written)."""
+    files = size = 0
+    for path in old.rglob("*"):
+        if path.is_file():
+            target = new / path.relative_to(old)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+            files, size = files + 1, size + path.stat().st_size
+    return files, size
+
+
+def _write_or_link(backup: OrthancBackup, items: list[HeldInstance], into: Path,
+                   last: Path | None, pack: Pack) -> tuple[int, int]:
+    """Each item's file under ``into``: linked from the last good pack when it holds it (an
+    instance's file never changes), else read from the backup."""
+    files = size = 0
+    fetch = []
+    for item in items:
+        old = last / held_path(item) if last is not None else None
+        if old is not None and old.is_file():
+            target = into / held_path(item)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(old, target)
+            files, size, pack.linked = files + 1, size + old.stat().st_size, pack.linked + 1
+        else:
+            fetch.append(item)
+    written, more = write_items(backup, fetch, into)
+    return files + written, size + more
+
+
+def built_at(pack: Path) -> datetime | None:
+    """When the build of ``pack`` (or of the pack ``current`` points at) began, UTC."""
+    try:
+        return datetime.fromisoformat((pack / STAMP).read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class PackStatus:
+    folder: Path | None
+    built: datetime | None
+    patients: int
+    as_of: str  # the newest record on any of its sheets
+
+
+def status(root: Path) -> PackStatus:
+    """Where the last good pack is, when it was built, and how fresh its sheets are."""
+    current = root / CURRENT
+    if not current.is_dir():
+        return PackStatus(None, None, 0, "")
+    folder = current.resolve()
+    sheets = list(folder.glob("*/sheet.html"))
+    newest = ""
+    for path in sheets:
+        text = path.read_text(encoding="utf-8")
+        mark = "as of the newest record it holds: "
+        at = text.find(mark)
+        if at >= 0:
+            newest = max(newest, text[at + len(mark):].split("<", 1)[0].strip())
+    return PackStatus(folder, built_at(folder), len(sheets), newest)
+
+
 def build(backup: OrthancBackup, report: pd.DataFrame, root: Path, name: str, site: str,
-          extra_files: list[Path], generated: datetime, keep: int = 2) -> Pack:
+          extra_files: list[Path], generated: datetime, keep: int = 2,
+          refresh: set[str] | None = None, started: datetime | None = None) -> Pack:
     """Write the pack ``root/name`` and point ``root/current`` at it; keep the ``keep`` newest
-    packs. On any error the partial folder is removed and ``current`` is untouched."""
+    packs. On any error the partial folder is removed and ``current`` is untouched.
+
+    ``refresh``: only these patients' folders are made anew (those whose records a backup run
+    just verified); every other patient's folder is linked from the last good pack when it has
+    one, and the instance files of the refreshed ones too when it holds them. None: every
+    folder is made anew from the backup (the nightly build: nothing is taken on trust)."""
     root.mkdir(parents=True, exist_ok=True)
     final, partial = root / name, root / f"{name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     pack = Pack(final)
+    if started is not None:
+        (partial / STAMP).write_text(started.isoformat(), encoding="ascii")
+    last = (root / CURRENT).resolve() if refresh is not None and (root / CURRENT).is_dir() \
+        else None
     rows = report.astype(object).where(report.notna(), "").to_dict(orient="records")
     try:
         for path in extra_files:
@@ -118,17 +195,23 @@ def build(backup: OrthancBackup, report: pd.DataFrame, root: Path, name: str, si
         for row in rows:
             by_patient.setdefault(str(row["PatientID"]), []).append(row)
         for patient_id, plans in by_patient.items():
-            held = backup.patient_instances(patient_id)
-            context = [i for i in held if kind_of(i.modality) == "context"]
-            read = [(i, backup.read_resource(i.resource_id, i.ref.sop_instance_uid))
-                    for i in held if kind_of(i.modality) == "record"]
-            records = last_records(read)
-            files, size = write_items(backup, context + records, partial)
             folder = partial / safe(patient_id)
-            folder.mkdir(parents=True, exist_ok=True)
-            courses = course_sheets(backup, plans, [ds for _, ds in read])
-            (folder / "sheet.html").write_text(
-                sheet(plans, courses, site, backup.alias, generated), encoding="utf-8")
+            if last is not None and refresh is not None and patient_id not in refresh \
+                    and (last / safe(patient_id) / "sheet.html").is_file():
+                files, size = _link_tree(last / safe(patient_id), folder)
+                pack.linked += files
+            else:
+                held = backup.patient_instances(patient_id)
+                context = [i for i in held if kind_of(i.modality) == "context"]
+                read = [(i, backup.read_resource(i.resource_id, i.ref.sop_instance_uid))
+                        for i in held if kind_of(i.modality) == "record"]
+                files, size = _write_or_link(backup, context + last_records(read), partial,
+                                             last, pack)
+                folder.mkdir(parents=True, exist_ok=True)
+                courses = course_sheets(backup, plans, [ds for _, ds in read])
+                (folder / "sheet.html").write_text(
+                    sheet(plans, courses, site, backup.alias, generated), encoding="utf-8")
+                pack.refreshed += 1
             pack.patients += 1
             pack.files, pack.bytes = pack.files + files, pack.bytes + size
     except BaseException:

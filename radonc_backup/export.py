@@ -41,6 +41,14 @@ def relative_path(ds: Dataset) -> Path:
             / f"{safe(ds.get('SOPInstanceUID'))}.dcm")
 
 
+def held_path(item: HeldInstance) -> Path:
+    """Where ``relative_path`` puts an instance the backup holds, known without reading it."""
+    ref = item.ref
+    return (Path(safe(ref.patient_id)) / safe(ref.study_uid)
+            / f"{safe(item.modality, 'OT')}_{safe(ref.series_uid)}"
+            / f"{safe(ref.sop_instance_uid)}.dcm")
+
+
 @dataclass
 class Exported:
     folder: Path

@@ -295,6 +295,15 @@ class Ledger:
                 out.setdefault((patient, plan), set()).add(int(n))
         return out
 
+    def patients_verified_since(self, site: str, since_utc: str) -> set[str]:
+        """PatientIDs of the site's instances (RT Records and plan context) verified in the
+        backup at or after this instant (ISO, UTC), whatever the source: the patients a
+        downtime pack built before it lacks."""
+        with self._connect() as conn:
+            return {row[0] for row in conn.execute(
+                "SELECT DISTINCT patient_id FROM instances WHERE site=? AND state='verified' "
+                "AND verified_at >= ?", (site, since_utc))}
+
     def at(self, lane: Lane) -> "LaneLedger":
         """This ledger as one lane sees it."""
         return LaneLedger(self, lane)
@@ -403,6 +412,18 @@ class LaneLedger:
                         f"AND backup=? AND sop_instance_uid IN ({marks})",
                         (*self.key, *chunk)):
                     out[uid] = state
+        return out
+
+    def patients_of(self, uids: Iterable[str]) -> set[str]:
+        """The PatientIDs of these UIDs, as the ledger knows them."""
+        wanted = list(dict.fromkeys(uids))
+        out: set[str] = set()
+        with self._connect() as conn:
+            for chunk in _chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                out |= {row[0] for row in conn.execute(
+                    f"SELECT DISTINCT patient_id FROM instances WHERE site=? AND source=? AND "
+                    f"backup=? AND sop_instance_uid IN ({marks})", (*self.key, *chunk))}
         return out
 
     def unverified(self, kind: str = "record") -> list[InstanceRef]:

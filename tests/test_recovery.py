@@ -255,3 +255,50 @@ def test_the_downtime_pack_holds_each_treated_patient_and_a_failed_build_keeps_t
     assert not list(packs.glob("*.partial"))
     assert not list(Path(tempfile.gettempdir()).glob("downtime-report-*")), \
         "the day's report (names, birth dates) is left nowhere but in the pack"
+
+
+def test_an_rv_lost_at_14_leaves_sheets_with_the_mornings_fractions_in_hand_within_minutes(
+        make_site: Callable[..., DemoSite]) -> None:
+    """The nightly pack at 05:30; three patients treated in the morning, an incremental run
+    after each refreshes the pack for them; the R&V is lost at 14:00. From then the runbook's
+    first step (one command, no R&V, no Prefect) names the pack and its age, and each sheet
+    shows the morning's fraction: the next fraction is not given twice. Measured: R&V down to
+    the sheets read, against the 5 minutes ARCS publishes for failover."""
+    import subprocess
+    import sys
+    import time
+
+    from flows.downtime_pack import downtime_pack
+    from flows.incremental_backup import incremental_backup
+
+    site = make_site()
+    courses = [course(f"AM00{n}", at(-3, 8 + n), delivered=3) for n in range(3)]
+    push(site, *[o for c in courses for o in c.all()])
+    assert run(nightly_backup, site, at(0, 5), days=5).is_completed()
+    assert run(downtime_pack, site, at(0, 5, 30), days=7).is_completed()
+
+    for n, c in enumerate(courses):  # the morning: fraction 4 of each, a run after each
+        push(site, c.add_record(at(0, 8 + n)))
+        state = run(incremental_backup, site, at(0, 8 + n, 10))
+        assert state.is_completed(), state.message
+        assert state.result()["downtime_pack"].startswith("refreshed 1 patient(s)"), \
+            state.result()["downtime_pack"]
+
+    site.rv.remove()  # 14:00: the R&V is gone
+    lost = time.monotonic()
+    shown = subprocess.run(
+        [sys.executable, "-m", "radonc_backup.dicom_tools", "downtime-pack", "--site", "DEMO",
+         "--config", str(site.config_path), "--json"], capture_output=True, text=True,
+        timeout=120, check=False)
+    assert shown.returncode == 0, shown.stderr
+    import json
+
+    said = json.loads(shown.stdout)
+    assert said["patients"] == 3 and said["as_of"] == f"{at(0, 10):%Y-%m-%d %H:%M}", said
+    for n, c in enumerate(courses):
+        sheet = text_of((Path(said["pack"]) / f"AM00{n}" / "sheet.html").read_text("utf-8"))
+        assert "Delivered so far 4 fractions" in sheet and "Next fraction 5 of 28" in sheet, sheet
+        assert f"Last treatment {at(0, 8 + n):%Y-%m-%d %H:%M}" in sheet
+    in_hand = time.monotonic() - lost
+    assert in_hand < 300, f"{in_hand:.0f} s from R&V down to sheets in hand"
+    print(f"R&V down to sheets in hand: {in_hand:.1f} s (ARCS publishes 5 minutes)")
