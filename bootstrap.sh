@@ -8,6 +8,11 @@ cd "$(dirname "$0")"
 
 APT_PACKAGES=(orthanc dcmtk dicom3tools unixodbc libsqliteodbc odbc-postgresql postgresql)
 # postgresql and odbc-postgresql: the Mosaiq tests' real database server (refused login, down)
+if [[ "${1:-}" == test ]]; then
+  # The print tests: headless Chromium prints the report and the sheets to PDF, pdftotext reads
+  # them back.
+  APT_PACKAGES+=(chromium poppler-utils fonts-dejavu-core)
+fi
 PYTHON=${PYTHON:-python3}
 
 need_root() { if [[ $(id -u) -ne 0 ]]; then echo "sudo"; fi; }
