@@ -6,7 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(orthanc dcmtk dicom3tools unixodbc libsqliteodbc odbc-postgresql postgresql)
+APT_PACKAGES=(orthanc dcmtk dicom3tools unixodbc libsqliteodbc odbc-postgresql postgresql
+              libicu-dev pkg-config g++ python3-dev)
+# libicu-dev, pkg-config, g++, python3-dev: PyICU (the report's collation) is built from source
+# against Debian's ICU the first time (pip keeps the wheel it built).
 # postgresql and odbc-postgresql: the Mosaiq tests' real database server (refused login, down)
 if [[ "${1:-}" == test ]]; then
   # The print tests: headless Chromium prints the report and the sheets to PDF, pdftotext reads

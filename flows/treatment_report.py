@@ -89,7 +89,8 @@ def treatment_report(site: str, treatment_start_date: date | None = None,
     lost = [UnreadableRecord(rid, reason=why, **known_to_index(target, rid))
             for rid, why in unreadable.items()]
     report = build_report(facts, plans, start, end, lost,
-                          Ledger.for_state_dir(cfg.state_dir).acknowledged_fractions(site))
+                          Ledger.for_state_dir(cfg.state_dir).acknowledged_fractions(site),
+                          cfg.settings.report_locale)
     path = Path(out) if out else PROJECT_ROOT / "reports" / f"treatment-report-{site}-{end}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     # utf-8-sig: Excel reads a CSV without a byte-order mark as cp1252 and garbles 'Müller'.

@@ -307,9 +307,23 @@ class Settings(_Strict):
     report_share: str = ""
     """A folder (e.g. a mounted file share) the treatment report's CSV and print view are also
     copied to; empty: none."""
+    report_locale: str = "en_US"
+    """The locale whose collation orders the treatment report's rows (ICU; e.g. en_US, de_DE,
+    sv_SE, pl_PL): names with Å, Ł, Þ... where its readers look for them, numbers in
+    natural order."""
     report_share_url: str = ""
     """How people open ``report_share`` (e.g. ``file://fileserver/radonc/reports`` or an
     intranet URL); the report's summary links the copies there."""
+
+    @field_validator("report_locale")
+    @classmethod
+    def _known_locale(cls, value: str) -> str:
+        from .collation import known_locale
+
+        if not known_locale(value):
+            raise ValueError(f"report_locale {value!r} is not a locale ICU has a collation "
+                             "for (e.g. en_US, de_DE, sv_SE, pl_PL)")
+        return value
     downtime_pack_dir: str = ""
     """Where the downtime packs go (a local disk the treatment rooms can reach without the
     network; default <state_dir>/downtime-packs); ``current`` points at the last good one."""

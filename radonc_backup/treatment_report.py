@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .collation import sort_key
 from .continuity import gap_warning
 from .report_facts import PlanFacts, RecordFacts
 
@@ -175,7 +176,8 @@ class UnreadableRecord:
 
 def build_report(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date,
                  end: date, unreadable: Iterable[UnreadableRecord] = (),
-                 acknowledged: dict[tuple[str, str], set[int]] | None = None) -> pd.DataFrame:
+                 acknowledged: dict[tuple[str, str], set[int]] | None = None,
+                 locale: str = "en_US") -> pd.DataFrame:
     """One row per patient per course (plan or prescription) with a session from ``start`` to
     ``end``.
 
@@ -186,7 +188,8 @@ def build_report(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date
     record gets a row of its own (status ``record unreadable``): its patient's fraction count
     may be short, and a report that silently left it out could show a wrong fraction.
     ``acknowledged``: (patient, plan) -> fractions an operator said will never be in the backup
-    (the ledger's); fraction continuity does not warn of them.
+    (the ledger's); fraction continuity does not warn of them. Rows are ordered by patient name,
+    then plan label, in ``locale``'s collation (ICU, numbers in natural order).
     """
     lost = [{"PatientID": u.patient_id, "PatientName": u.patient_name, "Status": UNREADABLE,
              "Warnings": f"RT Record {u.sop_instance_uid or u.resource_id} could not be read "
@@ -198,8 +201,9 @@ def build_report(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date
         report = pd.concat([report, extra], ignore_index=True) if len(report) else extra
     for column in ("CurrentFraction", "FractionsPlanned", "FractionsRemaining"):
         report[column] = report[column].astype("Int64")
+    order = sort_key(locale)  # the site's collation, numbers in natural order
     return report.sort_values(["PatientName", "RTPlanLabel"],
-                              key=lambda c: c.fillna("").str.casefold(),
+                              key=lambda c: c.fillna("").astype(str).map(order),
                               kind="stable").reset_index(drop=True)
 
 

@@ -16,6 +16,7 @@ from demo.site import DemoSite
 from demo.synthetic import Patient, Study, make_image_series, make_rtplan, make_rtstruct, \
     make_treatment_record, to_bytes
 from flows.treatment_report import treatment_report
+from radonc_backup.collation import sort_key
 from radonc_backup.report_facts import readable_name
 from radonc_backup.treatment_report import COLUMNS
 
@@ -139,7 +140,7 @@ def test_report_from_the_backup_alone_matches_the_truth(make_site: Callable[...,
     assert by_key[("R004", "?")]["Warnings"] == "plan not in the backup"
     assert by_key[("R004", "?")]["FractionsPlanned"] == "15"  # from the record itself
     names = [r["PatientName"] for r in rows]
-    assert names == sorted(names, key=str.casefold)
+    assert names == sorted(names, key=sort_key("en_US"))  # the site's locale (the default)
     assert list(rows[0]) == COLUMNS
     assert COLUMNS[:12] == ["PatientID", "PatientName", "RTPlanLabel", "Machine",
                             "CurrentFraction", "FractionsPlanned", "FractionsRemaining",
@@ -367,3 +368,32 @@ def test_a_fraction_missing_from_the_backup_is_named_in_the_warnings(
     (row,) = read_csv(tmp_path / "report.csv")
     assert row["CurrentFraction"] == "5"
     assert "fraction(s) 4 not in the backup" in row["Warnings"]
+
+
+def test_rows_are_in_the_order_of_the_sites_locale_with_numbers_in_natural_order() -> None:
+    """Code-point order put Å and Ł after Z and "Bob15" before "Bob7". In en_US Å sorts with A
+    and Ł with L; in sv_SE Å comes after Z, as a Swedish reader looks for it; the locale is
+    the site's ``report_locale``, and one ICU does not know is refused by the config."""
+    import pytest
+    from pydantic import ValidationError
+
+    from radonc_backup.config import Settings
+    from radonc_backup.report_facts import RecordFacts
+    from radonc_backup.treatment_report import build_report, facts_frame
+
+    names = ["Zeller, Ann", "Åberg, Li", "Łukasiewicz, Jan", "Bob15, X", "Bob7, X", "Þórsson, Ari",
+             "李, 明", "adams, Amy"]
+    facts = [RecordFacts(f"1.2.{n}", f"P{n}", name, "", "", "", f"1.3.{n}", "LA1",
+                         "2026-11-20T08:00:00", 1, 5, course=f"1.3.{n}")
+             for n, name in enumerate(names)]
+    day = date(2026, 11, 20)
+
+    def order(locale: str) -> list[str]:
+        return list(build_report(facts_frame(facts), {}, day, day, locale=locale).PatientName)
+
+    assert order("en_US") == ["Åberg, Li", "adams, Amy", "Bob7, X", "Bob15, X",
+                              "Łukasiewicz, Jan", "Zeller, Ann", "Þórsson, Ari", "李, 明"]
+    assert order("sv_SE").index("Åberg, Li") > order("sv_SE").index("Zeller, Ann")
+    assert Settings(report_locale="pl_PL").report_locale == "pl_PL"
+    with pytest.raises(ValidationError, match="report_locale 'xx_QQ'"):
+        Settings(report_locale="xx_QQ")
