@@ -111,8 +111,9 @@ class FactCache:
 
     def courses(self, start: date, end: date, only: Iterable[str] | None = None,
                 ) -> pd.DataFrame:
-        """Every dated record up to ``end`` of each course (patient and plan) with a session
-        from ``start`` to ``end``: all the report needs, however many records the cache holds.
+        """Every dated record of each course (patient and plan) with a session from ``start``
+        to ``end`` (those after ``end`` too: the report counts up to ``end`` and names records
+        dated in the future): all it needs, however many records the cache holds.
         ``only``: resource IDs to keep to (a narrowed listing)."""
         listed = ""
         with self._connect() as conn:
@@ -126,8 +127,7 @@ class FactCache:
             frame = pd.read_sql_query(
                 f"SELECT {', '.join('r.' + f for f in FIELDS)}, r.day FROM treated t "
                 "JOIN records r ON r.patient_id = t.patient_id AND r.course = t.course "
-                "AND r.day <> '' AND r.day <= ?" + listed.replace("resource_id", "r.resource_id"),
-                conn, params=(end.isoformat(),))
+                "AND r.day <> ''" + listed.replace("resource_id", "r.resource_id"), conn)
         frame["warnings"] = [() if text == "[]" else tuple(json.loads(text))
                              for text in frame["warnings"]]
         return frame
@@ -177,7 +177,7 @@ class UnreadableRecord:
 def build_report(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date,
                  end: date, unreadable: Iterable[UnreadableRecord] = (),
                  acknowledged: dict[tuple[str, str], set[int]] | None = None,
-                 locale: str = "en_US") -> pd.DataFrame:
+                 locale: str = "en_US", today: date | None = None) -> pd.DataFrame:
     """One row per patient per course (plan or prescription) with a session from ``start`` to
     ``end``.
 
@@ -195,7 +195,8 @@ def build_report(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date
              "Warnings": f"RT Record {u.sop_instance_uid or u.resource_id} could not be read "
                          f"from the backup ({u.reason}): this patient's fractions may be "
                          "incomplete"} for u in unreadable]
-    report = _course_rows(records, plans, start, end, acknowledged or {})
+    report = _course_rows(records, plans, start, end, acknowledged or {},
+                          today or date.today())
     if lost:
         extra = pd.DataFrame(lost, columns=COLUMNS)
         report = pd.concat([report, extra], ignore_index=True) if len(report) else extra
@@ -232,7 +233,8 @@ def latest_of_sessions(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def _course_rows(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date,
-                 end: date, acknowledged: dict[tuple[str, str], set[int]]) -> pd.DataFrame:
+                 end: date, acknowledged: dict[tuple[str, str], set[int]],
+                 today: date) -> pd.DataFrame:
     if records.empty:
         return pd.DataFrame(columns=COLUMNS)
     keys = ["patient_id", "course"]
@@ -254,6 +256,13 @@ def _course_rows(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date
     fractions = records.merge(latest.index.to_frame(index=False), on=keys).groupby(
         keys, sort=False)["fraction"].agg(
         lambda fs: [int(f) for f in pd.to_numeric(fs, errors="coerce").dropna()])
+    # A record dated after today (a recording system's clock, a typing error) is not counted
+    # up to the end date, and would hide a delivered fraction: each is named on its row.
+    ahead = records[(records["day"] != "") & (records["day"] > today.isoformat())]
+    future: dict[tuple[str, str], list[str]] = {}
+    for _, r in ahead.iterrows():
+        future.setdefault((r["patient_id"], r["course"]), []).append(
+            f"fraction {r['fraction'] if pd.notna(r['fraction']) else '?'} on {r['day']}")
     rows = []
     for key, row in latest.iterrows():
         patient_id, plan_uid = key[0], row["plan_uid"]
@@ -262,6 +271,9 @@ def _course_rows(records: pd.DataFrame, plans: dict[str, PlanFacts], start: date
         warnings = list(course_warnings[key])
         if plan_uid and plan is None:
             warnings.append("plan not in the backup")
+        if key in future:
+            warnings.append("record(s) dated in the future, not counted: "
+                            + ", ".join(sorted(future[key])))
         gap = gap_warning(fractions[key], acknowledged.get(key, ()))
         if gap:
             warnings.append(gap)

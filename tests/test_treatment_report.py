@@ -397,3 +397,17 @@ def test_rows_are_in_the_order_of_the_sites_locale_with_numbers_in_natural_order
     assert Settings(report_locale="pl_PL").report_locale == "pl_PL"
     with pytest.raises(ValidationError, match="report_locale 'xx_QQ'"):
         Settings(report_locale="xx_QQ")
+
+
+def test_a_record_dated_in_the_future_is_named_on_its_row() -> None:
+    """A recording system's clock a day ahead: fraction 6 dated tomorrow is not counted up to
+    today, and the row says so instead of quietly showing fraction 5."""
+    from radonc_backup.report_facts import RecordFacts
+    from radonc_backup.treatment_report import build_report, facts_frame
+
+    facts = [RecordFacts(f"1.2.{n}", "FUT1", "Ahead, Al", "", "", "", "1.3.1", "LA1",
+                         f"2026-11-{15 + n}T08:00:00", n, 25, course="1.3.1") for n in range(1, 7)]
+    today = date(2026, 11, 20)
+    row = build_report(facts_frame(facts), {}, today, today, today=today).iloc[0]
+    assert row.CurrentFraction == 5
+    assert "record(s) dated in the future, not counted: fraction 6 on 2026-11-21" in row.Warnings
