@@ -29,6 +29,15 @@ from radonc_backup.windows import utc_now, wall
 from tasks.recovery import backup_of
 
 
+def kept(root: Path) -> str:
+    """Which pack stays in use after a failed build, and from when."""
+    last = built_at(root / CURRENT)
+    if last is None:
+        return f"and there is no earlier pack in {root}"
+    return (f"the last good pack {(root / CURRENT).resolve()} (built {last:%Y-%m-%d %H:%M} UTC) "
+            "is kept")
+
+
 @flow(name="downtime-pack", log_prints=False, **RUN_HOOKS)
 def downtime_pack(site: str, days: int | None = None, folder: str | None = None,
                   keep: int = 2, backup: str | None = None, config: str | None = None,
@@ -76,14 +85,17 @@ def downtime_pack(site: str, days: int | None = None, folder: str | None = None,
                                   end_date=end, out=str(report_csv), backup=backup,
                                   config=config, return_state=True)
         if not report.is_completed():
-            raise BackupIncomplete(f"site {site}: downtime pack not built, the last good pack "
-                                   f"({root / CURRENT}) is kept: the treatment report "
-                                   f"{report.name}: {report.message}")
+            raise BackupIncomplete(f"site {site}: downtime pack not built, {kept(root)}: the "
+                                   f"treatment report {report.name}: {report.message}")
         rows = pd.read_csv(report_csv, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-        pack = build(backup_of(site, backup, config), rows, root,
-                     f"{site}-{local:%Y%m%d-%H%M%S}", site,
-                     [report_csv, report_csv.with_suffix(".html")], local, keep,
-                     refresh=patients, started=began)
+        try:
+            pack = build(backup_of(site, backup, config), rows, root,
+                         f"{site}-{local:%Y%m%d-%H%M%S}", site,
+                         [report_csv, report_csv.with_suffix(".html")], local, keep,
+                         refresh=patients, started=began)
+        except Exception as exc:
+            raise BackupIncomplete(f"site {site}: downtime pack not built, {kept(root)}: "
+                                   f"{exc}") from exc
     seconds = time.monotonic() - started
     summary: dict[str, object] = {
         "site": site, "pack": str(pack.folder), "current": str(root / CURRENT),

@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from .backup_target import HeldInstance, OrthancBackup
-from .export import held_path, safe, write_items
+from .export import held_path, make_private, patient_folder, write_items
 from .report_facts import MADE_BY_US
 from .restore import kind_of
 from .treatment_sheet import PlanSheet, plan_sheet
@@ -195,10 +195,10 @@ def build(backup: OrthancBackup, report: pd.DataFrame, root: Path, name: str, si
         for row in rows:
             by_patient.setdefault(str(row["PatientID"]), []).append(row)
         for patient_id, plans in by_patient.items():
-            folder = partial / safe(patient_id)
+            folder = partial / patient_folder(patient_id)
             if last is not None and refresh is not None and patient_id not in refresh \
-                    and (last / safe(patient_id) / "sheet.html").is_file():
-                files, size = _link_tree(last / safe(patient_id), folder)
+                    and (last / patient_folder(patient_id) / "sheet.html").is_file():
+                files, size = _link_tree(last / patient_folder(patient_id), folder)
                 pack.linked += files
             else:
                 held = backup.patient_instances(patient_id)
@@ -217,6 +217,7 @@ def build(backup: OrthancBackup, report: pd.DataFrame, root: Path, name: str, si
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    make_private(partial)
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     link = root / f".{CURRENT}.new"

@@ -13,6 +13,7 @@ suffix is never half written.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import shutil
@@ -34,9 +35,21 @@ def safe(name: object, fallback: str = "unknown") -> str:
     return text[:64] or fallback
 
 
+def patient_folder(patient_id: object) -> str:
+    """One folder per patient whatever the ID: the ID itself when it is already a safe name,
+    else its safe form with a short digest of the real ID (``C3/X1``, ``C3_X1`` and ``C3 X1``
+    are three folders, never one). The real ID is on the sheet and in every file."""
+    real = str(patient_id or "")
+    name = safe(real)
+    if name == real:
+        return name
+    return f"{name[:55]}-{hashlib.sha256(real.encode('utf-8')).hexdigest()[:8]}"
+
+
 def relative_path(ds: Dataset) -> Path:
-    """``<PatientID>/<StudyInstanceUID>/<Modality>_<SeriesInstanceUID>/<SOPInstanceUID>.dcm``"""
-    return (Path(safe(ds.get("PatientID"))) / safe(ds.get("StudyInstanceUID"))
+    """``<patient folder>/<StudyInstanceUID>/<Modality>_<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
+    (the patient folder: ``patient_folder``)."""
+    return (Path(patient_folder(ds.get("PatientID"))) / safe(ds.get("StudyInstanceUID"))
             / f"{safe(ds.get('Modality'), 'OT')}_{safe(ds.get('SeriesInstanceUID'))}"
             / f"{safe(ds.get('SOPInstanceUID'))}.dcm")
 
@@ -44,9 +57,19 @@ def relative_path(ds: Dataset) -> Path:
 def held_path(item: HeldInstance) -> Path:
     """Where ``relative_path`` puts an instance the backup holds, known without reading it."""
     ref = item.ref
-    return (Path(safe(ref.patient_id)) / safe(ref.study_uid)
+    return (Path(patient_folder(ref.patient_id)) / safe(ref.study_uid)
             / f"{safe(item.modality, 'OT')}_{safe(ref.series_uid)}"
             / f"{safe(ref.sop_instance_uid)}.dcm")
+
+
+def make_private(root: Path) -> None:
+    """Patient data for its owner alone: folders 0700, files 0600 (the pack's and the export's
+    files hold names, birth dates and treatment)."""
+    root.chmod(0o700)
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod(0o700 if path.is_dir() else 0o600)
 
 
 @dataclass
@@ -101,8 +124,10 @@ def export(backup: OrthancBackup, items: list[HeldInstance], folder: Path,
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    make_private(partial)
     partial.rename(folder)
     out = Exported(folder, files, size)
     if zip_it:
         out.archive = Path(shutil.make_archive(str(folder), "zip", root_dir=folder))
+        out.archive.chmod(0o600)
     return out

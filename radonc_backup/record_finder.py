@@ -16,7 +16,9 @@ not wait for the peer to say so:
   remembered in the ledger; a part whose count reaches the whole's is checked in turn.
 - what can be split: a date window into time ranges, a date range (TreatmentDate, StudyDate)
   into halves down to a day and then into time ranges, an undated query ("everything") into
-  date ranges. A SERIES-level answer cannot be split: it fails at a known cap.
+  date ranges. A SERIES-level answer cannot be split: it fails at a known cap; a study's
+  record series as many as the largest SERIES answer are checked against the study's series of
+  every modality (more prove them whole; as many leave them unproven).
 - records a capped answer may hide and no part can show (no TreatmentDate, or no TreatmentTime
   in a day split into time ranges) are named as unproven, never called complete.
 
@@ -622,12 +624,30 @@ class RecordFinder:
                 if parts is not None:
                     self.checks += len(parts)
                     pending[:0] = [(p, _Check(n, frozenset(uids))) for p in parts]
+                elif level == "SERIES" and base.get("Modality") == "RTRECORD" and not cap:
+                    self._series_floor(base, n, what, patient_id)
                 elif check is not None and n >= 2 and not cap:
                     # Every match of a doubted answer sits in one instant no key can split: a
                     # silent cap there can be neither shown nor ruled out.
                     self._cannot_check(what, part, n, patient_id, "its matches share one date "
                                        "and time")
         return list(out.values())
+
+    def _series_floor(self, base: dict[str, object], n: int, what: str,
+                      patient_id: str) -> None:
+        """A study's record series, as many as the largest SERIES answer the peer ever gave:
+        no key splits a SERIES query, so the study's series of every modality are asked once.
+        No answer is longer than the cap: more of them prove the record series' answer whole
+        (and lift the count below which no SERIES answer needs this); as many leave it
+        unproven, never taken as whole."""
+        self.checks += 1
+        wider, _ = self._ask(identifier("SERIES", **{**base, "Modality": ""}))
+        self.memory.saw("SERIES", len(wider))
+        if len(wider) <= n:
+            self._unproven(f"{self.client.peer.label}: {what}: {n} record series, as many as "
+                           "the largest SERIES answer the peer ever gave, and the study holds "
+                           "no more series of any kind: whether the peer cut them cannot be "
+                           "shown" + (f" (patient {patient_id})" if patient_id else ""))
 
     def _cannot_check(self, what: str, part: Slice, n: int, patient_id: str, why: str) -> None:
         """A part that held every match of the answer it was to check, and that cannot be

@@ -408,3 +408,31 @@ def test_record_answers_shorter_than_a_listed_ct_need_no_check_and_unchecked_one
     # One SERIES and one IMAGE query a study, no part asked again.
     assert server.finds.count("SERIES") == 3 and server.finds.count("IMAGE") == 3, server.finds
     assert site.backup.sop_instance_uids() >= uids(*[o for c in courses for o in c.all()])
+
+
+def test_a_studys_record_series_as_many_as_the_largest_answer_are_checked_not_trusted() -> None:
+    """No key splits a SERIES query. A study's record series as many as the largest SERIES
+    answer the peer gave: asked once more for the study's series of every modality. More
+    series there (the CT, plan, structure set, dose) prove the answer whole; a study of record
+    series only, cut by a silent cap nobody configured, is named unproven, never whole."""
+    from demo.synthetic import make_treatment_record
+    from radonc_backup.dicom_net import DicomClient, Peer, Timeouts
+
+    whole = course("SF1", at(-1, 8), delivered=2)  # two records, one record series
+    cut = course("SF2", at(-1, 9))
+    many = [make_treatment_record(cut.study, cut.plan, n, at(-5 + n, 9),
+                                  series_uid=f"{cut.study.uid}.{n}") for n in range(1, 5)]
+    for objects, cap, patient, expect_unproven in (
+            ([*whole.all()], 0, "SF1", False), (many, 3, "SF2", True)):
+        server = StrictQRSCP("SERIES_RV", objects, {}, cap=cap, hierarchical_only=True)
+        with server:
+            client = DicomClient("DEMO", "RADONC_BACKUP",
+                                 Peer(server.aet, "127.0.0.1", server.port), Timeouts(5, 20, 10, 3))
+            memory = CapMemory()
+            found = RecordFinder(client, True, memory, DAY.date()).of_patients([patient])
+        assert bool(found.unproven) is expect_unproven, found.unproven
+        if expect_unproven:
+            assert "the study holds no more series of any kind" in found.unproven[0]
+        else:
+            assert memory.largest["SERIES"] >= 4  # CT, structure set, plan, dose, records
+            assert {r.sop_instance_uid for r in found.refs} == uids(*whole.records)

@@ -4,6 +4,7 @@ to a third Orthanc standing in for the rebuilt R&V."""
 from __future__ import annotations
 
 import io
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -251,6 +252,8 @@ def test_the_downtime_pack_holds_each_treated_patient_and_a_failed_build_keeps_t
     site.backup.stop()  # the backup is down at the next build
     failed = run(downtime_pack, site, at(2, 6), days=7, folder=str(packs))
     assert failed.is_failed() and "last good pack" in str(failed.message), failed.message
+    assert re.search(r"\(built \d{4}-\d\d-\d\d \d\d:\d\d UTC\) is kept", str(failed.message)), \
+        failed.message  # which pack, and from when
     assert current.resolve() == Path(summary["pack"]).resolve(), "the last good pack stays"
     assert not list(packs.glob("*.partial"))
     assert not list(Path(tempfile.gettempdir()).glob("downtime-report-*")), \
@@ -302,3 +305,40 @@ def test_an_rv_lost_at_14_leaves_sheets_with_the_mornings_fractions_in_hand_with
     in_hand = time.monotonic() - lost
     assert in_hand < 300, f"{in_hand:.0f} s from R&V down to sheets in hand"
     print(f"R&V down to sheets in hand: {in_hand:.1f} s (ARCS publishes 5 minutes)")
+
+
+def test_patients_whose_ids_sanitize_alike_get_a_folder_and_sheet_each_kept_private(
+        make_site: Callable[..., DemoSite], tmp_path: Path) -> None:
+    """PatientIDs ``C3/X1``, ``C3_X1`` and ``C3 X1`` made one folder ``C3_X1`` whose one sheet
+    named the last of them. Now each has its own folder (the safe form and, when it differs
+    from the real ID, a short digest of it) and a sheet naming its own ID; pack and export are
+    for their owner alone (folders 0700, files 0600)."""
+    import stat
+
+    from flows.downtime_pack import downtime_pack
+    from flows.export import export
+
+    site = make_site()
+    ids = ["C3/X1", "C3_X1", "C3 X1"]
+    courses = [course(pid, at(-1, 9 + n), delivered=1) for n, pid in enumerate(ids)]
+    push(site, *[o for c in courses for o in c.all()])
+    assert run(nightly_backup, site, at(0, 5), days=3).is_completed()
+    packs = tmp_path / "packs"
+    assert run(downtime_pack, site, at(0, 6), days=7, folder=str(packs)).is_completed()
+    pack = (packs / "current").resolve()
+    folders = [p for p in pack.iterdir() if p.is_dir()]
+    assert len(folders) == 3, folders
+    named = sorted(text_of((f / "sheet.html").read_text("utf-8")).split("ID ")[1].split(" Born")[0]
+                   for f in folders)
+    assert named == sorted(ids)
+    for path in [pack, *pack.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
+
+    out = tmp_path / "export"
+    state = export(site="DEMO", config=str(site.config_path), folder=str(out),
+                   patient_ids=ids, return_state=True)
+    assert state.is_completed(), state.message
+    assert len([p for p in out.iterdir() if p.is_dir()]) == 3
+    assert all(stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600)
+               for p in [out, *out.rglob("*")])
