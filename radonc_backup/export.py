@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -81,9 +82,10 @@ class Exported:
 
 
 def pseudonymizer(seed: str | None) -> object:
-    from dicognito.anonymizer import Anonymizer
+    """dicognito's pseudonyms, then PS3.15's Basic Profile (``deidentify``)."""
+    from .deidentify import Deidentifier
 
-    return Anonymizer(seed=seed or None)
+    return Deidentifier(seed)
 
 
 def write_items(backup: OrthancBackup, items: list[HeldInstance], into: Path,
@@ -124,6 +126,12 @@ def export(backup: OrthancBackup, items: list[HeldInstance], folder: Path,
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    manifest = {"files": files, "bytes": size, "pseudonymized": pseudonymize}
+    if pseudonymize:
+        from .deidentify import MANIFEST
+
+        manifest.update(MANIFEST)
+    (partial / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     make_private(partial)
     partial.rename(folder)
     out = Exported(folder, files, size)

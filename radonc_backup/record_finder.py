@@ -17,7 +17,7 @@ not wait for the peer to say so:
 - what can be split: a date window into time ranges, a date range (TreatmentDate, StudyDate)
   into halves down to a day and then into time ranges, an undated query ("everything") into
   date ranges. A SERIES-level answer cannot be split: it fails at a known cap; a study's
-  record series as many as the largest SERIES answer are checked against the study's series of
+  record series (two or more) as many as the largest SERIES answer are checked against the study's series of
   every modality (more prove them whole; as many leave them unproven).
 - records a capped answer may hide and no part can show (no TreatmentDate, or no TreatmentTime
   in a day split into time ranges) are named as unproven, never called complete.
@@ -624,7 +624,8 @@ class RecordFinder:
                 if parts is not None:
                     self.checks += len(parts)
                     pending[:0] = [(p, _Check(n, frozenset(uids))) for p in parts]
-                elif level == "SERIES" and base.get("Modality") == "RTRECORD" and not cap:
+                elif level == "SERIES" and base.get("Modality") == "RTRECORD" and n >= 2 \
+                        and not cap:  # (one answer: as below, a cap of one is not doubted)
                     self._series_floor(base, n, what, patient_id)
                 elif check is not None and n >= 2 and not cap:
                     # Every match of a doubted answer sits in one instant no key can split: a

@@ -411,19 +411,21 @@ def test_record_answers_shorter_than_a_listed_ct_need_no_check_and_unchecked_one
 
 
 def test_a_studys_record_series_as_many_as_the_largest_answer_are_checked_not_trusted() -> None:
-    """No key splits a SERIES query. A study's record series as many as the largest SERIES
-    answer the peer gave: asked once more for the study's series of every modality. More
+    """No key splits a SERIES query. A study's record series (two or more) as many as the
+    largest SERIES answer the peer gave: asked once more for its series of every modality. More
     series there (the CT, plan, structure set, dose) prove the answer whole; a study of record
     series only, cut by a silent cap nobody configured, is named unproven, never whole."""
     from demo.synthetic import make_treatment_record
     from radonc_backup.dicom_net import DicomClient, Peer, Timeouts
 
-    whole = course("SF1", at(-1, 8), delivered=2)  # two records, one record series
+    whole = course("SF1", at(-1, 8))  # two record series beside its CT, plan, ...
+    mine = [make_treatment_record(whole.study, whole.plan, n, at(-3 + n, 8),
+                                  series_uid=f"{whole.study.uid}.{n}") for n in (1, 2)]
     cut = course("SF2", at(-1, 9))
     many = [make_treatment_record(cut.study, cut.plan, n, at(-5 + n, 9),
                                   series_uid=f"{cut.study.uid}.{n}") for n in range(1, 5)]
     for objects, cap, patient, expect_unproven in (
-            ([*whole.all()], 0, "SF1", False), (many, 3, "SF2", True)):
+            ([*whole.context(), *mine], 0, "SF1", False), (many, 3, "SF2", True)):
         server = StrictQRSCP("SERIES_RV", objects, {}, cap=cap, hierarchical_only=True)
         with server:
             client = DicomClient("DEMO", "RADONC_BACKUP",
@@ -435,4 +437,4 @@ def test_a_studys_record_series_as_many_as_the_largest_answer_are_checked_not_tr
             assert "the study holds no more series of any kind" in found.unproven[0]
         else:
             assert memory.largest["SERIES"] >= 4  # CT, structure set, plan, dose, records
-            assert {r.sop_instance_uid for r in found.refs} == uids(*whole.records)
+            assert {r.sop_instance_uid for r in found.refs} == uids(*mine)

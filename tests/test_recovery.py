@@ -4,6 +4,7 @@ to a third Orthanc standing in for the rebuilt R&V."""
 from __future__ import annotations
 
 import io
+import json
 import re
 import tempfile
 from collections.abc import Callable, Iterator
@@ -177,6 +178,10 @@ def test_export_plain_and_pseudonymized_leaves_the_backup_as_it_was(
         data = f.read_bytes()
         assert b"EXP001" not in data and b"EXP002" not in data and b"Test^" not in data, f
     datasets = [dcmread(f) for f in files]
+    assert all(ds.PatientIdentityRemoved == "YES" for ds in datasets)
+    manifest = json.loads((tmp_path / "pseudo" / "manifest.json").read_text())
+    assert "Basic Application Level Confidentiality Profile" in manifest["profile"]
+    assert manifest["pseudonymized"] and manifest["files"] == len(files) and manifest["options"]
     originals = {str(ds.SOPInstanceUID) for ds in datasets}
     assert not originals & uids(*a.all(), *b.all()), "UIDs replaced too"
     by_patient: dict[str, set[str]] = {}
