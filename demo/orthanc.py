@@ -111,6 +111,10 @@ class OrthancServer:
             "StableAge": 1,
             "HttpVerbose": False,
             "StorageCompression": False,
+            # Every read of a stored file from the disk: with Orthanc's storage cache (128 MB by
+            # default) verify-md5 answered 200 for a file damaged on disk until a restart. The
+            # configuration docs/operations.md asks of a site's backup Orthanc.
+            "MaximumStorageCacheSize": 0,
             "SaveJobs": False,
         }
 

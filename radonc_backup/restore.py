@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from .backup_target import DicomScpBackup, HeldInstance, OrthancBackup, orthanc_id, wait_for
 from .config import DicomScpTarget, OrthancTarget, Site
-from .errors import ConfigError
+from .errors import BackupTargetError, ConfigError
 from .ledger import Ledger
 from .validation import differences
 
@@ -143,7 +143,12 @@ def compare_copies(backup: OrthancBackup, target: OrthancBackup, items: list[Hel
     for i in items:
         r = i.ref
         theirs_id = orthanc_id(r.patient_id, r.study_uid, r.series_uid, r.sop_instance_uid)
-        ours, theirs = (_whole(backup, i.resource_id), _whole(target, theirs_id))
+        ours = _whole(backup, i.resource_id)
+        try:
+            theirs = _whole(target, theirs_id)
+        except BackupTargetError as exc:  # gone from the target since it was verified there
+            out[r.sop_instance_uid] = f"its copy on the target cannot be read ({exc})"
+            continue
         if ours.file_meta.get("TransferSyntaxUID") != theirs.file_meta.get("TransferSyntaxUID"):
             for ds in (ours, theirs):
                 if "PixelData" in ds:

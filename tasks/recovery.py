@@ -46,6 +46,19 @@ def send_objects(site: str, backup: str | None, config: str | None, target: str,
     return done
 
 
+@task(name="check-fixity", cache_policy=NO_CACHE)
+def check_fixity(site: str, backup: str | None, config: str | None,
+                 items: list[HeldInstance]) -> dict[str, str]:
+    """UID -> why, for each object whose stored file fails the backup's MD5 check."""
+    store = backup_of(site, backup, config)
+    out = {}
+    for item in items:
+        why = store.damage(item.resource_id)
+        if why:
+            out[item.ref.sop_instance_uid] = why
+    return out
+
+
 @task(name="compare-copies", cache_policy=NO_CACHE)
 def compare_objects(site: str, backup: str | None, config: str | None, target: str,
                     items: list[HeldInstance]) -> dict[str, str]:

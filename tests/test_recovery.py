@@ -124,8 +124,49 @@ def test_the_drill_restores_a_recent_patient_to_a_scratch_orthanc_and_diffs_ever
         client.delete(f"/instances/{oid}")
     server.upload([changed])  # the drill sends again; Orthanc keeps the copy it holds
     failed = run(dr_drill, site, at(1, 8), target="rebuilt", days=7, seed=3)
-    assert failed.is_failed() and "different" in str(failed.message), failed.message
+    assert failed.is_failed() and "differs" in str(failed.message), failed.message
     assert str(chosen.records[0].SOPInstanceUID) in str(failed.message)
+    assert drill_artifact().startswith("# DR drill, site DEMO: FAIL")
+
+    # A stored file of the backup damaged on disk (after Orthanc read it: no cache hides it):
+    # the drill names it damaged and never restores it, or compares it with itself.
+    plan_uid = str(chosen.plan.SOPInstanceUID)
+    good = stored(site.backup, plan_uid)
+    damaged_file = next(p for p in (site.backup.workdir / "storage").rglob("*")  # type: ignore[operator]
+                        if p.is_file() and p.stat().st_size == len(good)
+                        and p.read_bytes() == good)
+    data = bytearray(good)
+    data[-3] ^= 0xFF
+    damaged_file.write_bytes(bytes(data))
+    with server.rest() as client:  # the target loses its copy: only the drill can send it
+        [oid] = client.post("/tools/find", json={"Level": "Instance", "Query": {
+            "SOPInstanceUID": plan_uid}}).json()
+        client.delete(f"/instances/{oid}")
+    broken = run(dr_drill, site, at(1, 8), target="rebuilt", days=7, seed=3)
+    assert broken.is_failed(), broken.message
+    assert f"{plan_uid} (context: damaged in the backup" in str(broken.message), broken.message
+    assert plan_uid not in server.sop_instance_uids()
+    text = drill_artifact()
+    assert text.startswith("# DR drill, site DEMO: FAIL") and plan_uid in text
+    damaged_file.write_bytes(good)
+
+    server.stop()  # the scratch target is down: FAIL, with its artifact, never a PASS
+    down = run(dr_drill, site, at(1, 8), target="rebuilt", days=7, seed=3)
+    assert down.is_failed()
+    assert "the drill stopped before its end" in drill_artifact()
+
+
+def drill_artifact() -> str:
+    """The newest DR drill artifact's markdown."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        [latest] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dr-drill-demo"])),
+            sort=ArtifactSort.CREATED_DESC, limit=1)
+    return str(latest.data)
 
 
 def files_under(folder: Path) -> list[Path]:
