@@ -75,7 +75,8 @@ def dr_drill(site: str, target: str, days: int = 7, seed: int | None = None,
         done = with_site_retries(send_objects, settings)(site, backup, config, target, "", "",
                                                          0, good)
         for uid in done.missing:
-            bad[uid] = f"{kinds[uid]}: missing on {target} after the restore"
+            bad[uid] = (f"{kinds[uid]}: not restored to {target}: "
+                        f"{done.why.get(uid, 'sent, but not there')}")
         arrived = [i for i in good if i.ref.sop_instance_uid in set(done.verified)]
         differ = with_site_retries(compare_objects, settings)(site, backup, config, target,
                                                               arrived)

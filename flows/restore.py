@@ -22,7 +22,7 @@ from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from radonc_backup.config import load_site
 from radonc_backup.errors import BackupIncomplete
-from radonc_backup.restore import KINDS, choose_patients, open_target, plan_rows
+from radonc_backup.restore import KINDS, choose_patients, kind_of, open_target, plan_rows
 from tasks.backup import with_site_retries
 from tasks.limits import held_for
 from tasks.recovery import select_objects, send_objects
@@ -83,15 +83,22 @@ def restore(site: str, target: str = "", ae: str = "", host: str = "", port: int
                                                          host, port, items)
     summary.update(sent=done.sent, verified=len(done.verified), missing=len(done.missing),
                    seconds=round(done.seconds, 2), objects_per_second=round(done.rate, 1))
+    about = {i.ref.sop_instance_uid: i for i in items}
+    named = [f"{uid} (patient {about[uid].ref.patient_id}, {kind_of(about[uid].modality)}: "
+             f"{done.why.get(uid, 'sent, not there')})" for uid in done.missing]
     create_markdown_artifact(key=artifact_key("restore", site), markdown=(
         f"# Restore: site {site} to {where.label}\n\n{len(patients)} patient(s), "
         f"{len(items)} object(s), {size / 1e6:.1f} MB: {len(done.verified)} verified on the "
         f"target, {len(done.missing)} not, in {done.seconds:.1f} s "
-        f"({done.rate:.1f} objects/s)."), description=f"Restore, site {site}")
+        f"({done.rate:.1f} objects/s)." + "".join(f"\n- not restored: {line}"
+                                                   for line in named[:200])),
+        description=f"Restore, site {site}")
     if done.missing:
+        for line in named:
+            logger.error("site %s: not restored: %s", site, line)
         raise BackupIncomplete(
-            f"site {site}: {len(done.missing)} of {len(items)} object(s) sent to {where.label} "
-            f"are not there: {', '.join(done.missing[:SHOW])}"
+            f"site {site}: {len(done.missing)} of {len(items)} object(s) not on {where.label} "
+            f"after the restore (the rest are): {'; '.join(named[:SHOW])}"
             + (" ..." if len(done.missing) > SHOW else ""))
     return summary
 

@@ -290,12 +290,14 @@ class OrthancBackup:
         return out
 
     def send(self, modality: str, aet: str, host: str, port: int, resource_ids: list[str],
-             associations: int = 1, chunk: int = 500) -> int:
+             associations: int = 1, chunk: int = 500) -> tuple[int, dict[str, str]]:
         """C-STORE instances from the backup to another AE, by Orthanc itself (declared to it
         as ``modality``; in memory unless its modalities live in its database), split in order
         between ``associations`` requests at once (each one association; whole series stay
-        together unless a series is larger than a share). Returns how many it sent; a failure
-        is raised naming the AE, once every request has ended."""
+        together unless a series is larger than a share). Returns how many it sent and, per
+        resource ID it could not send, why: a request that fails is sent again one object at
+        a time, so one bad object (unparseable, refused by the target) stops only itself. A
+        target that cannot be reached is raised, once every request has ended."""
         r = self._client().put(f"/modalities/{modality}",
                                json={"AET": aet, "Host": host, "Port": port})
         if r.status_code >= 400:
@@ -306,34 +308,57 @@ class OrthancBackup:
         parts = [resource_ids[i:i + size] for i in range(0, len(resource_ids), size)] if size \
             else []
         if len(parts) <= 1:
-            return sum(self._store_share(modality, aet, host, port, part, chunk) for part in parts)
-        with ThreadPoolExecutor(max_workers=len(parts)) as pool:
-            futures = [pool.submit(self._store_share, modality, aet, host, port, part, chunk)
+            results = [self._store_share(modality, aet, host, port, part, chunk)
                        for part in parts]
-        return sum(f.result() for f in futures)  # every share has ended: the first error
+        else:
+            with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+                futures = [pool.submit(self._store_share, modality, aet, host, port, part, chunk)
+                           for part in parts]
+            results = [f.result() for f in futures]  # every share has ended: the first error
+        failed: dict[str, str] = {}
+        for _, why in results:
+            failed.update(why)
+        return sum(n for n, _ in results), failed
 
     def _store_share(self, modality: str, aet: str, host: str, port: int,
-                     resource_ids: list[str], chunk: int) -> int:
-        sent = 0
+                     resource_ids: list[str], chunk: int) -> tuple[int, dict[str, str]]:
+        sent, failed = 0, {}
         for i in range(0, len(resource_ids), chunk):
             part = resource_ids[i:i + chunk]
-            try:
-                r = self._client().post(f"/modalities/{modality}/store", json={
-                    "Resources": part, "Synchronous": True}, timeout=max(60.0, len(part)))
-            except httpx.HTTPError as exc:
+            why = self._store(modality, aet, host, port, part)
+            if not why:
+                sent += len(part)
+                continue
+            if len(part) == 1:
+                failed[part[0]] = why
+                continue
+            for one in part:  # which of them: one request each
+                alone = self._store(modality, aet, host, port, [one])
+                if alone:
+                    failed[one] = alone
+                else:
+                    sent += 1
+        return sent, failed
+
+    def _store(self, modality: str, aet: str, host: str, port: int, part: list[str]) -> str:
+        """One store request; '' when all arrived, else why not (a target that cannot be
+        reached is raised)."""
+        try:
+            r = self._client().post(f"/modalities/{modality}/store", json={
+                "Resources": part, "Synchronous": True}, timeout=max(60.0, len(part)))
+        except httpx.HTTPError as exc:
+            raise RetriableBackupTargetError(f"{self._where}: C-STORE to {aet}@{host}:"
+                                             f"{port}: {exc}") from None
+        if r.status_code >= 400:
+            text = " ".join(r.text.split())
+            if any(m in text for m in ("Cannot associate", "DicomAssociation", "connect")):
                 raise RetriableBackupTargetError(f"{self._where}: C-STORE to {aet}@{host}:"
-                                                 f"{port}: {exc}") from None
-            if r.status_code >= 400:
-                raise BackupTargetError(f"{self._where}: C-STORE to {aet}@{host}:{port} "
-                                        f"failed ({r.status_code}): "
-                                        f"{' '.join(r.text.split())[:300]}")
-            body = r.json() if r.content else {}
-            failed = int(body.get("FailedInstancesCount", 0) or 0)
-            if failed:
-                raise BackupTargetError(f"{self._where}: {aet}@{host}:{port} refused {failed} "
-                                        f"of {len(part)} instance(s)")
-            sent += len(part)
-        return sent
+                                                 f"{port} failed ({r.status_code}): "
+                                                 f"{text[:300]}")
+            return f"C-STORE failed ({r.status_code}): {text[:300]}"
+        body = r.json() if r.content else {}
+        failed = int(body.get("FailedInstancesCount", 0) or 0)
+        return f"{aet} refused {failed} of {len(part)}" if failed else ""
 
     def _statistics(self) -> Any:
         return self._json(self._get("/statistics"), "/statistics")

@@ -114,6 +114,7 @@ class Restored:
     verified: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    why: dict[str, str] = field(default_factory=dict)  # UID -> why it was not sent
 
     @property
     def rate(self) -> float:
@@ -126,8 +127,10 @@ def send_and_verify(backup: OrthancBackup, target: Target, items: list[HeldInsta
     that indexes late); ``missing`` is what it does not hold."""
     out = Restored()
     started = time.monotonic()
-    out.sent = backup.send(target.modality, target.aet, target.host, target.port,
-                           [i.resource_id for i in items], target.associations)
+    out.sent, failed = backup.send(target.modality, target.aet, target.host, target.port,
+                                   [i.resource_id for i in items], target.associations)
+    out.why = {i.ref.sop_instance_uid: failed[i.resource_id] for i in items
+               if i.resource_id in failed}
     held = wait_for(target.check, [i.ref for i in items], timeout)
     out.seconds = time.monotonic() - started
     out.verified = sorted(held)
