@@ -96,6 +96,11 @@ def downtime_pack(site: str, days: int | None = None, folder: str | None = None,
         except Exception as exc:
             raise BackupIncomplete(f"site {site}: downtime pack not built, {kept(root)}: "
                                    f"{exc}") from exc
+    if pack.not_written:  # the pack is in use (its sheets name them); the run says so
+        named = [f"{uid} ({why})" for uid, why in sorted(pack.not_written.items())]
+        raise BackupIncomplete(f"site {site}: downtime pack {pack.folder} is in use without "
+                               f"{len(named)} object(s) the backup could not serve (each "
+                               f"patient's sheet names them): {'; '.join(named[:10])}")
     seconds = time.monotonic() - started
     summary: dict[str, object] = {
         "site": site, "pack": str(pack.folder), "current": str(root / CURRENT),

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from flows.cli import run_cli
 from flows.hooks import RUN_HOOKS
 from radonc_backup.config import load_site
+from radonc_backup.errors import BackupIncomplete
 from radonc_backup.restore import KINDS, choose_patients
 from tasks.backup import with_site_retries
 from tasks.recovery import export_objects, select_objects
@@ -55,6 +56,13 @@ def export(site: str, folder: str, patient_ids: list[str] | None = None,
                           site, done.files, done.bytes / 1e6, len(patients), done.folder,
                           " (pseudonymized)" if pseudonymize else "",
                           f", zipped as {done.archive}" if done.archive else "")
+    if done.not_written:
+        named = [f"{uid} ({why})" for uid, why in sorted(done.not_written.items())]
+        for line in named:
+            get_run_logger().error("site %s: not exported: %s", site, line)
+        raise BackupIncomplete(f"site {site}: {len(named)} of {len(items)} object(s) not "
+                               f"exported to {done.folder} (the rest are; manifest.json lists "
+                               f"them): {'; '.join(named[:10])}")
     return {"site": site, "patients": len(patients), "files": done.files,
             "MB": round(done.bytes / 1e6, 2), "folder": str(done.folder),
             "zip": str(done.archive or ""), "pseudonymized": pseudonymize}

@@ -200,6 +200,23 @@ class OrthancBackup:
                                     f"{r.status_code}")
         return r.content
 
+    def stored_md5(self, resource_id: str) -> str:
+        """The MD5 Orthanc recorded of an instance's file when it arrived ('' if it keeps
+        none: StoreMD5 off)."""
+        r = self._get(f"/instances/{resource_id}/attachments/dicom/md5")
+        return r.text.strip().strip('"') if r.status_code == 200 else ""
+
+    def fetch_verified(self, resource_id: str, about: str = "") -> bytes:
+        """One instance's file, checked against the MD5 recorded when it arrived: a file
+        changed or cut on disk is raised, never handed on (a copy, a pack, an export)."""
+        data = self.fetch_file(resource_id, about)
+        recorded = self.stored_md5(resource_id)
+        if recorded and hashlib.md5(data).hexdigest() != recorded:
+            raise BackupTargetError(f"{self._where}: {about or resource_id}: its stored file "
+                                    "does not match the MD5 recorded when it arrived (changed "
+                                    "or damaged on disk)")
+        return data
+
     def read_resource(self, resource_id: str, about: str = "") -> Dataset:
         """One instance by its Orthanc ID, parsed without pixel data."""
         content = self.fetch_file(resource_id, about)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -42,6 +42,7 @@ class Pack:
     bytes: int = 0
     refreshed: int = 0  # patients whose folder was made anew (the others linked from the last)
     linked: int = 0  # files linked from the last good pack instead of read from the backup
+    not_written: dict[str, str] = field(default_factory=dict)  # UID -> why (named on the sheet)
 
 
 def course_of(ds: Dataset) -> str:
@@ -95,12 +96,14 @@ def course_sheets(backup: OrthancBackup, rows: list[dict[str, object]],
 
 
 def sheet(rows: list[dict[str, object]], courses: list[tuple[dict[str, object], PlanSheet]],
-          site: str, backup: str, generated: datetime) -> str:
+          site: str, backup: str, generated: datetime,
+          missing: dict[str, str] | None = None) -> str:
     first = rows[0]
     newest = max((s.last_treatment for _, s in courses if s.last_treatment), default="")
     return _ENV.get_template("downtime_sheet.html.j2").render(
         patient_id=first["PatientID"], name=first["PatientName"], birth_date=first["BirthDate"],
         sex=first["Sex"], site=site, backup=backup, courses=courses, as_of=newest,
+        missing=sorted((missing or {}).items()),
         generated=f"{generated:%Y-%m-%d %H:%M}")
 
 
@@ -117,7 +120,7 @@ def _link_tree(old: Path, new: Path) -> tuple[int, int]:
 
 
 def _write_or_link(backup: OrthancBackup, items: list[HeldInstance], into: Path,
-                   last: Path | None, pack: Pack) -> tuple[int, int]:
+                   last: Path | None, pack: Pack, failed: dict[str, str]) -> tuple[int, int]:
     """Each item's file under ``into``: linked from the last good pack when it holds it (an
     instance's file never changes), else read from the backup."""
     files = size = 0
@@ -131,7 +134,7 @@ def _write_or_link(backup: OrthancBackup, items: list[HeldInstance], into: Path,
             files, size, pack.linked = files + 1, size + old.stat().st_size, pack.linked + 1
         else:
             fetch.append(item)
-    written, more = write_items(backup, fetch, into)
+    written, more = write_items(backup, fetch, into, failed=failed)
     return files + written, size + more
 
 
@@ -205,12 +208,15 @@ def build(backup: OrthancBackup, report: pd.DataFrame, root: Path, name: str, si
                 context = [i for i in held if kind_of(i.modality) == "context"]
                 read = [(i, backup.read_resource(i.resource_id, i.ref.sop_instance_uid))
                         for i in held if kind_of(i.modality) == "record"]
+                failed: dict[str, str] = {}
                 files, size = _write_or_link(backup, context + last_records(read), partial,
-                                             last, pack)
+                                             last, pack, failed)
+                pack.not_written.update(failed)
                 folder.mkdir(parents=True, exist_ok=True)
                 courses = course_sheets(backup, plans, [ds for _, ds in read])
                 (folder / "sheet.html").write_text(
-                    sheet(plans, courses, site, backup.alias, generated), encoding="utf-8")
+                    sheet(plans, courses, site, backup.alias, generated, failed),
+                    encoding="utf-8")
                 pack.refreshed += 1
             pack.patients += 1
             pack.files, pack.bytes = pack.files + files, pack.bytes + size

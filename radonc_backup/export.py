@@ -19,13 +19,14 @@ import json
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from .backup_target import HeldInstance, OrthancBackup
+from .errors import RetriableBackupTargetError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -79,6 +80,7 @@ class Exported:
     files: int = 0
     bytes: int = 0
     archive: Path | None = None
+    not_written: dict[str, str] = field(default_factory=dict)  # UID -> why (the run fails)
 
 
 def pseudonymizer(seed: str | None) -> object:
@@ -90,13 +92,27 @@ def pseudonymizer(seed: str | None) -> object:
 
 def write_items(backup: OrthancBackup, items: list[HeldInstance], into: Path,
                 anonymizer: object | None = None,
-                on_written: Callable[[int], None] | None = None) -> tuple[int, int]:
+                on_written: Callable[[int], None] | None = None,
+                failed: dict[str, str] | None = None) -> tuple[int, int]:
     """Each item's file from the backup under ``into`` (pseudonymized with ``anonymizer``);
-    ``on_written(n)`` hears of each. Returns files and bytes written."""
+    ``on_written(n)`` hears of each. Returns files and bytes written. ``failed``: an object
+    that cannot be read or parsed is named there (UID -> patient, kind and why) and the rest
+    are written; without it the first such object is raised. A backup that cannot be reached
+    is raised either way."""
     files = size = 0
     for item in items:
-        data = backup.fetch_file(item.resource_id, item.ref.sop_instance_uid)
-        ds = dcmread(io.BytesIO(data))
+        try:
+            data = backup.fetch_verified(item.resource_id, item.ref.sop_instance_uid)
+            ds = dcmread(io.BytesIO(data))
+        except RetriableBackupTargetError:
+            raise
+        except Exception as exc:
+            if failed is None:
+                raise
+            kind = "record" if item.modality == "RTRECORD" else "context"
+            failed[item.ref.sop_instance_uid] = (f"patient {item.ref.patient_id}, {kind}: "
+                                                 f"cannot be read from the backup ({exc})")
+            continue
         if anonymizer is not None:
             anonymizer.anonymize(ds)  # type: ignore[attr-defined]
             out = io.BytesIO()
@@ -120,13 +136,16 @@ def export(backup: OrthancBackup, items: list[HeldInstance], folder: Path,
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    failed: dict[str, str] = {}
     try:
         files, size = write_items(backup, items, partial,
-                                  pseudonymizer(seed) if pseudonymize else None, on_written)
+                                  pseudonymizer(seed) if pseudonymize else None, on_written,
+                                  failed)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    manifest = {"files": files, "bytes": size, "pseudonymized": pseudonymize}
+    manifest: dict[str, object] = {"files": files, "bytes": size, "pseudonymized": pseudonymize,
+                                   "not_written": failed}
     if pseudonymize:
         from .deidentify import MANIFEST
 
@@ -134,7 +153,7 @@ def export(backup: OrthancBackup, items: list[HeldInstance], folder: Path,
     (partial / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     make_private(partial)
     partial.rename(folder)
-    out = Exported(folder, files, size)
+    out = Exported(folder, files, size, not_written=failed)
     if zip_it:
         out.archive = Path(shutil.make_archive(str(folder), "zip", root_dir=folder))
         out.archive.chmod(0o600)

@@ -131,6 +131,23 @@ def test_a_restore_goes_past_an_object_it_cannot_send_and_names_it(
     assert f"{bad} (patient BAD001, context: " in message and "1 of" in message, message
     assert server.sop_instance_uids() == uids(*a.all()) - {bad}
 
+    # The export and the downtime pack go past it too, and name it.
+    from flows.downtime_pack import downtime_pack
+    from flows.export import export
+
+    out = site.workdir / "export-bad"
+    exported = export(site="DEMO", config=str(site.config_path), folder=str(out),
+                      patient_ids=["BAD001"], return_state=True)
+    assert exported.is_failed() and bad in str(exported.message), exported.message
+    assert {str(dcmread(f).SOPInstanceUID) for f in files_under(out)} == uids(*a.all()) - {bad}
+    assert bad in json.loads((out / "manifest.json").read_text())["not_written"]
+    packs = site.workdir / "packs-bad"
+    packed = run(downtime_pack, site, at(1, 6), days=7, folder=str(packs))
+    assert packed.is_failed() and "is in use without 1 object(s)" in str(packed.message)
+    sheet = text_of(((packs / "current") / "BAD001" / "sheet.html").read_text("utf-8"))
+    assert f"Not in this folder: 1 object(s)" in sheet and bad in sheet
+    assert "Next fraction 3 of 28" in sheet  # the rest of the sheet is whole
+
 
 def test_the_drill_restores_a_recent_patient_to_a_scratch_orthanc_and_diffs_every_object(
         rebuilt: tuple[DemoSite, OrthancServer]) -> None:
