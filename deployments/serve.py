@@ -20,6 +20,7 @@ from prefect.schedules import Cron, Interval
 
 from flows.downtime_pack import downtime_pack
 from flows.incremental_backup import incremental_backup
+from flows.fixity_sweep import fixity_sweep
 from flows.inventory_sweep import inventory_sweep
 from flows.nightly_backup import nightly_backup
 from flows.plan_context_backfill import plan_context_backfill
@@ -56,6 +57,9 @@ def deployments_for(site: str, config: str | None = None) -> list[object]:
             name=f"{site.lower()}-inventory", parameters={**params, "repair": True},
             concurrency_limit=once,
             schedule=Cron(cfg.schedules.inventory, timezone=cfg.timezone)),
+        fixity_sweep.to_deployment(
+            name=f"{site.lower()}-fixity", parameters=params, concurrency_limit=once,
+            schedule=Cron(cfg.schedules.fixity, timezone=cfg.timezone)),
         downtime_pack.to_deployment(
             name=f"{site.lower()}-downtime-pack", parameters=params, concurrency_limit=once,
             schedule=Cron(cfg.schedules.downtime_pack, timezone=cfg.timezone)),

@@ -44,7 +44,7 @@ from flows.hooks import MAIL_SENT, SAME_PROBLEM, notify_failure
 
 BACKUP_FLOWS = ["incremental-backup", "nightly-backup", "plan-context-backfill",
                 "treatment-report", "validation-sweep", "downtime-pack", "dr-drill",
-                "mosaiq-summary", "inventory-sweep", "restore", "export"]
+                "mosaiq-summary", "inventory-sweep", "fixity-sweep", "restore", "export"]
 SWEEP_HOURS = 24
 """How far back the scheduled sweep looks for crashed runs (by their expected start)."""
 

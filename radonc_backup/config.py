@@ -367,6 +367,8 @@ class Schedules(_Strict):
     """The monthly sweep at content depth over the last 31 days."""
     inventory: str = "0 1 15 * *"
     """The monthly inventory sweep: every RT Record the R&V holds, asked without a date."""
+    fixity: str = "0 0 22 * *"
+    """The monthly fixity sweep: every verified object read back and its digest checked."""
     downtime_pack: str = "30 4 * * *"
     """The nightly downtime pack, after the nightly backup and backfill."""
     dr_drill: str = "0 6 2 * *"
@@ -374,7 +376,7 @@ class Schedules(_Strict):
     target)."""
 
     @field_validator("nightly", "backfill", "report", "validation", "validation_content",
-                     "inventory", "downtime_pack", "dr_drill")
+                     "inventory", "fixity", "downtime_pack", "dr_drill")
     @classmethod
     def _cron(cls, value: str) -> str:
         if not _CRON.match(value.strip()):

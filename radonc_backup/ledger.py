@@ -100,6 +100,17 @@ CREATE TABLE IF NOT EXISTS fraction_acks (
     at TEXT NOT NULL,
     PRIMARY KEY (site, patient_id, plan_uid, fraction)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fixity (
+    site TEXT NOT NULL,
+    backup TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    md5 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    recorded TEXT NOT NULL,
+    checked TEXT NOT NULL,
+    problem TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (site, backup, sop_instance_uid)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS session_records (
     site TEXT NOT NULL,
     source TEXT NOT NULL,
@@ -303,6 +314,36 @@ class Ledger:
             return {row[0] for row in conn.execute(
                 "SELECT DISTINCT patient_id FROM instances WHERE site=? AND state='verified' "
                 "AND verified_at >= ?", (site, since_utc))}
+
+    def verified_everywhere(self, site: str, backup: str) -> list[InstanceRef]:
+        """Every instance of the site verified in ``backup``, RT Records and plan context, of
+        every source (one row per UID)."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT sop_instance_uid, MIN(sop_class_uid), MIN(patient_id), MIN(study_uid), "
+                "MIN(series_uid), MIN(treatment_date), MIN(treatment_time) FROM instances "
+                "WHERE site=? AND backup=? AND state='verified' GROUP BY sop_instance_uid "
+                "ORDER BY sop_instance_uid", (site, backup)).fetchall()
+        return [InstanceRef(*r) for r in rows]
+
+    def fixity(self, site: str, backup: str) -> dict[str, tuple[str, int, str]]:
+        """UID -> (MD5, size, when last checked) of each file whose digest the ledger keeps."""
+        with self._connect() as conn:
+            return {uid: (md5, size, checked) for uid, md5, size, checked in conn.execute(
+                "SELECT sop_instance_uid, md5, size, checked FROM fixity WHERE site=? AND "
+                "backup=?", (site, backup))}
+
+    def record_fixity(self, site: str, backup: str,
+                      rows: Iterable[tuple[str, str, int, str]]) -> None:
+        """(UID, MD5, size, problem) as checked now. A digest is recorded the first time and
+        never rewritten: a later check that differs is a problem, kept with it."""
+        now = _now()
+        with self._write() as conn:
+            for uid, md5, size, problem in rows:
+                conn.execute(
+                    "INSERT INTO fixity VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, "
+                    "backup, sop_instance_uid) DO UPDATE SET checked=excluded.checked, "
+                    "problem=excluded.problem", (site, backup, uid, md5, size, now, now, problem))
 
     def at(self, lane: Lane) -> "LaneLedger":
         """This ledger as one lane sees it."""

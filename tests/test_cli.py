@@ -28,7 +28,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 SHELL_FLOWS = ["incremental_backup", "nightly_backup", "plan_context_backfill",
                "treatment_report", "validation_sweep", "downtime_pack", "restore", "export",
-               "dr_drill", "mosaiq_summary", "inventory_sweep"]
+               "dr_drill", "mosaiq_summary", "inventory_sweep", "fixity_sweep"]
 
 
 def run_main(module: str, *argv: str) -> int:

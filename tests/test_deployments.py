@@ -16,7 +16,7 @@ from radonc_backup.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ["incremental", "nightly", "backfill", "report", "validation", "validation-content",
-         "downtime-pack", "inventory", "restore", "export", "department-backfill"]
+         "downtime-pack", "fixity", "inventory", "restore", "export", "department-backfill"]
 
 
 def test_prefect_yaml_entrypoints_and_schedules() -> None:
@@ -35,7 +35,7 @@ def test_prefect_yaml_entrypoints_and_schedules() -> None:
     assert [d["name"] for d in per_site] == [f"demo-{k}" for k in KINDS]
     assert flows == {"incremental-backup", "nightly-backup", "plan-context-backfill",
                      "treatment-report", "validation-sweep", "downtime-pack", "restore",
-                     "export", "inventory-sweep"}
+                     "export", "inventory-sweep", "fixity-sweep"}
 
 
 def test_register_deploys_the_set_once_per_site_in_its_timezone() -> None:
@@ -97,8 +97,9 @@ def test_worker_command_carries_what_a_worker_needs() -> None:
 
 
 def test_serve_builds_site_schedules_in_its_timezone() -> None:
-    incremental, nightly, backfill, report, validation, content, inventory, pack = \
+    incremental, nightly, backfill, report, validation, content, inventory, fixity, pack = \
         deployments_for("DEMO")
+    assert fixity.schedules[0].schedule.cron == "0 0 22 * *"  # type: ignore[attr-defined]
     assert pack.schedules[0].schedule.cron == "30 4 * * *"  # type: ignore[attr-defined]
     assert inventory.schedules[0].schedule.cron == "0 1 15 * *"  # type: ignore[attr-defined]
     assert inventory.parameters["repair"] is True  # type: ignore[attr-defined]

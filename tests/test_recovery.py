@@ -432,3 +432,33 @@ def test_patients_whose_ids_sanitize_alike_get_a_folder_and_sheet_each_kept_priv
     assert len([p for p in out.iterdir() if p.is_dir()]) == 3
     assert all(stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600)
                for p in [out, *out.rglob("*")])
+
+
+def test_the_fixity_sweep_records_digests_resumes_and_names_a_file_changed_on_disk(
+        make_site: Callable[..., DemoSite]) -> None:
+    """Every verified object read back whole: the first sweep records each digest (Orthanc's
+    MD5 of its arrival, matching the bytes read), a second within ``days`` reads nothing again
+    (a stopped sweep goes on where it stopped), and a file changed on disk is named by UID and
+    patient, the run failed."""
+    from flows.fixity_sweep import fixity_sweep
+
+    site = make_site()
+    a = course("FIX001", at(-1, 9), delivered=2)
+    push(site, *a.all())
+    assert run(nightly_backup, site, at(1, 5), days=3).is_completed()
+    params = {"site": "DEMO", "config": str(site.config_path), "return_state": True}
+
+    first = fixity_sweep(**params)
+    assert first.is_completed(), first.message
+    assert first.result()["checked"] == first.result()["digests_recorded"] == len(a.all())
+    again = fixity_sweep(**params)
+    assert again.result()["checked"] == 0
+    assert again.result()["skipped_checked_recently"] == len(a.all())
+
+    bad = str(a.records[0].SOPInstanceUID)
+    damage_on_disk(site.backup, bad)
+    found = fixity_sweep(days=0, **params)
+    assert found.is_failed(), found.message
+    assert f"{bad} (patient FIX001: its file changed since its digest was recorded" in \
+        str(found.message), found.message
+    assert "1 of" in str(found.message)
