@@ -44,6 +44,8 @@ _CONVERTERS: dict[type, Any] = {int: int, float: float, str: str,
 
 
 def _base_type(hint: Any) -> type:
+    if typing.get_origin(hint) is typing.Literal:
+        return hint  # type: ignore[no-any-return]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
 
@@ -62,6 +64,11 @@ def build_parser(flow_obj: Any, description: str) -> argparse.ArgumentParser:
                                 action=argparse.BooleanOptionalAction, default=param.default)
             continue
         required = param.default is inspect.Parameter.empty
+        if typing.get_origin(base) is typing.Literal:  # one of a few words: a bad one exits 2
+            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, required=required,
+                                choices=list(typing.get_args(base)),
+                                default=None if required else param.default)
+            continue
         if typing.get_origin(base) is list:
             parser.add_argument(f"--{name.replace('_', '-')}", dest=name, nargs="+",
                                 default=param.default, help="one or more values")

@@ -11,7 +11,7 @@ verified instance of the ledger against the backup.
 3. ``repair``: what is missing or damaged is moved again by the one delivery path and read
    back.
 
-A discrepancy CSV (``reports/validation-<site>-<source>-<end>.csv``), a table and a markdown
+A discrepancy CSV (``reports/validation-<site>-<source>-<end>-<depth>-<run time>.csv``), a table and a markdown
 artifact; the run ends Failed, naming the counts and the CSV, while anything is left
 unrepaired.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from datetime import date, datetime, timedelta, timezone
+from typing import Literal
 from pathlib import Path
 
 import pandas as pd
@@ -49,7 +50,8 @@ DEPTHS = ("presence", "content")
 @flow(name="validation-sweep", flow_run_name=naming.VALIDATION, log_prints=False,
       **RUN_HOOKS)
 def validation_sweep(site: str, start_date: date | None = None, end_date: date | None = None,
-                     days: int = 7, depth: str = "presence", repair: bool = False,
+                     days: int = 7, depth: Literal["presence", "content"] = "presence",
+                     repair: bool = False,
                      out: str | None = None,
                      source: str | None = None, backup: str | None = None,
                      config: str | None = None, now: datetime | None = None,
@@ -64,7 +66,7 @@ def validation_sweep(site: str, start_date: date | None = None, end_date: date |
         depth: presence (each copy there and readable) or content (also compared with the
             source's copy, element by element).
         repair: Move again what is missing or damaged, and read it back.
-        out: CSV path on the worker (default: reports/validation-<site>-<source>-<end>.csv).
+        out: CSV path on the worker (default: reports/validation-<site>-<source>-<end>-<depth>-<run time>.csv).
         source: R&V source alias of the site (empty: the site's default_source).
         backup: Backup target alias of the site (empty: the site's default_backup).
         config: Sites TOML file (empty: $RADONC_BACKUP_CONFIG, else config/environments.toml).
@@ -102,18 +104,23 @@ def validation_sweep(site: str, start_date: date | None = None, end_date: date |
 
     ledger_check = with_site_retries(validate_backup, settings)(lane.ref)
     seen = {d.sop_instance_uid for d in found}
+    rows = lane.ledger.known(uid for kind in KINDS for uid in ledger_check.missing[kind])
     for kind in KINDS:
         for uid in ledger_check.missing[kind]:
             if uid not in seen:
-                found.append(Discrepancy("", "", "", "", uid, "missing", f"{kind}: verified in "
-                                         "the ledger, absent from the backup (found by the "
-                                         "ledger check; reopened, the next runs move it)"))
+                ref, day = rows.get(uid, (None, ""))
+                detail = (f"{kind}: verified in the ledger, absent from the backup (found by "
+                          "the ledger check; reopened, the next runs move it)")
+                found.append(Discrepancy.of(ref, "missing", detail, ref.treatment_date or day,
+                                            ledger_kind=kind) if ref is not None else
+                             Discrepancy(day, "", "", "", uid, "missing", detail))
     found += with_site_retries(check_beyond_days, settings)(lane.ref, held, sorted(patients))
     if repair and found:
         found = with_site_retries(repair_backup, settings)(lane.ref, found)
 
+    ran = wall(utc_now().astimezone(timezone.utc), lane.site.tz)
     path = Path(out) if out else PROJECT_ROOT / "reports" / \
-        f"validation-{site}-{lane.lane.source}-{end}.csv"
+        f"validation-{site}-{lane.lane.source}-{end}-{depth}-{ran:%Y%m%d-%H%M%S}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame([d.row() for d in found], columns=CSV_COLUMNS).to_csv(
         path, index=False, encoding="utf-8-sig")

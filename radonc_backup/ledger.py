@@ -111,6 +111,26 @@ CREATE TABLE IF NOT EXISTS fixity (
     problem TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (site, backup, sop_instance_uid)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS state_history (
+    site TEXT NOT NULL,
+    source TEXT NOT NULL,
+    backup TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS state_history_uid ON state_history (site, source, backup,
+                                                               sop_instance_uid);
+CREATE TRIGGER IF NOT EXISTS instances_first_state AFTER INSERT ON instances BEGIN
+    INSERT INTO state_history VALUES (NEW.site, NEW.source, NEW.backup, NEW.sop_instance_uid,
+                                      NEW.state, NEW.updated, NEW.last_error);
+END;
+CREATE TRIGGER IF NOT EXISTS instances_state_change AFTER UPDATE OF state ON instances
+WHEN NEW.state != OLD.state BEGIN
+    INSERT INTO state_history VALUES (NEW.site, NEW.source, NEW.backup, NEW.sop_instance_uid,
+                                      NEW.state, NEW.updated, NEW.last_error);
+END;
 CREATE TABLE IF NOT EXISTS session_records (
     site TEXT NOT NULL,
     source TEXT NOT NULL,
@@ -404,13 +424,12 @@ class LaneLedger:
                  r.patient_id, r.study_uid, r.series_uid, r.treatment_date, r.treatment_time,
                  now, now, kind) for r in refs]
         with self._write() as conn:
-            before = conn.total_changes
-            conn.executemany(
+            # rowcount, not total_changes: the history trigger's rows are not new instances.
+            return conn.executemany(
                 "INSERT OR IGNORE INTO instances (site, source, backup, sop_instance_uid, "
                 "sop_class_uid, patient_id, study_uid, series_uid, treatment_date, "
                 "treatment_time, state, first_seen, updated, kind) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'found', ?, ?, ?)", rows)
-            return conn.total_changes - before
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'found', ?, ?, ?)", rows).rowcount
 
     def has_records(self) -> bool:
         """Whether this ledger knows any RT Record of the lane (False: new, or replaced)."""
@@ -454,6 +473,29 @@ class LaneLedger:
                         (*self.key, *chunk)):
                     out[uid] = state
         return out
+
+    def known(self, uids: Iterable[str]) -> dict[str, tuple[InstanceRef, str]]:
+        """UID -> (its row's InstanceRef, the day it was last verified or updated, YYYYMMDD)."""
+        wanted = list(dict.fromkeys(uids))
+        out: dict[str, tuple[InstanceRef, str]] = {}
+        with self._connect() as conn:
+            for chunk in _chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                for r in conn.execute(
+                        f"SELECT sop_instance_uid, sop_class_uid, patient_id, study_uid, "
+                        f"series_uid, treatment_date, treatment_time, "
+                        f"COALESCE(verified_at, updated) FROM instances WHERE site=? AND "
+                        f"source=? AND backup=? AND sop_instance_uid IN ({marks})",
+                        (*self.key, *chunk)):
+                    out[r[0]] = (InstanceRef(*r[:7]), str(r[7])[:10].replace("-", ""))
+        return out
+
+    def history(self, uid: str) -> list[tuple[str, str, str]]:
+        """Every state the row of ``uid`` has been in: (state, when, last error then)."""
+        with self._connect() as conn:
+            return [tuple(r) for r in conn.execute(  # type: ignore[misc]
+                "SELECT state, at, detail FROM state_history WHERE site=? AND source=? AND "
+                "backup=? AND sop_instance_uid=? ORDER BY at, rowid", (*self.key, uid))]
 
     def patients_of(self, uids: Iterable[str]) -> set[str]:
         """The PatientIDs of these UIDs, as the ledger knows them."""

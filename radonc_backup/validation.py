@@ -110,6 +110,19 @@ class Discrepancy:
         return {c: str(getattr(self, c)) for c in CSV_COLUMNS}
 
 
+def past_states(ledger: LaneLedger, uid: str, row: object) -> str:
+    """What the ledger's history says of a row that is not verified now: "verified on ...,
+    failed on ... (why)", or never verified."""
+    if row is None:
+        return "never verified (ledger: unknown)"
+    seen = ledger.history(uid)
+    if not any(state == "verified" for state, _, _ in seen):
+        return f"never verified (ledger: {row.state})"  # type: ignore[attr-defined]
+    return ", ".join(f"{state} on {at[:16].replace('T', ' ')}" + (f" ({detail[:120]})"
+                     if detail and state == "failed" else "") for state, at, detail in seen
+                     if state in ("verified", "failed"))
+
+
 @dataclass
 class DayCheck:
     day: str
@@ -139,8 +152,7 @@ def check_day(ledger: LaneLedger, target: OrthancBackup, day: str,
             continue
         row = ledger_rows.get(r.sop_instance_uid)
         detail = ("verified in the ledger, absent from the backup" if row and
-                  row.state == "verified" else
-                  f"never verified (ledger: {row.state if row else 'unknown'})")
+                  row.state == "verified" else past_states(ledger, r.sop_instance_uid, row))
         check.discrepancies.append(Discrepancy.of(r, "missing", detail, day))
     for r in gone_ledger:
         if r.sop_instance_uid not in late:
@@ -315,6 +327,15 @@ def repair(lane: "OpenLane", found: list[Discrepancy]) -> None:
         damage = target.damage(_resource(d.ref)) if \
             states.get(d.sop_instance_uid) == "verified" else "not verified after the move"
         d.repaired = "repaired" if not damage else f"not repaired: {damage}"
+    # A series' count row is derived from its instances' rows: it is repaired when each of
+    # them is (and never counted as left on its own).
+    for d in found:
+        if d.kind != "count-differs":
+            continue
+        rows = [x for x in found if x.kind != "count-differs" and x.series_uid == d.series_uid
+                and x.patient_id == d.patient_id]
+        if rows and all(x.repaired == "repaired" for x in rows):
+            d.repaired = "repaired"
 
 
 def _resource(ref: InstanceRef) -> str:

@@ -92,7 +92,9 @@ def prefect() -> Iterator[None]:
     from radonc_backup.config import load_site
     from tasks.limits import ensure_rv_limits
 
-    with prefect_test_harness(server_startup_timeout=60):
+    # 180 s: on a loaded machine (other test processes, a build) the temporary server has been
+    # seen to need more than a minute to answer.
+    with prefect_test_harness(server_startup_timeout=180):
         ensure_rv_limits(load_site("DEMO"))  # what deployments.register does on a real server
         yield
 

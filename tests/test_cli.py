@@ -58,6 +58,9 @@ def test_every_flow_has_help_and_an_unknown_site_is_a_bad_argument(
             and "DEMO" in err[0], (module, err)
     assert run_main("crash_notice", "--help") == 0
     assert "--hours" in capsys.readouterr().out
+    # A depth the sweep does not have is a bad argument (2), named with the ones it has.
+    assert run_main("validation_sweep", "--site", "DEMO", "--depth", "readability") == 2
+    assert "choose from 'presence', 'content'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

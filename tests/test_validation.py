@@ -146,6 +146,12 @@ def test_the_two_way_sweep_finds_each_kind_of_damage_and_repairs_what_it_can(
     assert state.is_failed()
     repaired = {r.kind: r.repaired for r in table.itertuples() if r.sop_instance_uid}
     assert repaired["missing"] == repaired["unreadable"] == "repaired", table
+    # The series' count row is derived from its instances: repaired with them, never "left".
+    assert {r.repaired for r in table.itertuples() if r.kind == "count-differs"} == {"repaired"}
+    assert "count-differs" not in str(state.message), state.message
+    # The ledger's history of the record: verified once, reopened by the first sweep.
+    detail = next(r.detail for r in table.itertuples() if r.kind == "missing")
+    assert detail.startswith("verified on ") and ", failed on " in detail, detail
     assert repaired["content-differs"].startswith("not repaired")
     assert repaired["unknown-to-ledger"].startswith("not repaired")
 
