@@ -92,7 +92,7 @@ def test_deployment_run_from_the_cli_on_a_real_server_and_worker(
     deployments = server.post("/deployments/filter")
     spec = yaml.safe_load((Path(__file__).parent.parent / "prefect.yaml").read_text())
     assert {d["name"] for d in deployments} == {d["name"] for d in spec["deployments"]}
-    assert len(deployments) == 12 and all(d["work_pool_name"] == "radonc-backup"
+    assert len(deployments) == len(spec["deployments"]) == 13 and all(d["work_pool_name"] == "radonc-backup"
                                          for d in deployments)
     schedules = {d["entrypoint"].split(":")[1]: d["schedules"][0]["schedule"]
                  for d in server.post("/deployments/filter") if d["schedules"]}
