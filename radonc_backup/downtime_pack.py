@@ -29,6 +29,7 @@ from .restore import kind_of
 from .treatment_sheet import PlanSheet, plan_sheet
 
 STAMP = "built-utc.txt"  # in each pack: when its build began (UTC), for refreshes and status
+AS_OF = "as-of.txt"  # in each patient's folder: the newest record on its sheet (site time)
 _ENV = Environment(loader=PackageLoader("radonc_backup", "templates"),
                    autoescape=select_autoescape(["html", "j2"]))
 CURRENT = "current"
@@ -95,11 +96,16 @@ def course_sheets(backup: OrthancBackup, rows: list[dict[str, object]],
     return out
 
 
+def newest_record(courses: list[tuple[dict[str, object], PlanSheet]]) -> str:
+    """The latest session on a patient's sheet ('YYYY-MM-DD HH:MM', site time; '' if none)."""
+    return max((s.last_treatment for _, s in courses if s.last_treatment), default="")
+
+
 def sheet(rows: list[dict[str, object]], courses: list[tuple[dict[str, object], PlanSheet]],
           site: str, backup: str, generated: datetime,
           missing: dict[str, str] | None = None) -> str:
     first = rows[0]
-    newest = max((s.last_treatment for _, s in courses if s.last_treatment), default="")
+    newest = newest_record(courses)
     return _ENV.get_template("downtime_sheet.html.j2").render(
         patient_id=first["PatientID"], name=first["PatientName"], birth_date=first["BirthDate"],
         sex=first["Sex"], site=site, backup=backup, courses=courses, as_of=newest,
@@ -161,13 +167,8 @@ def status(root: Path) -> PackStatus:
         return PackStatus(None, None, 0, "")
     folder = current.resolve()
     sheets = list(folder.glob("*/sheet.html"))
-    newest = ""
-    for path in sheets:
-        text = path.read_text(encoding="utf-8")
-        mark = "as of the newest record it holds: "
-        at = text.find(mark)
-        if at >= 0:
-            newest = max(newest, text[at + len(mark):].split("<", 1)[0].strip())
+    newest = max((p.read_text(encoding="utf-8").strip() for p in folder.glob(f"*/{AS_OF}")),
+                 default="")
     return PackStatus(folder, built_at(folder), len(sheets), newest)
 
 
@@ -217,6 +218,7 @@ def build(backup: OrthancBackup, report: pd.DataFrame, root: Path, name: str, si
                 (folder / "sheet.html").write_text(
                     sheet(plans, courses, site, backup.alias, generated, failed),
                     encoding="utf-8")
+                (folder / AS_OF).write_text(newest_record(courses), encoding="utf-8")
                 pack.refreshed += 1
             pack.patients += 1
             pack.files, pack.bytes = pack.files + files, pack.bytes + size
