@@ -1,8 +1,9 @@
 """Fixity: is each stored file still the bytes that arrived?
 
 The ledger keeps, per object verified in the backup, the MD5 and size of its stored file: the
-MD5 Orthanc recorded when the object arrived, taken the first time the file is checked and
-found to match it, and never rewritten. Each check reads the whole file back from the backup
+MD5 Orthanc recorded when the object arrived, taken the first time the file is checked (with
+its size when the bytes read match it; a first check that does not match is named, and the
+size left unknown), and never rewritten. Each check reads the whole file back from the backup
 (the backup Orthanc runs with its storage cache off, so the bytes come from the disk) and
 compares its MD5 with both: the ledger's (a second record, kept outside Orthanc's database)
 and Orthanc's. Every object whose bytes changed, that is gone, or that cannot be read is named.
